@@ -1,0 +1,33 @@
+//! Wire protocols spoken by Shoal.
+//!
+//! # Layout
+//! - [`snapshots`]: containerd's `containerd.services.snapshots.v1` API, the
+//!   contract between containerd's `proxy_plugins` client and the Shoal
+//!   daemon. Both the server and the client are generated.
+//! - [`types`]: `containerd.types.Mount`, returned by Prepare, View and Mounts.
+//!
+//! The `.proto` sources are vendored under `vendor/`; `vendor/README.md` says
+//! where each came from. Modules mirror the protobuf packages so that the
+//! generated cross-package paths (`super::super::...`) resolve.
+
+/// Generated code, one module per protobuf package.
+pub mod containerd {
+    /// `containerd.types`.
+    pub mod types {
+        tonic::include_proto!("containerd.types");
+    }
+    /// `containerd.services.*`.
+    pub mod services {
+        /// `containerd.services.snapshots`.
+        pub mod snapshots {
+            /// `containerd.services.snapshots.v1`.
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.snapshots.v1");
+            }
+        }
+    }
+}
+
+pub use containerd::services::snapshots::v1 as snapshots;
+pub use containerd::types;
+pub use prost_types;
