@@ -1,1 +1,24 @@
+//! Shoal: a containerd remote snapshotter.
+//!
+//! # Layout
+//! - [`config`]: the config file, its defaults and validation.
+//! - [`metadata`]: snapshot metadata in redb (kinds, parents, labels, ids).
+//! - [`overlay`]: containerd's overlayfs snapshotter semantics: directories,
+//!   mounts, commit, remove, cleanup.
+//! - [`filter`]: containerd's filter expressions, for List.
+//! - [`usage`]: disk usage as containerd counts it.
+//! - [`grpc`]: the `containerd.services.snapshots.v1.Snapshots` service.
+//! - [`server`]: the Unix socket and the server's lifetime.
+//! - [`error`]: the error type and its mapping onto gRPC codes.
+//!
+//! Dependencies point one way: this crate uses `shoal-proto` and `shoal-fuse`;
+//! neither knows about it.
 
+pub mod config;
+pub mod error;
+pub mod filter;
+pub mod grpc;
+pub mod metadata;
+pub mod overlay;
+pub mod server;
+pub mod usage;

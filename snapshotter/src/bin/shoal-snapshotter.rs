@@ -1,1 +1,116 @@
-fn main() {}
+//! `shoal-snapshotter`: the node daemon containerd talks to through
+//! `[proxy_plugins.shoal]`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use shoal::config::{Config, DEFAULT_ADDRESS, DEFAULT_CONFIG, DEFAULT_LOG_LEVEL, DEFAULT_ROOT};
+use shoal::overlay::Snapshotter;
+use shoal::server;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info};
+
+/// Exit status for a bad config file or bad flags.
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "shoal-snapshotter",
+    version,
+    about = "Shoal containerd snapshotter daemon (gRPC proxy plugin)",
+    long_about = "Serves containerd's snapshots API on a Unix socket. Register it in \
+containerd's config.toml:\n\n  [proxy_plugins.shoal]\n    type = \"snapshot\"\n    \
+address = \"/run/shoal/shoal.sock\"\n\nFlags override the config file."
+)]
+struct Args {
+    /// State directory: metadata and snapshot layers [default: /var/lib/shoal]
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Unix socket to serve gRPC on [default: /run/shoal/shoal.sock]
+    #[arg(long, value_name = "SOCKET")]
+    address: Option<PathBuf>,
+    /// Config file; a missing default file means defaults, a missing named
+    /// file is an error [default: /etc/shoal/config.toml]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log level or tracing filter, e.g. `debug` or `info,shoal::grpc=debug`
+    /// [default: info]
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let explicit = args.config.is_some();
+    let path = args.config.unwrap_or_else(|| DEFAULT_CONFIG.into());
+    let mut config = match Config::load(&path, explicit) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("shoal-snapshotter: invalid configuration: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    config.root = args.root.unwrap_or(config.root);
+    config.address = args.address.unwrap_or(config.address);
+    config.log_level = args.log_level.unwrap_or(config.log_level);
+    if let Err((key, problem)) = config.validate() {
+        eprintln!(
+            "shoal-snapshotter: invalid --{}: {problem}",
+            key.replace('_', "-")
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_LEVEL));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    debug_assert_eq!(DEFAULT_ROOT, Config::default().root.to_str().unwrap());
+    debug_assert_eq!(DEFAULT_ADDRESS, Config::default().address.to_str().unwrap());
+
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("shoal-snapshotter: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("shoal")
+        .build()
+        .context("start tokio runtime")?;
+    rt.block_on(async move {
+        let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+        let root = config.root.clone();
+        let sn = tokio::task::spawn_blocking(move || Snapshotter::open(&root))
+            .await?
+            .with_context(|| format!("open snapshotter root {}", config.root.display()))?;
+        let listener = server::bind(&config.address)?;
+        info!(
+            version = env!("CARGO_PKG_VERSION"),
+            root = %config.root.display(),
+            address = %config.address.display(),
+            "shoal-snapshotter serving"
+        );
+        // Tell systemd (Type=notify) we are ready; a no-op elsewhere.
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        let shutdown = async move {
+            tokio::select! {
+                _ = sigint.recv() => info!("SIGINT: shutting down"),
+                _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+            }
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        };
+        server::serve(Arc::new(sn), listener, &config.address, shutdown).await
+    })
+}

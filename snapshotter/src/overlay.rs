@@ -1,0 +1,331 @@
+//! The overlayfs snapshotter: containerd's built-in `overlayfs` semantics on
+//! top of [`MetaStore`].
+//!
+//! On disk, under `ROOT`:
+//! - `metadata.redb`: the metadata store;
+//! - `snapshots/ID/fs`: the snapshot's own layer (an overlay upperdir, or the
+//!   directory containerd unpacks a layer into);
+//! - `snapshots/ID/work`: overlay workdir, active snapshots only;
+//! - `snapshots/new-ID`: a directory being created; never referenced by
+//!   metadata, so a crash leaves only garbage that [`Snapshotter::cleanup`]
+//!   removes.
+//! - `lock`: held with `flock` for the life of the daemon, so two daemons can
+//!   never share a root.
+//!
+//! Mounts follow containerd's overlay snapshotter exactly: a snapshot without
+//! parents is a bind mount of its `fs`; an active snapshot with parents is an
+//! overlay with `upperdir`, `workdir` and `lowerdir` (nearest parent first); a
+//! view of a single parent is a read-only bind mount of that parent; a view
+//! of several is a lowerdir-only overlay.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use shoal_proto::types::Mount;
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+use crate::filter::Filter;
+use crate::metadata::{Info, Kind, MetaStore, Snapshot, Usage};
+use crate::usage::disk_usage;
+
+/// Whether the running kernel's overlayfs has the `index` feature; if so,
+/// mounts pass `index=off`, as containerd does, so that lower layers can be
+/// shared between overlays.
+fn overlay_supports_index() -> bool {
+    Path::new("/sys/module/overlay/parameters/index").exists()
+}
+
+/// An overlayfs snapshotter rooted at one directory.
+pub struct Snapshotter {
+    root: PathBuf,
+    store: MetaStore,
+    index_off: bool,
+    _lock: Flock<File>,
+}
+
+impl Snapshotter {
+    /// Opens the snapshotter at `root`, creating it if needed, and removes
+    /// directories that a crash left behind.
+    ///
+    /// # Errors
+    /// Fails if `root` cannot be created, is locked by another daemon, or the
+    /// metadata store cannot be opened.
+    pub fn open(root: &Path) -> Result<Self> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root.join("snapshots"))
+            .map_err(|e| Error::io(format!("create {}", root.display()), e))?;
+        let lock_path = root.join("lock");
+        let lock_file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(format!("open {}", lock_path.display()), e))?;
+        let lock =
+            Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+                Error::io(
+                    format!(
+                        "lock {} (is another shoal-snapshotter using this root?)",
+                        lock_path.display()
+                    ),
+                    io::Error::from(errno),
+                )
+            })?;
+        let store = MetaStore::open(&root.join("metadata.redb"))?;
+        let sn = Snapshotter {
+            root: root.to_owned(),
+            store,
+            index_off: overlay_supports_index(),
+            _lock: lock,
+        };
+        let removed = sn.cleanup()?;
+        if !removed.is_empty() {
+            info!(
+                count = removed.len(),
+                "removed directories left by an earlier run"
+            );
+        }
+        Ok(sn)
+    }
+
+    fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.snapshots_dir().join(id.to_string())
+    }
+
+    /// The directory holding snapshot `id`'s own layer.
+    pub fn upper_path(&self, id: u64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    fn work_path(&self, id: u64) -> PathBuf {
+        self.dir(id).join("work")
+    }
+
+    /// Info of a snapshot.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] if it does not exist.
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        Ok(self.store.get(key)?.0)
+    }
+
+    /// Updates labels; see [`MetaStore::update`].
+    ///
+    /// # Errors
+    /// As [`MetaStore::update`].
+    pub fn update(&self, info: &Info, paths: &[String]) -> Result<Info> {
+        self.store.update(info, paths)
+    }
+
+    /// Usage of an active snapshot is measured now; that of a committed one
+    /// was measured at commit.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] if it does not exist, or an I/O error.
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let (info, snap, usage) = self.store.get(key)?;
+        if info.kind == Kind::Active {
+            return disk_usage(&self.upper_path(snap.id));
+        }
+        Ok(usage)
+    }
+
+    /// Mounts for an existing active snapshot or view.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] if it does not exist.
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let (_, snap, _) = self.store.get(key)?;
+        Ok(self.mounts_for(&snap))
+    }
+
+    /// Creates an active (`Prepare`) or read-only (`View`) snapshot.
+    ///
+    /// # Errors
+    /// See [`MetaStore::create`]; plus I/O errors creating the directories.
+    pub fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        let snap = self
+            .store
+            .create(kind, key, parent, labels, |snap| self.make_dirs(snap))?;
+        Ok(self.mounts_for(&snap))
+    }
+
+    /// Runs inside the create transaction: builds `new-ID`, then renames it to
+    /// `ID`, so the directory is complete before metadata names it. If the
+    /// transaction then fails to commit (or the process dies), the directory
+    /// is garbage: cleanup removes it, and since the id allocation was rolled
+    /// back too, the next create of that id clears it first.
+    fn make_dirs(&self, snap: &Snapshot) -> Result<()> {
+        let tmp = self.snapshots_dir().join(format!("new-{}", snap.id));
+        let result = (|| {
+            remove_all(&tmp)?;
+            let mut b = fs::DirBuilder::new();
+            b.mode(0o700).create(&tmp)?;
+            b.mode(0o755).create(tmp.join("fs"))?;
+            if snap.kind == Kind::Active {
+                b.mode(0o711).create(tmp.join("work"))?;
+            }
+            // The new layer's root takes the owner of the parent's root, as in
+            // containerd: an unprivileged image keeps its root directory owner.
+            if let Some(&pid) = snap.parent_ids.first() {
+                let md = fs::metadata(self.upper_path(pid))?;
+                std::os::unix::fs::lchown(tmp.join("fs"), Some(md.uid()), Some(md.gid()))?;
+            }
+            let dst = self.dir(snap.id);
+            remove_all(&dst)?;
+            fs::rename(&tmp, &dst)
+        })();
+        result.map_err(|e| {
+            let _ = remove_all(&tmp);
+            Error::io(format!("create snapshot directory for {}", snap.id), e)
+        })
+    }
+
+    /// Commits active snapshot `key` as `name`.
+    ///
+    /// # Errors
+    /// See [`MetaStore::commit`].
+    pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
+        let (info, snap, _) = self.store.get(key)?;
+        if info.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is not active"
+            )));
+        }
+        let usage = disk_usage(&self.upper_path(snap.id))?;
+        self.store.commit(key, snap.id, name, labels, usage)
+    }
+
+    /// Removes a snapshot and its directory.
+    ///
+    /// # Errors
+    /// See [`MetaStore::remove`].
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let id = self.store.remove(key, |_| Ok(()))?;
+        // The metadata is gone, so the directory is garbage whatever happens
+        // next; a failure here is left to cleanup, as containerd does.
+        if let Err(e) = remove_all(&self.dir(id)) {
+            warn!(key, id, error = %e, "failed to remove snapshot directory; cleanup will retry");
+        }
+        Ok(())
+    }
+
+    /// Infos matching `filter`.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn list(&self, filter: &Filter) -> Result<Vec<Info>> {
+        let mut all = self.store.list()?;
+        all.retain(|info| filter.matches(|path| field(info, path)));
+        Ok(all)
+    }
+
+    /// Removes every directory under `snapshots/` that no snapshot owns, and
+    /// returns their paths. Runs under the store's write lock, so it cannot
+    /// race a Prepare whose directory exists but whose metadata is not yet
+    /// committed.
+    ///
+    /// # Errors
+    /// Store errors, or failure to read `snapshots/`.
+    pub fn cleanup(&self) -> Result<Vec<PathBuf>> {
+        let dir = self.snapshots_dir();
+        self.store.exclusive(|ids| {
+            let entries =
+                fs::read_dir(&dir).map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
+            let mut removed = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
+                let owned = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|id| ids.contains(&id));
+                if owned {
+                    continue;
+                }
+                match remove_all(&entry.path()) {
+                    Ok(()) => removed.push(entry.path()),
+                    Err(e) => warn!(path = %entry.path().display(), error = %e, "cleanup failed"),
+                }
+            }
+            Ok(removed)
+        })
+    }
+
+    fn mounts_for(&self, snap: &Snapshot) -> Vec<Mount> {
+        let path = |p: PathBuf| p.to_string_lossy().into_owned();
+        if snap.parent_ids.is_empty() {
+            let ro = if snap.kind == Kind::View { "ro" } else { "rw" };
+            return vec![bind(path(self.upper_path(snap.id)), ro)];
+        }
+        let mut options = Vec::new();
+        if self.index_off {
+            options.push("index=off".to_owned());
+        }
+        if snap.kind == Kind::Active {
+            options.push(format!("workdir={}", path(self.work_path(snap.id))));
+            options.push(format!("upperdir={}", path(self.upper_path(snap.id))));
+        } else if let [only] = snap.parent_ids[..] {
+            return vec![bind(path(self.upper_path(only)), "ro")];
+        }
+        let lowers: Vec<String> = snap
+            .parent_ids
+            .iter()
+            .map(|&id| path(self.upper_path(id)))
+            .collect();
+        options.push(format!("lowerdir={}", lowers.join(":")));
+        vec![Mount {
+            r#type: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options,
+        }]
+    }
+}
+
+fn bind(source: String, ro: &str) -> Mount {
+    Mount {
+        r#type: "bind".into(),
+        source,
+        target: String::new(),
+        options: vec![ro.into(), "rbind".into()],
+    }
+}
+
+/// The filter adaptor for a snapshot, as containerd's: `kind`, `name`,
+/// `parent` and `labels.KEY`.
+fn field(info: &Info, path: &[String]) -> Option<String> {
+    match path {
+        [f] if f == "kind" => Some(info.kind.as_str().to_owned()),
+        [f] if f == "name" => Some(info.name.clone()),
+        [f] if f == "parent" => Some(info.parent.clone().unwrap_or_default()),
+        [f, rest @ ..] if f == "labels" && !rest.is_empty() => {
+            info.labels.get(&rest.join(".")).cloned()
+        }
+        _ => None,
+    }
+}
+
+fn remove_all(path: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
