@@ -9,11 +9,13 @@
 //! - [`usage`]: disk usage as containerd counts it.
 //! - [`grpc`]: the `containerd.services.snapshots.v1.Snapshots` service.
 //! - [`server`]: the Unix socket and the server's lifetime.
+//! - [`client`]: a client for the daemon's socket (CLI, tests).
 //! - [`error`]: the error type and its mapping onto gRPC codes.
 //!
 //! Dependencies point one way: this crate uses `shoal-proto` and `shoal-fuse`;
 //! neither knows about it.
 
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod filter;
