@@ -12,13 +12,14 @@
 #
 # Knobs (environment):
 #   E2E_SHOAL_BIN  path to shoal-snapshotter; empty string = run without Shoal
+#   E2E_NS         containerd namespace (default shoal-e2e-<temp dir suffix>;
+#                  unique, because runc state and cgroups are shared by name)
 #   E2E_KEEP=1     keep $E2E_DIR after the run (processes are still stopped)
 #   E2E_QUIET=1    don't print log tails on failure
 #   E2E_TIMEOUT    seconds to wait for each daemon to come up (default 30)
 #   E2E_EXIT_HOOK  name of a function the EXIT trap calls, with the exit
 #                  status, after cleanup (run.sh prints its summary there)
 
-E2E_NS=${E2E_NS:-shoal-e2e}
 E2E_TIMEOUT=${E2E_TIMEOUT:-30}
 E2E_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 E2E_REPO_ROOT=$(cd "$E2E_LIB_DIR/../.." && pwd)
@@ -205,7 +206,9 @@ EOF
 e2e_world_start() {
   [ "$(id -u)" = 0 ] || e2e_die "must run as root (containerd and overlay mounts)"
   E2E_DIR=$(mktemp -d "${TMPDIR:-/tmp}/shoal-e2e.XXXXXX")
-  export E2E_DIR
+  local suffix=${E2E_DIR##*.}
+  E2E_NS=${E2E_NS:-shoal-e2e-${suffix,,}}
+  export E2E_DIR E2E_NS
   mkdir -p "$E2E_DIR/logs"
   trap 'e2e_cleanup "$?"; exit "$?"' EXIT
   trap 'exit 130' INT
@@ -290,8 +293,8 @@ e2e_cleanup() {
   if e2e_pid_of containerd >/dev/null; then e2e_stop_leftover_tasks; fi
   for name in containerd shoal registry; do e2e_stop_pid "$name"; done
   e2e_unmount_all_under "$E2E_DIR"
-  # The cgroup parent runc made for our namespace, if now empty.
-  rmdir "/sys/fs/cgroup/$E2E_NS" 2>/dev/null || true
+  # What runc made for our namespace outside $E2E_DIR, if now empty.
+  rmdir "/sys/fs/cgroup/$E2E_NS" "/run/containerd/runc/$E2E_NS" 2>/dev/null || true
   if [ "${E2E_KEEP:-0}" = 1 ] || [ -n "$(e2e_mounts_under "$E2E_DIR")" ]; then
     e2e_say "e2e: kept $E2E_DIR"
   else

@@ -117,7 +117,7 @@ diff_check() {
 
 # committed SNAPSHOTTER: the sorted keys of its committed snapshots.
 committed() {
-  e2e_ctr snapshots --snapshotter "$1" ls | awk 'NR > 1 && $3 == "Committed" { print $1 }' | LC_ALL=C sort
+  e2e_ctr snapshots --snapshotter "$1" ls | awk 'NR > 1 && $NF == "Committed" { print $1 }' | LC_ALL=C sort
 }
 
 for sn in "${snapshotters[@]}"; do
@@ -173,7 +173,7 @@ else
   fail "shoal: snapshots ls" "$(cat "$E2E_DIR/committed-shoal.txt")"
 fi
 
-active=$(e2e_ctr snapshots --snapshotter shoal ls | awk 'NR > 1 && $3 != "Committed"')
+active=$(e2e_ctr snapshots --snapshotter shoal ls | awk 'NR > 1 && $NF != "Committed"')
 if [ -z "$active" ]; then
   pass "shoal: no active snapshots left after ctr run --rm"
 else

@@ -1,0 +1,47 @@
+# Shoal: containerd remote snapshotter.
+#
+#   make demo         install deps, build, run an image through Shoal, clean up
+#   make test         deps + build + unit/integration tests + conformance + e2e
+#   make build        cargo build --release (target/release/shoal-snapshotter, shoal)
+#   make unit         cargo test --workspace --release
+#   make conformance  containerd 1.6's snapshotter test suite against Shoal
+#   make e2e          real containerd + registry + images, Shoal vs overlayfs
+#   make deps         the Debian 12 packages the above need (root)
+#
+# Everything except `build` and `unit` runs as root on Debian 12.
+
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+CARGO ?= cargo
+SNAPSHOTTER := target/release/shoal-snapshotter
+
+.PHONY: all build unit test conformance e2e demo deps clean
+
+all: build
+
+deps:
+	scripts/deps.sh
+
+build:
+	$(CARGO) build --release --bins
+
+unit:
+	$(CARGO) test --workspace --release
+
+conformance: build
+	tests/conformance/run.sh $(SNAPSHOTTER)
+
+e2e: build
+	tests/e2e/run.sh --no-build
+
+test: deps build
+	$(CARGO) test --workspace --release
+	tests/conformance/run.sh $(SNAPSHOTTER)
+	tests/e2e/run.sh --no-build
+
+demo:
+	scripts/demo.sh
+
+clean:
+	$(CARGO) clean
