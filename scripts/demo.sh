@@ -34,7 +34,6 @@ took "$t"
 
 # shellcheck source=tests/e2e/lib.sh
 source "$repo/tests/e2e/lib.sh"
-E2E_SHOAL_LOG_LEVEL=${E2E_SHOAL_LOG_LEVEL:-info}
 
 step "Start a throwaway world: shoal-snapshotter, docker-registry, containerd"
 t=$(now_ms)
@@ -57,7 +56,7 @@ note "pushed $ref"
 
 step "Pull it through Shoal: ctr image pull --snapshotter shoal $ref"
 t=$(now_ms)
-e2e_ctr image pull --plain-http --snapshotter shoal "$ref" 2>&1 | grep -vE '^\s*$|elapsed|downloading|waiting' | tail -n 4 | show
+e2e_ctr image pull --plain-http --snapshotter shoal "$ref" 2>&1 | grep -E '^(unpacking|done)' | show
 took "$t"
 note "containerd fetched the layer and unpacked it into a snapshot Shoal prepared;"
 note "the committed layer is now one of Shoal's snapshots:"
@@ -97,8 +96,12 @@ e2e_ctr container rm demo-sleeper >/dev/null
 note "stopped and removed; its Active snapshot is gone again:"
 e2e_ctr snapshots --snapshotter shoal ls 2>&1 | show
 
-step "What shoal-snapshotter logged"
-tail -n 12 "$E2E_DIR/logs/shoal.log" | cut -c1-160 | show
+step "What containerd asked Shoal (gRPC calls in $E2E_DIR/logs/shoal.log)"
+plain_log() { sed 's/\x1b\[[0-9;]*m//g' "$E2E_DIR/logs/shoal.log"; }
+plain_log | grep -oE 'op="[a-z_]+"' | sort | uniq -c | sort -rn |
+  awk '{ gsub(/op=|"/, "", $2); printf "%5d x %s\n", $1, $2 }' | show
+note "last calls:"
+plain_log | grep -E 'shoal::grpc' | tail -n 6 | sed -E 's/^([^ ]+) +[A-Z]+ +shoal::grpc: /\1 /' | cut -c1-150 | show
 
 step "Clean up: stop what the demo started, unmount, remove $E2E_DIR"
 e2e_cleanup 0

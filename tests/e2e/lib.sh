@@ -80,12 +80,12 @@ e2e_wait_for() {
   done
 }
 
-# e2e_start NAME CMD...: start a daemon in the background, logging to
-# $E2E_DIR/logs/NAME.log, and record its pid.
+# e2e_start NAME CMD...: start a daemon in the background, appending to
+# $E2E_DIR/logs/NAME.log (a restart keeps the history), and record its pid.
 e2e_start() {
   local name=$1
   shift
-  "$@" >"$E2E_DIR/logs/$name.log" 2>&1 </dev/null &
+  "$@" >>"$E2E_DIR/logs/$name.log" 2>&1 </dev/null &
   E2E_PIDS+=("$name:$!")
 }
 
@@ -161,7 +161,7 @@ e2e_start_shoal() {
   [ -x "$E2E_SHOAL_BIN" ] || e2e_die "shoal-snapshotter not found at $E2E_SHOAL_BIN (run: cargo build --release --bins)"
   mkdir -p "$E2E_DIR/shoal"
   e2e_start shoal "$E2E_SHOAL_BIN" --root "$E2E_DIR/shoal" \
-    --address "$E2E_DIR/shoal.sock" --log-level "${E2E_SHOAL_LOG_LEVEL:-debug}"
+    --address "$E2E_DIR/shoal.sock" --log-level "${E2E_SHOAL_LOG_LEVEL:-info,shoal=debug}"
   e2e_wait_for shoal "its socket $E2E_DIR/shoal.sock" e2e_sock_ready "$E2E_DIR/shoal.sock"
 }
 
