@@ -5,6 +5,7 @@
 //! - [`metadata`]: snapshot metadata in redb (kinds, parents, labels, ids).
 //! - [`overlay`]: containerd's overlayfs snapshotter semantics: directories,
 //!   mounts, commit, remove, cleanup.
+//! - [`remote`]: lazily pulled layers: TOCs, chunk store, fetching.
 //! - [`filter`]: containerd's filter expressions, for List.
 //! - [`usage`]: disk usage as containerd counts it.
 //! - [`grpc`]: the `containerd.services.snapshots.v1.Snapshots` service.
@@ -22,5 +23,6 @@ pub mod filter;
 pub mod grpc;
 pub mod metadata;
 pub mod overlay;
+pub mod remote;
 pub mod server;
 pub mod usage;

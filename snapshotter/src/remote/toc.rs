@@ -1,0 +1,458 @@
+//! eStargz and zstd:chunked tables of contents: footer, TOC, chunk table.
+//!
+//! Both formats end with a footer that locates a JSON TOC (the eStargz
+//! `JTOC`); each regular file's content is stored as one or more independently
+//! compressed chunks (gzip members or zstd frames) whose blob offsets and
+//! uncompressed sha256 (`chunkDigest`) the TOC lists.
+//!
+//! Trust: [`Toc::parse`] hashes the uncompressed TOC JSON and refuses it
+//! unless it equals the digest the manifest annotation vouches for, so every
+//! offset and `chunkDigest` used later is anchored in the manifest. The chunk
+//! table is validated here (contiguous, in-bounds, bounded sizes), so later
+//! code can index it without re-checking.
+
+use std::collections::HashMap;
+use std::io::Read;
+
+use base64::Engine as _;
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+/// eStargz footer: an empty gzip member whose extra field holds the TOC offset.
+pub const GZIP_FOOTER_SIZE: u64 = 51;
+/// zstd:chunked footer: a skippable frame (8-byte header + 40-byte payload).
+pub const ZSTD_FOOTER_SIZE: u64 = 48;
+/// Bytes to fetch from the end of a blob to find either footer.
+pub const FOOTER_FETCH: u64 = GZIP_FOOTER_SIZE;
+/// Largest compressed TOC accepted.
+pub const MAX_TOC_COMPRESSED: u64 = 64 << 20;
+/// Largest uncompressed TOC JSON accepted.
+pub const MAX_TOC_JSON: u64 = 512 << 20;
+/// Largest uncompressed chunk accepted; a TOC claiming more is refused, so a
+/// hostile TOC cannot make a read allocate without bound.
+pub const MAX_CHUNK: u64 = 64 << 20;
+/// Name of the landmark file: entries before it form the prefetch set.
+pub const PREFETCH_LANDMARK: &str = ".prefetch.landmark";
+/// Landmark meaning "prefetch nothing".
+pub const NO_PREFETCH_LANDMARK: &str = ".no.prefetch.landmark";
+
+const ZSTD_SKIPPABLE_MAGIC: [u8; 4] = [0x50, 0x2a, 0x4d, 0x18];
+const ZSTD_CHUNKED_MAGIC: &[u8; 8] = b"GnUlInUx";
+
+/// How chunks (and the TOC) are compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// eStargz: gzip members.
+    Gzip,
+    /// zstd:chunked: zstd frames.
+    Zstd,
+}
+
+/// Where the TOC is, from the footer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Footer {
+    /// Compression of chunks and TOC.
+    pub compression: Compression,
+    /// End of the chunk payload: chunks lie in `[0, payload_end)`.
+    pub payload_end: u64,
+    /// Offset of the compressed TOC.
+    pub toc_offset: u64,
+    /// Length of the compressed TOC.
+    pub toc_len: u64,
+}
+
+/// Errors reading a TOC. Each names what is wrong; a caller adds the layer.
+#[derive(Debug, thiserror::Error)]
+pub enum TocError {
+    /// The footer is neither eStargz nor zstd:chunked.
+    #[error("not an eStargz or zstd:chunked blob: {0}")]
+    Footer(String),
+    /// The TOC does not hash to the digest the manifest vouches for.
+    #[error("TOC digest mismatch: manifest says {expected}, TOC hashes to {actual}")]
+    DigestMismatch {
+        /// From the annotation.
+        expected: String,
+        /// Computed.
+        actual: String,
+    },
+    /// The TOC could not be decompressed or decoded.
+    #[error("malformed TOC: {0}")]
+    Malformed(String),
+    /// An entry is inconsistent (offsets, sizes, chunk coverage).
+    #[error("TOC entry {name:?}: {problem}")]
+    Entry {
+        /// Entry name.
+        name: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// Parses a `sha256:HEX` digest.
+pub fn parse_digest(s: &str) -> Option<[u8; 32]> {
+    let hex = s.strip_prefix("sha256:")?;
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex, &mut out).ok()?;
+    Some(out)
+}
+
+/// Parses the footer from the last [`FOOTER_FETCH`] bytes of a blob of
+/// `blob_size` bytes.
+///
+/// # Errors
+/// [`TocError::Footer`] if neither format matches or offsets are out of range.
+pub fn parse_footer(tail: &[u8], blob_size: u64) -> Result<Footer, TocError> {
+    let bad = |m: &str| TocError::Footer(m.to_owned());
+    if (tail.len() as u64) < ZSTD_FOOTER_SIZE {
+        return Err(bad("blob too small for a footer"));
+    }
+    let z = &tail[tail.len() - ZSTD_FOOTER_SIZE as usize..];
+    let footer = if z[..4] == ZSTD_SKIPPABLE_MAGIC && &z[40..48] == ZSTD_CHUNKED_MAGIC {
+        let le = |r: std::ops::Range<usize>| u64::from_le_bytes(z[r].try_into().unwrap());
+        let toc_offset = le(8..16);
+        Footer {
+            compression: Compression::Zstd,
+            payload_end: toc_offset
+                .checked_sub(8)
+                .ok_or_else(|| bad("TOC offset < 8"))?,
+            toc_offset,
+            toc_len: le(16..24),
+        }
+    } else {
+        if tail.len() as u64 != GZIP_FOOTER_SIZE {
+            return Err(bad("short eStargz footer"));
+        }
+        let g = tail;
+        // gzip header with FEXTRA; XLEN = 26; subfield "SG", length 22:
+        // 16 hex digits of TOC offset, then "STARGZ".
+        if g[..4] != [0x1f, 0x8b, 0x08, 0x04]
+            || u16::from_le_bytes([g[10], g[11]]) != 26
+            || &g[12..14] != b"SG"
+            || u16::from_le_bytes([g[14], g[15]]) != 22
+            || &g[32..38] != b"STARGZ"
+        {
+            return Err(bad("no eStargz or zstd:chunked footer magic"));
+        }
+        let hex = std::str::from_utf8(&g[16..32]).map_err(|_| bad("TOC offset is not hex"))?;
+        let toc_offset = u64::from_str_radix(hex, 16).map_err(|_| bad("TOC offset is not hex"))?;
+        Footer {
+            compression: Compression::Gzip,
+            payload_end: toc_offset,
+            toc_offset,
+            toc_len: blob_size
+                .checked_sub(GZIP_FOOTER_SIZE)
+                .and_then(|e| e.checked_sub(toc_offset))
+                .ok_or_else(|| bad("TOC offset beyond the footer"))?,
+        }
+    };
+    if footer
+        .toc_offset
+        .checked_add(footer.toc_len)
+        .is_none_or(|e| e > blob_size)
+    {
+        return Err(bad("TOC extends past the end of the blob"));
+    }
+    if footer.toc_len > MAX_TOC_COMPRESSED {
+        return Err(bad("TOC larger than the limit"));
+    }
+    Ok(footer)
+}
+
+/// One TOC entry as JSON (the eStargz `TOCEntry`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawEntry {
+    /// Path in the layer.
+    pub name: String,
+    /// `dir`, `reg`, `symlink`, `hardlink`, `char`, `block`, `fifo`, `chunk`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// File size (reg).
+    #[serde(default)]
+    pub size: u64,
+    /// RFC 3339 modification time.
+    #[serde(default, rename = "modtime")]
+    pub mod_time: String,
+    /// Symlink or hardlink target.
+    #[serde(default)]
+    pub link_name: String,
+    /// tar mode bits.
+    #[serde(default)]
+    pub mode: i64,
+    /// Owner.
+    #[serde(default)]
+    pub uid: u32,
+    /// Group.
+    #[serde(default)]
+    pub gid: u32,
+    /// Blob offset of this entry's (first) chunk.
+    #[serde(default)]
+    pub offset: u64,
+    /// Device numbers.
+    #[serde(default)]
+    pub dev_major: u32,
+    /// Device numbers.
+    #[serde(default)]
+    pub dev_minor: u32,
+    /// Extended attributes; values base64 in JSON.
+    #[serde(default)]
+    pub xattrs: HashMap<String, String>,
+    /// Offset of this chunk within the file.
+    #[serde(default)]
+    pub chunk_offset: u64,
+    /// Uncompressed chunk size (0: the rest of the file).
+    #[serde(default)]
+    pub chunk_size: u64,
+    /// sha256 of the uncompressed chunk.
+    #[serde(default)]
+    pub chunk_digest: String,
+    /// sha256 of the whole file (informational; reads verify chunks).
+    #[serde(default)]
+    pub digest: String,
+}
+
+#[derive(Deserialize)]
+struct Jtoc {
+    #[serde(default)]
+    entries: Vec<RawEntry>,
+}
+
+/// One verified-to-be-consistent chunk of a regular file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// Offset within the file.
+    pub file_offset: u64,
+    /// Uncompressed length.
+    pub len: u64,
+    /// Blob offset of the compressed chunk.
+    pub blob_offset: u64,
+    /// End (exclusive) of the compressed chunk in the blob.
+    pub blob_end: u64,
+    /// sha256 of the uncompressed bytes.
+    pub digest: [u8; 32],
+}
+
+/// A parsed, verified TOC.
+#[derive(Debug)]
+pub struct Toc {
+    /// Entries other than `chunk`, in TOC order.
+    pub entries: Vec<RawEntry>,
+    /// For `entries[i]` of type `reg`, `files[i]` lists its chunks in file
+    /// order, covering `[0, size)` exactly. Empty for other entries.
+    pub files: Vec<Vec<Chunk>>,
+    /// Blob offset below which entries belong to the prefetch set, from the
+    /// `.prefetch.landmark`; `None` without a landmark.
+    pub prefetch_end: Option<u64>,
+    /// Compression.
+    pub compression: Compression,
+}
+
+impl Toc {
+    /// Decompresses `compressed` (the TOC bytes the footer locates), checks
+    /// its sha256 against `expected` (`sha256:HEX`), and builds the chunk
+    /// table.
+    ///
+    /// # Errors
+    /// [`TocError`] for a digest mismatch, malformed JSON, or inconsistent
+    /// entries.
+    pub fn parse(compressed: &[u8], footer: &Footer, expected: &str) -> Result<Toc, TocError> {
+        let json = decompress_toc(compressed, footer.compression)?;
+        let actual = format!("sha256:{}", hex::encode(Sha256::digest(&json)));
+        if actual != expected {
+            return Err(TocError::DigestMismatch {
+                expected: expected.to_owned(),
+                actual,
+            });
+        }
+        let jtoc: Jtoc =
+            serde_json::from_slice(&json).map_err(|e| TocError::Malformed(e.to_string()))?;
+        build(jtoc.entries, footer)
+    }
+}
+
+fn decompress_toc(compressed: &[u8], c: Compression) -> Result<Vec<u8>, TocError> {
+    let bad = |e: std::io::Error| TocError::Malformed(e.to_string());
+    let mut json = Vec::new();
+    match c {
+        Compression::Gzip => {
+            // A gzip member holding a tar with one entry, stargz.index.json.
+            let gz = flate2::read::GzDecoder::new(compressed);
+            let mut ar = tar::Archive::new(gz);
+            let mut entries = ar.entries().map_err(bad)?;
+            let mut e = entries
+                .next()
+                .ok_or_else(|| TocError::Malformed("empty TOC tar".into()))?
+                .map_err(bad)?;
+            let name = e.path().map_err(bad)?.to_string_lossy().into_owned();
+            if name != "stargz.index.json" {
+                return Err(TocError::Malformed(format!(
+                    "TOC tar entry is {name:?}, expected stargz.index.json"
+                )));
+            }
+            (&mut e)
+                .take(MAX_TOC_JSON + 1)
+                .read_to_end(&mut json)
+                .map_err(bad)?;
+        }
+        Compression::Zstd => {
+            let d = zstd::stream::read::Decoder::new(compressed).map_err(bad)?;
+            d.take(MAX_TOC_JSON + 1)
+                .read_to_end(&mut json)
+                .map_err(bad)?;
+        }
+    }
+    if json.len() as u64 > MAX_TOC_JSON {
+        return Err(TocError::Malformed("TOC JSON larger than the limit".into()));
+    }
+    Ok(json)
+}
+
+/// Decodes base64 xattr values.
+///
+/// # Errors
+/// A value that is not base64.
+pub fn xattrs(e: &RawEntry) -> Result<Vec<(String, Vec<u8>)>, TocError> {
+    let mut out: Vec<(String, Vec<u8>)> = e
+        .xattrs
+        .iter()
+        .map(|(k, v)| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v)
+                .map(|b| (k.clone(), b))
+                .map_err(|err| TocError::Entry {
+                    name: e.name.clone(),
+                    problem: format!("xattr {k:?} is not base64: {err}"),
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    out.sort();
+    Ok(out)
+}
+
+/// Seconds since the epoch of an RFC 3339 time; 0 if absent or unparsable
+/// (as the Go reader does).
+pub fn mtime(e: &RawEntry) -> i64 {
+    time::OffsetDateTime::parse(&e.mod_time, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp())
+        .unwrap_or(0)
+}
+
+fn build(raw: Vec<RawEntry>, footer: &Footer) -> Result<Toc, TocError> {
+    // Blob end of each data entry: the next non-zero offset, or the payload end.
+    let mut ends = vec![footer.payload_end; raw.len()];
+    let mut next = footer.payload_end;
+    for (i, e) in raw.iter().enumerate().rev() {
+        ends[i] = next;
+        if e.offset != 0 {
+            next = e.offset;
+        }
+    }
+    let mut entries: Vec<RawEntry> = Vec::with_capacity(raw.len());
+    let mut files: Vec<Vec<Chunk>> = Vec::with_capacity(raw.len());
+    let mut prefetch_end = None;
+    for (i, e) in raw.into_iter().enumerate() {
+        let err = |problem: String| TocError::Entry {
+            name: e.name.clone(),
+            problem,
+        };
+        match e.kind.as_str() {
+            "chunk" => {
+                let Some(file) = files
+                    .last_mut()
+                    .filter(|_| entries.last().is_some_and(|p: &RawEntry| p.kind == "reg"))
+                else {
+                    return Err(err("chunk entry does not follow a regular file".into()));
+                };
+                let size = entries.last().map_or(0, |p| p.size);
+                file.push(chunk(&e, size, ends[i], footer).map_err(err)?);
+            }
+            "reg" | "dir" | "symlink" | "hardlink" | "char" | "block" | "fifo" => {
+                if let Some(prev) = entries.last() {
+                    check_coverage(prev, files.last().unwrap())?;
+                }
+                let name = e.name.trim_start_matches("./").trim_start_matches('/');
+                if name == PREFETCH_LANDMARK {
+                    prefetch_end = Some(e.offset);
+                } else if name == NO_PREFETCH_LANDMARK {
+                    prefetch_end = Some(0);
+                }
+                let mut chunks = Vec::new();
+                if e.kind == "reg" && e.size > 0 {
+                    chunks.push(chunk(&e, e.size, ends[i], footer).map_err(err)?);
+                }
+                entries.push(e);
+                files.push(chunks);
+            }
+            other => return Err(err(format!("unknown entry type {other:?}"))),
+        }
+    }
+    if let Some(prev) = entries.last() {
+        check_coverage(prev, files.last().unwrap())?;
+    }
+    Ok(Toc {
+        entries,
+        files,
+        prefetch_end,
+        compression: footer.compression,
+    })
+}
+
+fn chunk(e: &RawEntry, file_size: u64, blob_end: u64, footer: &Footer) -> Result<Chunk, String> {
+    let len = if e.chunk_size == 0 {
+        file_size
+            .checked_sub(e.chunk_offset)
+            .ok_or("chunk offset past end of file")?
+    } else {
+        e.chunk_size
+    };
+    if len > MAX_CHUNK {
+        return Err(format!(
+            "chunk of {len} bytes exceeds the {MAX_CHUNK}-byte limit"
+        ));
+    }
+    let digest = parse_digest(&e.chunk_digest)
+        .ok_or_else(|| format!("missing or invalid chunkDigest {:?}", e.chunk_digest))?;
+    if e.offset == 0 || e.offset >= blob_end || blob_end > footer.payload_end {
+        return Err(format!(
+            "chunk blob range {}..{blob_end} is outside the payload (0..{})",
+            e.offset, footer.payload_end
+        ));
+    }
+    if blob_end - e.offset > MAX_CHUNK + (1 << 20) {
+        return Err("compressed chunk larger than the limit".into());
+    }
+    Ok(Chunk {
+        file_offset: e.chunk_offset,
+        len,
+        blob_offset: e.offset,
+        blob_end,
+        digest,
+    })
+}
+
+/// A regular file's chunks must tile `[0, size)` exactly.
+fn check_coverage(e: &RawEntry, chunks: &[Chunk]) -> Result<(), TocError> {
+    if e.kind != "reg" {
+        return Ok(());
+    }
+    let mut at = 0u64;
+    for c in chunks {
+        if c.file_offset != at {
+            return Err(TocError::Entry {
+                name: e.name.clone(),
+                problem: format!("chunks leave a gap or overlap at offset {at}"),
+            });
+        }
+        at = at.checked_add(c.len).ok_or_else(|| TocError::Entry {
+            name: e.name.clone(),
+            problem: "chunk sizes overflow".into(),
+        })?;
+    }
+    if at != e.size {
+        return Err(TocError::Entry {
+            name: e.name.clone(),
+            problem: format!("chunks cover {at} bytes of a {}-byte file", e.size),
+        });
+    }
+    Ok(())
+}
