@@ -1,0 +1,136 @@
+//! The verified fetch path against a real eStargz blob, served by a test
+//! source that can lie (a fault a real registry cannot produce on demand).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+use shoal::remote::fetch::{BoxFuture, FetchError, Fetcher, RangeSource};
+use shoal::remote::store::ChunkStore;
+use shoal::remote::toc::{parse_footer, Chunk, Toc, FOOTER_FETCH};
+
+struct Source {
+    blob: Vec<u8>,
+    requests: AtomicU64,
+    /// Corrupt this many responses, then answer honestly.
+    lies_left: AtomicU64,
+}
+
+impl RangeSource for Source {
+    fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, String>> {
+        Box::pin(async move {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let mut b = self.blob[offset as usize..(offset + len) as usize].to_vec();
+            if self.lies_left.load(Ordering::SeqCst) > 0 {
+                self.lies_left.fetch_sub(1, Ordering::SeqCst);
+                let mid = b.len() / 2;
+                b[mid] ^= 0xff;
+            }
+            Ok(Bytes::from(b))
+        })
+    }
+    fn name(&self) -> &str {
+        "test-source"
+    }
+}
+
+fn setup(lies: u64) -> (Arc<Source>, Toc, Vec<Chunk>) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let p = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().and_then(|x| x.to_str()) == Some("esgz"))
+        .unwrap();
+    let blob = std::fs::read(&p).unwrap();
+    let digest = std::fs::read_to_string(p.with_extension("esgz.toc-digest")).unwrap();
+    let size = blob.len() as u64;
+    let footer = parse_footer(&blob[(size - FOOTER_FETCH) as usize..], size).unwrap();
+    let toc = Toc::parse(
+        &blob[footer.toc_offset as usize..(footer.toc_offset + footer.toc_len) as usize],
+        &footer,
+        digest.trim(),
+    )
+    .unwrap();
+    let i = toc
+        .entries
+        .iter()
+        .position(|e| e.name == "data/big.bin")
+        .unwrap();
+    let chunks = toc.files[i].clone();
+    let src = Arc::new(Source {
+        blob,
+        requests: AtomicU64::new(0),
+        lies_left: AtomicU64::new(lies),
+    });
+    (src, toc, chunks)
+}
+
+fn fetcher() -> (tempfile::TempDir, Arc<Fetcher>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(ChunkStore::open(dir.path(), 64 << 20).unwrap());
+    (dir, Arc::new(Fetcher::new(store)))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn adjacent_chunks_merge_into_one_request_and_concurrent_readers_share_it() {
+    let (src, toc, chunks) = setup(0);
+    let (_d, f) = fetcher();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (f, src, chunks) = (f.clone(), src.clone(), chunks.clone());
+        let c = toc.compression;
+        tasks.push(tokio::spawn(async move {
+            f.get(&*src, c, "layer", &chunks).await
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap().unwrap());
+    }
+    let whole: Vec<u8> = results[0].iter().flat_map(|b| b.to_vec()).collect();
+    assert_eq!(whole.len(), 200000);
+    for r in &results {
+        assert_eq!(r, &results[0]);
+    }
+    // Eight readers of four adjacent chunks: one merged request in all.
+    assert_eq!(src.requests.load(Ordering::SeqCst), 1);
+    // Served from the store from now on.
+    f.get(&*src, toc.compression, "layer", &chunks)
+        .await
+        .unwrap();
+    assert_eq!(src.requests.load(Ordering::SeqCst), 1);
+    for c in &chunks {
+        assert!(f.store().contains(&c.digest));
+    }
+}
+
+#[tokio::test]
+async fn one_lie_is_dropped_and_refetched() {
+    let (src, toc, chunks) = setup(1);
+    let (_d, f) = fetcher();
+    let got = f
+        .get(&*src, toc.compression, "layer", &chunks[..1])
+        .await
+        .unwrap();
+    assert_eq!(Sha256::digest(&got[0]).as_slice(), chunks[0].digest);
+    assert_eq!(f.stats.verify_failures.load(Ordering::SeqCst), 1);
+    assert_eq!(src.requests.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_source_that_keeps_lying_yields_an_error_and_caches_nothing() {
+    let (src, toc, chunks) = setup(u64::MAX);
+    let (_d, f) = fetcher();
+    let err = f
+        .get(&*src, toc.compression, "layer", &chunks[..1])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FetchError::Verify { .. }), "{err}");
+    assert_eq!(f.stats.verify_failures.load(Ordering::SeqCst), 2);
+    assert!(
+        !f.store().contains(&chunks[0].digest),
+        "unverified bytes must not be cached"
+    );
+}
