@@ -34,6 +34,9 @@ pub enum Error {
         /// Decoding error.
         source: serde_json::Error,
     },
+    /// A remote layer could not be mounted.
+    #[error("remote layer: {0}")]
+    Remote(String),
     /// A filesystem operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -82,7 +85,7 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
-            Error::Store(_) | Error::Corrupt { .. } | Error::Io { .. } => {
+            Error::Store(_) | Error::Corrupt { .. } | Error::Io { .. } | Error::Remote(_) => {
                 tonic::Status::internal(msg)
             }
         }

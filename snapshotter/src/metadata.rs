@@ -94,6 +94,20 @@ pub struct Snapshot {
     pub kind: Kind,
     /// Ids of the parent chain, nearest parent first.
     pub parent_ids: Vec<u64>,
+    /// Set for a lazily pulled layer.
+    pub remote: Option<RemoteRef>,
+}
+
+/// Where a lazily pulled (remote) committed snapshot's bytes come from. The
+/// layer is served through FUSE from its TOC; nothing is unpacked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteRef {
+    /// Image reference the layer was pulled for (`host/repo:tag`).
+    pub image_ref: String,
+    /// Layer blob digest (`sha256:…`).
+    pub layer_digest: String,
+    /// TOC digest the manifest vouches for (`sha256:…`).
+    pub toc_digest: String,
 }
 
 /// The stored form of a snapshot. New fields must be `#[serde(default)]` so
@@ -110,6 +124,8 @@ struct Record {
     updated: SystemTime,
     #[serde(default)]
     usage: Usage,
+    #[serde(default)]
+    remote: Option<RemoteRef>,
 }
 
 impl Record {
@@ -161,6 +177,56 @@ fn parent_chain(
     Ok(ids)
 }
 
+/// Inserts a new snapshot record under `key` with a fresh id.
+fn insert_new(
+    txn: &WriteTransaction,
+    key: &str,
+    kind: Kind,
+    parent: Option<&str>,
+    labels: BTreeMap<String, String>,
+    usage: Usage,
+    remote: Option<RemoteRef>,
+) -> Result<Snapshot> {
+    let mut table = txn.open_table(SNAPSHOTS)?;
+    if table.get(key)?.is_some() {
+        return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
+    }
+    if let Some(p) = parent {
+        let prec =
+            load(&table, p)?.ok_or_else(|| Error::NotFound(format!("parent snapshot {p:?}")))?;
+        if prec.kind != Kind::Committed {
+            return Err(Error::InvalidArgument(format!(
+                "parent {p:?} is not a committed snapshot"
+            )));
+        }
+    }
+    let parent_ids = parent_chain(&table, parent.map(str::to_owned))?;
+    let mut meta = txn.open_table(META)?;
+    let id = meta.get(NEXT_ID)?.map_or(1, |v| v.value());
+    meta.insert(NEXT_ID, id + 1)?;
+    let now = SystemTime::now();
+    let rec = Record {
+        id,
+        kind,
+        parent: parent.map(str::to_owned),
+        labels,
+        created: now,
+        updated: now,
+        usage,
+        remote: remote.clone(),
+    };
+    table.insert(key, encode(&rec).as_slice())?;
+    if let Some(p) = parent {
+        txn.open_multimap_table(CHILDREN)?.insert(p, key)?;
+    }
+    Ok(Snapshot {
+        id,
+        kind,
+        parent_ids,
+        remote,
+    })
+}
+
 /// The metadata store.
 pub struct MetaStore {
     db: Database,
@@ -200,6 +266,7 @@ impl MetaStore {
             id: rec.id,
             kind: rec.kind,
             parent_ids: parent_chain(&table, rec.parent.clone())?,
+            remote: rec.remote.clone(),
         };
         Ok((rec.info(key), snapshot, rec.usage))
     }
@@ -266,45 +333,58 @@ impl MetaStore {
             ));
         }
         self.write(|txn| {
-            let mut table = txn.open_table(SNAPSHOTS)?;
-            if table.get(key)?.is_some() {
-                return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
-            }
-            if let Some(p) = parent {
-                let prec = load(&table, p)?
-                    .ok_or_else(|| Error::NotFound(format!("parent snapshot {p:?}")))?;
-                if prec.kind != Kind::Committed {
-                    return Err(Error::InvalidArgument(format!(
-                        "parent {p:?} is not a committed snapshot"
-                    )));
-                }
-            }
-            let parent_ids = parent_chain(&table, parent.map(str::to_owned))?;
-            let mut meta = txn.open_table(META)?;
-            let id = meta.get(NEXT_ID)?.map_or(1, |v| v.value());
-            meta.insert(NEXT_ID, id + 1)?;
-            let now = SystemTime::now();
-            let rec = Record {
-                id,
-                kind,
-                parent: parent.map(str::to_owned),
-                labels,
-                created: now,
-                updated: now,
-                usage: Usage::default(),
-            };
-            table.insert(key, encode(&rec).as_slice())?;
-            if let Some(p) = parent {
-                txn.open_multimap_table(CHILDREN)?.insert(p, key)?;
-            }
-            let snapshot = Snapshot {
-                id,
-                kind,
-                parent_ids,
-            };
+            let snapshot = insert_new(txn, key, kind, parent, labels, Usage::default(), None)?;
             on_disk(&snapshot)?;
             Ok(snapshot)
         })
+    }
+
+    /// Creates committed snapshot `name` for a remote layer, directly (no
+    /// active phase). `on_disk` runs inside the transaction, before the commit;
+    /// it must create the directory and mount the layer.
+    ///
+    /// # Errors
+    /// As [`MetaStore::create`].
+    pub fn create_remote(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+        remote: RemoteRef,
+        usage: Usage,
+        on_disk: impl FnOnce(&Snapshot) -> Result<()>,
+    ) -> Result<Snapshot> {
+        self.write(|txn| {
+            let snapshot = insert_new(
+                txn,
+                name,
+                Kind::Committed,
+                parent,
+                labels,
+                usage,
+                Some(remote),
+            )?;
+            on_disk(&snapshot)?;
+            Ok(snapshot)
+        })
+    }
+
+    /// Every remote snapshot: `(name, id, remote)`, to mount again at start.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn remotes(&self) -> Result<Vec<(String, u64, RemoteRef)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SNAPSHOTS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            let rec = decode(k.value(), v.value())?;
+            if let Some(r) = rec.remote {
+                out.push((k.value().to_owned(), rec.id, r));
+            }
+        }
+        Ok(out)
     }
 
     /// Turns active snapshot `key` (whose id must be `id`) into committed

@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::filter::Filter;
 use crate::metadata::{Info, Kind, MetaStore, Snapshot, Usage};
+use crate::remote::layers::{detect, RemoteLayers};
 use crate::usage::disk_usage;
 
 /// Whether the running kernel's overlayfs has the `index` feature; if so,
@@ -45,6 +46,7 @@ pub struct Snapshotter {
     root: PathBuf,
     store: MetaStore,
     index_off: bool,
+    remote: Option<RemoteLayers>,
     _lock: Flock<File>,
 }
 
@@ -56,6 +58,15 @@ impl Snapshotter {
     /// Fails if `root` cannot be created, is locked by another daemon, or the
     /// metadata store cannot be opened.
     pub fn open(root: &Path) -> Result<Self> {
+        Self::open_with_remote(root, None)
+    }
+
+    /// Like [`Snapshotter::open`], with lazily pulled layers served by
+    /// `remote`. Remote snapshots recorded in the store are mounted again.
+    ///
+    /// # Errors
+    /// As [`Snapshotter::open`].
+    pub fn open_with_remote(root: &Path, remote: Option<RemoteLayers>) -> Result<Self> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -83,8 +94,10 @@ impl Snapshotter {
             root: root.to_owned(),
             store,
             index_off: overlay_supports_index(),
+            remote,
             _lock: lock,
         };
+        sn.remount_remotes()?;
         let removed = sn.cleanup()?;
         if !removed.is_empty() {
             info!(
@@ -161,10 +174,103 @@ impl Snapshotter {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        if kind == Kind::Active {
+            if let Some(target) = self.try_remote(parent, &labels)? {
+                // containerd's contract: the layer exists under its chain ID,
+                // so skip the download (BRIEF section 2).
+                return Err(Error::AlreadyExists(format!("target snapshot {target:?}")));
+            }
+        }
         let snap = self
             .store
             .create(kind, key, parent, labels, |snap| self.make_dirs(snap))?;
         Ok(self.mounts_for(&snap))
+    }
+
+    /// If `labels` describe a lazily mountable layer, mounts it as committed
+    /// snapshot `target` and returns the target. `None` means: do a normal
+    /// Prepare (not remote, or any failure, which is logged as a fallback).
+    fn try_remote(
+        &self,
+        parent: Option<&str>,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<String>> {
+        let (Some(remote), Some((target, rref))) = (&self.remote, detect(labels)) else {
+            return Ok(None);
+        };
+        if self.store.get(&target).is_ok() {
+            return Ok(Some(target));
+        }
+        let resolved = match remote.resolve(&rref) {
+            Ok(r) => r,
+            Err(reason) => {
+                remote.fallback(&rref.layer_digest, &reason);
+                return Ok(None);
+            }
+        };
+        let mounted = std::cell::Cell::new(None);
+        let res = self.store.create_remote(
+            &target,
+            parent,
+            labels.clone(),
+            rref.clone(),
+            resolved.usage,
+            |snap| {
+                self.make_dirs(snap)?;
+                let mp = self.upper_path(snap.id);
+                remote
+                    .mount(snap.id, &rref, &resolved, &mp)
+                    .map_err(Error::Remote)?;
+                mounted.set(Some(snap.id));
+                Ok(())
+            },
+        );
+        match res {
+            Ok(snap) => {
+                remote.start_fetching(snap.id);
+                Ok(Some(target))
+            }
+            // Another Prepare of the same layer won the race.
+            Err(Error::AlreadyExists(_)) => Ok(Some(target)),
+            Err(e) => {
+                if let Some(id) = mounted.get() {
+                    remote.unmount(id);
+                }
+                remote.fallback(&rref.layer_digest, &e.to_string());
+                Ok(None)
+            }
+        }
+    }
+
+    /// Mounts every remote snapshot again after a restart, first detaching
+    /// whatever a previous process left on its mount point.
+    fn remount_remotes(&self) -> Result<()> {
+        let remotes = self.store.remotes()?;
+        if remotes.is_empty() {
+            return Ok(());
+        }
+        let Some(remote) = &self.remote else {
+            warn!(
+                count = remotes.len(),
+                "remote layers recorded but remote support is off; they will read empty"
+            );
+            return Ok(());
+        };
+        for (name, id, rref) in remotes {
+            let mp = self.upper_path(id);
+            detach(&mp);
+            let result = remote
+                .resolve(&rref)
+                .and_then(|resolved| remote.mount(id, &rref, &resolved, &mp));
+            match result {
+                Ok(()) => remote.start_fetching(id),
+                Err(e) => {
+                    tracing::error!(snapshot = %name, id, layer = %rref.layer_digest, error = %e,
+                        "cannot mount remote layer again; containers using it will fail to read")
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs inside the create transaction: builds `new-ID`, then renames it to
@@ -219,6 +325,9 @@ impl Snapshotter {
     /// See [`MetaStore::remove`].
     pub fn remove(&self, key: &str) -> Result<()> {
         let id = self.store.remove(key, |_| Ok(()))?;
+        if let Some(remote) = &self.remote {
+            remote.unmount(id);
+        }
         // The metadata is gone, so the directory is garbage whatever happens
         // next; a failure here is left to cleanup, as containerd does.
         if let Err(e) = remove_all(&self.dir(id)) {
@@ -260,6 +369,8 @@ impl Snapshotter {
                 if owned {
                     continue;
                 }
+                // Never descend into a mount a dead process left behind.
+                detach(&entry.path().join("fs"));
                 match remove_all(&entry.path()) {
                     Ok(()) => removed.push(entry.path()),
                     Err(e) => warn!(path = %entry.path().display(), error = %e, "cleanup failed"),
@@ -321,6 +432,11 @@ fn field(info: &Info, path: &[String]) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// Lazily detaches whatever is mounted at `path`, if anything.
+fn detach(path: &Path) {
+    let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
 }
 
 fn remove_all(path: &Path) -> io::Result<()> {

@@ -4,9 +4,14 @@
 //! - [`toc`]: eStargz / zstd:chunked footers and TOCs, verified against the
 //!   manifest's TOC digest, and the chunk table.
 //! - [`store`]: the content-addressed store of verified chunks.
+//! - [`layers`]: detection in Prepare labels, TOC resolution, mounts,
+//!   prefetch and background fetch.
+//! - [`layer`]: a mounted layer: FUSE reads → store or fetch.
 //! - [`fetch`]: merged Range fetches, decompression, verification, single
 //!   flight.
 
 pub mod fetch;
+pub mod layer;
+pub mod layers;
 pub mod store;
 pub mod toc;

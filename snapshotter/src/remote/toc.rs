@@ -40,7 +40,7 @@ const ZSTD_SKIPPABLE_MAGIC: [u8; 4] = [0x50, 0x2a, 0x4d, 0x18];
 const ZSTD_CHUNKED_MAGIC: &[u8; 8] = b"GnUlInUx";
 
 /// How chunks (and the TOC) are compressed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub enum Compression {
     /// eStargz: gzip members.
     Gzip,
@@ -49,7 +49,7 @@ pub enum Compression {
 }
 
 /// Where the TOC is, from the footer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct Footer {
     /// Compression of chunks and TOC.
     pub compression: Compression,

@@ -1,0 +1,275 @@
+//! One mounted remote layer: the bridge from FUSE reads to verified chunks.
+//!
+//! [`LayerReader`] implements `shoal_fuse::ChunkSource`. A read whose chunks
+//! are all in the store is answered right on the FUSE worker; otherwise the
+//! reply moves into a task on the tokio runtime, which fetches (merged,
+//! single-flight, verified) and answers from there. A FUSE worker never waits
+//! on the network.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use shoal_fuse::{ChunkSource, Entry, EntryKind, ReadReply};
+use tokio::runtime::Handle;
+use tracing::{debug, error, info};
+
+use super::fetch::{Fetcher, RangeSource, MAX_MERGED_BYTES};
+use super::toc::{mtime, xattrs, Chunk, Compression, Toc, TocError};
+
+/// Bytes served to FUSE, by where they came from.
+#[derive(Debug, Default)]
+pub struct ServedStats {
+    /// Served from the local store without waiting.
+    pub from_cache: AtomicU64,
+    /// Served after a fetch.
+    pub after_fetch: AtomicU64,
+    /// Reads answered with EIO.
+    pub errors: AtomicU64,
+}
+
+/// Converts a verified TOC into FUSE entries. `data_id` is the entry's index
+/// in `toc.entries` (and so in `toc.files`).
+///
+/// # Errors
+/// An entry with an unknown type or malformed xattrs.
+pub fn entries(toc: &Toc) -> Result<Vec<Entry>, TocError> {
+    toc.entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let kind = match e.kind.as_str() {
+                "reg" => EntryKind::File,
+                "dir" => EntryKind::Dir,
+                "symlink" => EntryKind::Symlink,
+                "hardlink" => EntryKind::Hardlink,
+                "char" => EntryKind::CharDev,
+                "block" => EntryKind::BlockDev,
+                "fifo" => EntryKind::Fifo,
+                other => {
+                    return Err(TocError::Entry {
+                        name: e.name.clone(),
+                        problem: format!("unknown entry type {other:?}"),
+                    })
+                }
+            };
+            Ok(Entry {
+                path: e.name.clone(),
+                kind,
+                mode: (e.mode & 0o7777) as u32,
+                uid: e.uid,
+                gid: e.gid,
+                mtime: mtime(e),
+                size: e.size,
+                link_target: e.link_name.clone(),
+                dev_major: e.dev_major,
+                dev_minor: e.dev_minor,
+                xattrs: xattrs(e)?,
+                data_id: i as u64,
+            })
+        })
+        .collect()
+}
+
+/// Serves one layer's file bytes.
+pub struct LayerReader {
+    /// Layer digest, for logs.
+    pub layer: String,
+    toc: Arc<Toc>,
+    fetcher: Arc<Fetcher>,
+    source: Arc<dyn RangeSource>,
+    rt: Handle,
+    stopped: AtomicBool,
+    /// Counters.
+    pub served: Arc<ServedStats>,
+}
+
+impl LayerReader {
+    /// A reader for `toc`, fetching from `source` on runtime `rt`.
+    pub fn new(
+        layer: String,
+        toc: Arc<Toc>,
+        fetcher: Arc<Fetcher>,
+        source: Arc<dyn RangeSource>,
+        rt: Handle,
+    ) -> LayerReader {
+        LayerReader {
+            layer,
+            toc,
+            fetcher,
+            source,
+            rt,
+            stopped: AtomicBool::new(false),
+            served: Arc::default(),
+        }
+    }
+
+    /// The layer's TOC.
+    pub fn toc(&self) -> &Arc<Toc> {
+        &self.toc
+    }
+
+    /// Asks background work for this layer to stop (on unmount).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// Fetches every chunk in `chunks` (in blob order), as merged requests,
+    /// `parallel` at a time. Stops early when the layer is unmounted.
+    ///
+    /// # Errors
+    /// The first fetch error.
+    pub async fn fetch_all(&self, chunks: Vec<Chunk>, parallel: usize) -> Result<(), String> {
+        let mut batches: Vec<Vec<Chunk>> = Vec::new();
+        for c in chunks {
+            if self.fetcher.store().contains(&c.digest) {
+                continue;
+            }
+            match batches.last_mut() {
+                Some(b)
+                    if b.last().unwrap().blob_end == c.blob_offset
+                        && c.blob_end - b[0].blob_offset <= MAX_MERGED_BYTES =>
+                {
+                    b.push(c)
+                }
+                _ => batches.push(vec![c]),
+            }
+        }
+        let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
+        let mut set = tokio::task::JoinSet::new();
+        for b in batches {
+            if self.stopped.load(Ordering::Relaxed) {
+                break;
+            }
+            let permit = sem.clone().acquire_owned().await.unwrap();
+            let (fetcher, source, compression, layer) = (
+                self.fetcher.clone(),
+                self.source.clone(),
+                self.toc.compression,
+                self.layer.clone(),
+            );
+            set.spawn(async move {
+                let r = fetcher.get(&*source, compression, &layer, &b).await;
+                drop(permit);
+                r.map(drop).map_err(|e| e.to_string())
+            });
+        }
+        let mut first_err = None;
+        while let Some(r) = set.join_next().await {
+            if let Ok(Err(e)) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Chunks of the prefetch set (entries before the landmark), or none.
+    pub fn prefetch_chunks(&self) -> Vec<Chunk> {
+        let end = self.toc.prefetch_end.unwrap_or(0);
+        self.all_chunks()
+            .into_iter()
+            .filter(|c| c.blob_offset < end)
+            .collect()
+    }
+
+    /// Every chunk, in blob order.
+    pub fn all_chunks(&self) -> Vec<Chunk> {
+        let mut v: Vec<Chunk> = self.toc.files.iter().flatten().copied().collect();
+        v.sort_by_key(|c| c.blob_offset);
+        v.dedup_by_key(|c| c.blob_offset);
+        v
+    }
+
+    /// Starts fetching the whole layer at low priority (one request at a
+    /// time, so on-demand reads keep the registry's other slots).
+    pub fn spawn_background(self: &Arc<Self>) {
+        let me = self.clone();
+        self.rt.spawn(async move {
+            let chunks = me.all_chunks();
+            let started = std::time::Instant::now();
+            match me.fetch_all(chunks, 1).await {
+                Ok(()) if !me.stopped.load(Ordering::Relaxed) => info!(
+                    layer = %me.layer,
+                    ms = started.elapsed().as_millis() as u64,
+                    "background fetch complete: layer fully local"
+                ),
+                Ok(()) => debug!(layer = %me.layer, "background fetch stopped"),
+                Err(e) => error!(layer = %me.layer, error = %e, "background fetch failed; reads will fetch on demand"),
+            }
+        });
+    }
+}
+
+/// Copies `[offset, end)` of the file out of its chunks' bytes.
+fn assemble(chunks: &[Chunk], bufs: &[Bytes], offset: u64, end: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity((end - offset) as usize);
+    for (c, b) in chunks.iter().zip(bufs) {
+        let from = offset.max(c.file_offset) - c.file_offset;
+        let to = end.min(c.file_offset + c.len) - c.file_offset;
+        out.extend_from_slice(&b[from as usize..to as usize]);
+    }
+    out
+}
+
+impl ChunkSource for LayerReader {
+    fn read(&self, data_id: u64, file_size: u64, offset: u64, size: u32, reply: ReadReply) {
+        let Some(chunks) = self.toc.files.get(data_id as usize) else {
+            self.served.errors.fetch_add(1, Ordering::Relaxed);
+            return reply.error(libc::EIO);
+        };
+        let end = offset.saturating_add(u64::from(size)).min(file_size);
+        if offset >= end {
+            return reply.data(&[]);
+        }
+        let first = chunks.partition_point(|c| c.file_offset + c.len <= offset);
+        let last = chunks.partition_point(|c| c.file_offset < end);
+        let needed = &chunks[first..last];
+        let store = self.fetcher.store();
+        if let Some(bufs) = needed
+            .iter()
+            .map(|c| store.get(&c.digest))
+            .collect::<Option<Vec<_>>>()
+        {
+            self.served
+                .from_cache
+                .fetch_add(end - offset, Ordering::Relaxed);
+            return match (needed, &bufs[..]) {
+                // One chunk: reply straight from its buffer, no copy.
+                ([c], [b]) => reply
+                    .data(&b[(offset - c.file_offset) as usize..(end - c.file_offset) as usize]),
+                _ => reply.data(&assemble(needed, &bufs, offset, end)),
+            };
+        }
+        let needed = needed.to_vec();
+        let (fetcher, source, compression, layer) = (
+            self.fetcher.clone(),
+            self.source.clone(),
+            self.toc.compression,
+            self.layer.clone(),
+        );
+        let served = self.served.clone();
+        self.rt.spawn(async move {
+            match fetcher.get(&*source, compression, &layer, &needed).await {
+                Ok(bufs) => {
+                    served
+                        .after_fetch
+                        .fetch_add(end - offset, Ordering::Relaxed);
+                    reply.data(&assemble(&needed, &bufs, offset, end));
+                }
+                Err(e) => {
+                    served.errors.fetch_add(1, Ordering::Relaxed);
+                    error!(layer = %layer, data_id, offset, error = %e, "read failed: EIO");
+                    reply.error(libc::EIO);
+                }
+            }
+        });
+    }
+}
+
+/// Compression of a layer, for logs.
+pub fn compression_name(c: Compression) -> &'static str {
+    match c {
+        Compression::Gzip => "estargz",
+        Compression::Zstd => "zstd:chunked",
+    }
+}

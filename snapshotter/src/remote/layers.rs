@@ -1,0 +1,282 @@
+//! Remote layers of the snapshotter: detecting them in Prepare labels,
+//! resolving and verifying their TOC, mounting them through FUSE, prefetching
+//! their startup set and streaming in the rest.
+//!
+//! Invariants:
+//! - A TOC is used only after its sha256 matched the digest from the layer
+//!   annotation (see [`super::toc`]); the verified compressed TOC is kept
+//!   under `ROOT/tocs/`, so remounting after a restart needs no network.
+//! - Every failure to go lazy is a fallback to a normal pull, logged with the
+//!   reason and counted; it is never a failed Prepare.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tracing::{info, warn};
+
+use super::fetch::{BoxFuture, Fetcher, RangeSource};
+use super::layer::{compression_name, entries, LayerReader};
+use super::toc::{parse_footer, Footer, Toc, FOOTER_FETCH};
+use crate::metadata::{RemoteRef, Usage};
+
+/// Label containerd's unpacker sets to the layer's chain ID: the name the
+/// committed snapshot must have.
+pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
+/// eStargz / zstd:chunked TOC digest annotation, passed through by any client.
+pub const LABEL_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// Image reference (CRI with `disable_snapshot_annotations = false`,
+/// `ctr-remote image rpull`).
+pub const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+/// Layer digest (same clients).
+pub const LABEL_CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+
+/// Access to layer blobs (the registry; later, peers in front of it).
+pub trait Blobs: Send + Sync {
+    /// A source of the blob's bytes. Must not touch the network until used.
+    fn source(&self, r: &RemoteRef) -> Arc<dyn RangeSource>;
+    /// The blob's size.
+    fn size<'a>(&'a self, r: &'a RemoteRef) -> BoxFuture<'a, Result<u64, String>>;
+}
+
+/// Knobs for remote layers (from the config file).
+#[derive(Clone, Debug)]
+pub struct RemoteConfig {
+    /// How long Prepare waits for a layer's prefetch set.
+    pub prefetch_timeout: Duration,
+    /// Fetch the rest of each layer in the background.
+    pub background_fetch: bool,
+    /// FUSE worker threads per mount.
+    pub fuse_threads: usize,
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Default)]
+pub struct RemoteStats {
+    /// Layers mounted lazily.
+    pub mounted: AtomicU64,
+    /// Layers that fell back to a normal pull.
+    pub fallbacks: AtomicU64,
+}
+
+/// The remote-layer half of the snapshotter.
+pub struct RemoteLayers {
+    tocs_dir: PathBuf,
+    blobs: Arc<dyn Blobs>,
+    fetcher: Arc<Fetcher>,
+    rt: Handle,
+    cfg: RemoteConfig,
+    mounted: Mutex<HashMap<u64, (Arc<LayerReader>, shoal_fuse::Mounted)>>,
+    /// Counters.
+    pub stats: RemoteStats,
+}
+
+/// A resolved layer, ready to mount.
+pub struct Resolved {
+    toc: Arc<Toc>,
+    /// What the layer will report as its usage.
+    pub usage: Usage,
+}
+
+/// Finds a lazily mountable layer in Prepare labels: the target chain ID and
+/// where to fetch from. `None` means "not remote": a normal Prepare.
+pub fn detect(labels: &BTreeMap<String, String>) -> Option<(String, RemoteRef)> {
+    let get = |k: &str| labels.get(k).filter(|v| !v.is_empty()).cloned();
+    let target = get(LABEL_TARGET)?;
+    let toc_digest = get(LABEL_TOC_DIGEST)?;
+    Some((
+        target,
+        RemoteRef {
+            image_ref: get(LABEL_CRI_IMAGE_REF)?,
+            layer_digest: get(LABEL_CRI_LAYER_DIGEST)?,
+            toc_digest,
+        },
+    ))
+}
+
+impl RemoteLayers {
+    /// Remote layers whose TOCs are kept in `tocs_dir`.
+    ///
+    /// # Errors
+    /// `tocs_dir` cannot be created.
+    pub fn new(
+        tocs_dir: PathBuf,
+        blobs: Arc<dyn Blobs>,
+        fetcher: Arc<Fetcher>,
+        rt: Handle,
+        cfg: RemoteConfig,
+    ) -> std::io::Result<RemoteLayers> {
+        fs::create_dir_all(&tocs_dir)?;
+        Ok(RemoteLayers {
+            tocs_dir,
+            blobs,
+            fetcher,
+            rt,
+            cfg,
+            mounted: Mutex::new(HashMap::new()),
+            stats: RemoteStats::default(),
+        })
+    }
+
+    fn toc_paths(&self, toc_digest: &str) -> (PathBuf, PathBuf) {
+        let name = toc_digest.replace(':', "-");
+        (
+            self.tocs_dir.join(format!("{name}.toc")),
+            self.tocs_dir.join(format!("{name}.footer.json")),
+        )
+    }
+
+    /// Loads and verifies the TOC of `r`: from the local copy if there is
+    /// one, else from the blob (footer, then TOC, by Range requests).
+    /// Blocking: call from a blocking thread.
+    ///
+    /// # Errors
+    /// A message saying why the layer cannot be mounted lazily.
+    pub fn resolve(&self, r: &RemoteRef) -> Result<Resolved, String> {
+        let (toc_path, footer_path) = self.toc_paths(&r.toc_digest);
+        let local = fs::read(&footer_path).ok().and_then(|f| {
+            let footer: Footer = serde_json::from_slice(&f).ok()?;
+            Some((footer, fs::read(&toc_path).ok()?))
+        });
+        let (footer, compressed) = match local {
+            Some(x) => x,
+            None => {
+                let (footer, compressed) = self.rt.block_on(self.fetch_toc(r))?;
+                let write = |p: &Path, b: &[u8]| -> std::io::Result<()> {
+                    let tmp = p.with_extension("tmp");
+                    fs::write(&tmp, b)?;
+                    fs::rename(&tmp, p)
+                };
+                // TOC first, footer last: a footer file means a complete pair.
+                if let Err(e) = write(&toc_path, &compressed)
+                    .and_then(|()| write(&footer_path, &serde_json::to_vec(&footer).unwrap()))
+                {
+                    warn!(layer = %r.layer_digest, error = %e, "cannot keep the TOC locally");
+                }
+                (footer, compressed)
+            }
+        };
+        let toc = Toc::parse(&compressed, &footer, &r.toc_digest).map_err(|e| e.to_string())?;
+        let usage = Usage {
+            size: toc.entries.iter().map(|e| e.size as i64).sum(),
+            inodes: toc.entries.len() as i64,
+        };
+        Ok(Resolved {
+            toc: Arc::new(toc),
+            usage,
+        })
+    }
+
+    async fn fetch_toc(&self, r: &RemoteRef) -> Result<(Footer, Vec<u8>), String> {
+        let size = self.blobs.size(r).await?;
+        if size < FOOTER_FETCH {
+            return Err(format!("blob is only {size} bytes"));
+        }
+        let source = self.blobs.source(r);
+        let tail = source.fetch(size - FOOTER_FETCH, FOOTER_FETCH).await?;
+        let footer = parse_footer(&tail, size).map_err(|e| e.to_string())?;
+        let toc = source.fetch(footer.toc_offset, footer.toc_len).await?;
+        Ok((footer, toc.to_vec()))
+    }
+
+    /// Mounts a resolved layer at `mountpoint` as snapshot `id`.
+    ///
+    /// # Errors
+    /// The TOC's tree is unservable (e.g. a path escaping the root) or the
+    /// mount failed.
+    pub fn mount(
+        &self,
+        id: u64,
+        r: &RemoteRef,
+        resolved: &Resolved,
+        mountpoint: &Path,
+    ) -> Result<(), String> {
+        let tree = shoal_fuse::Tree::build(entries(&resolved.toc).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        let reader = Arc::new(LayerReader::new(
+            r.layer_digest.clone(),
+            resolved.toc.clone(),
+            self.fetcher.clone(),
+            self.blobs.source(r),
+            self.rt.clone(),
+        ));
+        let opts = shoal_fuse::MountOptions {
+            fsname: format!("shoal:{}", r.layer_digest),
+            allow_other: true,
+            threads: self.cfg.fuse_threads,
+        };
+        let mounted = shoal_fuse::mount(tree, reader.clone(), mountpoint, opts)
+            .map_err(|e| format!("FUSE mount at {}: {e}", mountpoint.display()))?;
+        self.mounted.lock().unwrap().insert(id, (reader, mounted));
+        self.stats.mounted.fetch_add(1, Ordering::Relaxed);
+        info!(id, layer = %r.layer_digest, format = compression_name(resolved.toc.compression),
+              files = resolved.toc.entries.len(), "layer mounted lazily");
+        Ok(())
+    }
+
+    /// Waits (bounded) for the prefetch set of snapshot `id`, then starts the
+    /// background fetch of the rest. Blocking.
+    pub fn start_fetching(&self, id: u64) {
+        let Some(reader) = self
+            .mounted
+            .lock()
+            .unwrap()
+            .get(&id)
+            .map(|(r, _)| r.clone())
+        else {
+            return;
+        };
+        let chunks = reader.prefetch_chunks();
+        if !chunks.is_empty() {
+            let n = chunks.len();
+            let started = std::time::Instant::now();
+            let r = self.rt.block_on(async {
+                tokio::time::timeout(self.cfg.prefetch_timeout, reader.fetch_all(chunks, 4)).await
+            });
+            match r {
+                Ok(Ok(())) => info!(layer = %reader.layer, chunks = n,
+                    ms = started.elapsed().as_millis() as u64, "prefetch set fetched"),
+                Ok(Err(e)) => {
+                    warn!(layer = %reader.layer, error = %e, "prefetch failed; continuing lazily")
+                }
+                Err(_) => warn!(layer = %reader.layer, timeout = ?self.cfg.prefetch_timeout,
+                    "prefetch did not finish in time; continuing lazily"),
+            }
+        }
+        if self.cfg.background_fetch {
+            reader.spawn_background();
+        }
+    }
+
+    /// Unmounts snapshot `id` if it is mounted.
+    pub fn unmount(&self, id: u64) {
+        if let Some((reader, mounted)) = self.mounted.lock().unwrap().remove(&id) {
+            reader.stop();
+            if let Err(e) = mounted.unmount() {
+                warn!(id, error = %e, "unmount failed");
+            }
+        }
+    }
+
+    /// Notes a fallback to a normal pull.
+    pub fn fallback(&self, layer: &str, reason: &str) {
+        self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            layer,
+            reason, "cannot mount layer lazily; falling back to a normal pull"
+        );
+    }
+}
+
+impl Drop for RemoteLayers {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.mounted.lock().unwrap().keys().copied().collect();
+        for id in ids {
+            self.unmount(id);
+        }
+    }
+}
