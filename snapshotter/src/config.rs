@@ -22,6 +22,21 @@ pub const DEFAULT_ADDRESS: &str = "/run/shoal/shoal.sock";
 pub const DEFAULT_CONFIG: &str = "/etc/shoal/config.toml";
 /// Default `log_level`.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Default `remote.prefetch_timeout_secs`: how long Prepare waits for a
+/// layer's startup (prefetch) set.
+pub const DEFAULT_PREFETCH_TIMEOUT_SECS: u64 = 10;
+/// Default `remote.fuse_threads`.
+pub const DEFAULT_FUSE_THREADS: usize = 2;
+/// Default `remote.memory_cache_bytes`: verified chunks kept in memory.
+pub const DEFAULT_MEMORY_CACHE_BYTES: u64 = 256 << 20;
+/// Default `registry.config_path`: containerd's hosts.toml directory.
+pub const DEFAULT_REGISTRY_CONFIG_PATH: &str = "/etc/containerd/certs.d";
+/// Default `registry.request_timeout_secs`.
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
+/// Default `registry.retries`.
+pub const DEFAULT_RETRIES: u32 = 3;
+/// Default `registry.max_concurrent`.
+pub const DEFAULT_MAX_CONCURRENT: usize = 8;
 /// A config file larger than this is refused before parsing.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -38,6 +53,88 @@ pub struct Config {
     /// Log filter: a level (`info`) or `tracing` directives
     /// (`info,shoal::grpc=debug`).
     pub log_level: String,
+    /// Lazily pulled layers.
+    pub remote: RemoteSection,
+    /// Registry access for lazily pulled layers.
+    pub registry: RegistrySection,
+}
+
+/// `[remote]`: lazily pulled layers.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RemoteSection {
+    /// Mount eStargz / zstd:chunked layers lazily; when false every layer is
+    /// pulled and unpacked by containerd.
+    pub enable: bool,
+    /// Seconds Prepare waits for a layer's prefetch set (0: don't wait).
+    pub prefetch_timeout_secs: u64,
+    /// Fetch the rest of each layer in the background after mounting.
+    pub background_fetch: bool,
+    /// FUSE worker threads per mounted layer.
+    pub fuse_threads: usize,
+    /// Bytes of verified chunks kept in memory.
+    pub memory_cache_bytes: u64,
+}
+
+impl Default for RemoteSection {
+    fn default() -> Self {
+        RemoteSection {
+            enable: true,
+            prefetch_timeout_secs: DEFAULT_PREFETCH_TIMEOUT_SECS,
+            background_fetch: true,
+            fuse_threads: DEFAULT_FUSE_THREADS,
+            memory_cache_bytes: DEFAULT_MEMORY_CACHE_BYTES,
+        }
+    }
+}
+
+/// `[registry]`: how registries are reached.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrySection {
+    /// containerd-style `hosts.toml` directory (`HOST[:PORT]/hosts.toml`).
+    pub config_path: PathBuf,
+    /// Seconds before one request is abandoned (and retried).
+    pub request_timeout_secs: u64,
+    /// Retries of a failed request, with backoff and jitter.
+    pub retries: u32,
+    /// Concurrent requests per registry.
+    pub max_concurrent: usize,
+    /// Docker config file with credentials; unset means
+    /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
+    pub docker_config: Option<PathBuf>,
+    /// Credentials, tried before the docker config.
+    pub credentials: Vec<CredentialSection>,
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        RegistrySection {
+            config_path: DEFAULT_REGISTRY_CONFIG_PATH.into(),
+            request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
+            retries: DEFAULT_RETRIES,
+            max_concurrent: DEFAULT_MAX_CONCURRENT,
+            docker_config: None,
+            credentials: Vec::new(),
+        }
+    }
+}
+
+/// `[[registry.credentials]]`: one registry's credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSection {
+    /// `host[:port]` as in image references (`docker.io`, `127.0.0.1:5000`).
+    pub host: String,
+    /// User name (with `password`).
+    #[serde(default)]
+    pub username: String,
+    /// Password.
+    #[serde(default)]
+    pub password: String,
+    /// Identity (refresh) token, instead of a password.
+    #[serde(default)]
+    pub identity_token: String,
 }
 
 impl Default for Config {
@@ -47,6 +144,8 @@ impl Default for Config {
             root: DEFAULT_ROOT.into(),
             address: DEFAULT_ADDRESS.into(),
             log_level: DEFAULT_LOG_LEVEL.into(),
+            remote: RemoteSection::default(),
+            registry: RegistrySection::default(),
         }
     }
 }
@@ -161,6 +260,15 @@ impl Config {
             if !p.is_absolute() {
                 return Err((key, format!("{} is not an absolute path", p.display())));
             }
+        }
+        if self.remote.fuse_threads == 0 {
+            return Err(("remote.fuse_threads", "must be at least 1".into()));
+        }
+        if self.registry.max_concurrent == 0 {
+            return Err(("registry.max_concurrent", "must be at least 1".into()));
+        }
+        if self.registry.request_timeout_secs == 0 {
+            return Err(("registry.request_timeout_secs", "must be at least 1".into()));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return Err((
