@@ -14,7 +14,8 @@ fn fixture(ext: &str) -> (Vec<u8>, String) {
             // Fixtures are named by their digest.
             let name = p.file_stem().unwrap().to_str().unwrap().to_owned();
             assert_eq!(hex::encode(Sha256::digest(&blob)), name);
-            let digest = std::fs::read_to_string(p.with_extension(format!("{ext}.toc-digest"))).unwrap();
+            let digest =
+                std::fs::read_to_string(p.with_extension(format!("{ext}.toc-digest"))).unwrap();
             return (blob, digest.trim().to_owned());
         }
     }
@@ -44,8 +45,12 @@ fn both_formats_parse_and_every_file_reassembles_to_its_digest() {
             regular += 1;
             let mut whole = Vec::new();
             for c in chunks {
-                let data = decode_chunk(compression, &blob[c.blob_offset as usize..c.blob_end as usize], c)
-                    .unwrap_or_else(|err| panic!("{ext} {}: {err}", e.name));
+                let data = decode_chunk(
+                    compression,
+                    &blob[c.blob_offset as usize..c.blob_end as usize],
+                    c,
+                )
+                .unwrap_or_else(|err| panic!("{ext} {}: {err}", e.name));
                 whole.extend_from_slice(&data);
             }
             assert_eq!(whole.len() as u64, e.size, "{}", e.name);
@@ -76,17 +81,30 @@ fn a_corrupted_chunk_fails_verification() {
     for ext in ["esgz", "zstd"] {
         let (mut blob, digest) = fixture(ext);
         let toc = open(&blob, &digest).unwrap();
-        let (i, _) = toc.entries.iter().enumerate().find(|(_, e)| e.name == "data/big.bin").unwrap();
+        let (i, _) = toc
+            .entries
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.name == "data/big.bin")
+            .unwrap();
         let c = toc.files[i][1];
         // Flip a byte in the middle of the compressed chunk.
         let mid = ((c.blob_offset + c.blob_end) / 2) as usize;
         blob[mid] ^= 0x55;
-        let r = decode_chunk(toc.compression, &blob[c.blob_offset as usize..c.blob_end as usize], &c);
+        let r = decode_chunk(
+            toc.compression,
+            &blob[c.blob_offset as usize..c.blob_end as usize],
+            &c,
+        );
         assert!(r.is_err(), "{ext}: corrupted chunk must not verify");
         // A chunk whose digest the TOC states differently fails too.
         let mut lying = toc.files[i][0];
         lying.digest[0] ^= 1;
-        let r = decode_chunk(toc.compression, &blob[lying.blob_offset as usize..lying.blob_end as usize], &lying);
+        let r = decode_chunk(
+            toc.compression,
+            &blob[lying.blob_offset as usize..lying.blob_end as usize],
+            &lying,
+        );
         assert!(r.unwrap_err().contains("sha256"), "{ext}");
     }
 }
@@ -94,7 +112,10 @@ fn a_corrupted_chunk_fails_verification() {
 #[test]
 fn a_blob_without_a_footer_is_not_lazily_mountable() {
     let junk = vec![0u8; 4096];
-    assert!(matches!(parse_footer(&junk[4096 - 51..], 4096), Err(TocError::Footer(_))));
+    assert!(matches!(
+        parse_footer(&junk[4096 - 51..], 4096),
+        Err(TocError::Footer(_))
+    ));
     let (blob, _) = fixture("esgz");
     // A footer pointing past the end of a truncated blob.
     let tail = &blob[blob.len() - 51..];
