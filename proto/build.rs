@@ -1,4 +1,5 @@
-//! Compiles the vendored containerd protos (see `vendor/README.md`) into
+//! Compiles the vendored containerd protos (see `vendor/README.md`) and
+//! Shoal's own (`shoal/`) into
 //! tonic client and server stubs. `protoc` comes from `protoc-bin-vendored`, so
 //! a build needs no system protobuf compiler.
 
@@ -12,8 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "vendor/github.com/containerd/containerd/api/types/mount.proto",
                 "vendor/github.com/containerd/containerd/api/services/snapshots/v1/snapshots.proto",
+                "shoal/v1/status.proto",
             ],
-            &["vendor"],
+            &["vendor", "."],
         )?;
     Ok(())
 }

@@ -5,6 +5,8 @@
 //!   contract between containerd's `proxy_plugins` client and the Shoal
 //!   daemon. Both the server and the client are generated.
 //! - [`types`]: `containerd.types.Mount`, returned by Prepare, View and Mounts.
+//! - [`status`]: Shoal's own read-only status API (`shoal/v1/status.proto`),
+//!   served on the daemon's socket beside the snapshots API.
 //!
 //! The `.proto` sources are vendored under `vendor/`; `vendor/README.md` says
 //! where each came from. Modules mirror the protobuf packages so that the
@@ -28,6 +30,15 @@ pub mod containerd {
     }
 }
 
+/// Shoal's own protocols (`shoal.*`).
+pub mod shoal {
+    /// `shoal.v1`: the daemon's status API.
+    pub mod v1 {
+        tonic::include_proto!("shoal.v1");
+    }
+}
+
 pub use containerd::services::snapshots::v1 as snapshots;
 pub use containerd::types;
 pub use prost_types;
+pub use shoal::v1 as status;

@@ -13,6 +13,14 @@ use tonic::transport::{Channel, Endpoint};
 /// # Errors
 /// The socket cannot be dialled.
 pub async fn connect(socket: &Path) -> Result<SnapshotsClient<Channel>, tonic::transport::Error> {
+    Ok(SnapshotsClient::new(channel(socket).await?))
+}
+
+/// A gRPC channel to a Unix socket, for any of the services on it.
+///
+/// # Errors
+/// The socket cannot be dialled.
+pub async fn channel(socket: &Path) -> Result<Channel, tonic::transport::Error> {
     let socket: PathBuf = socket.to_owned();
     // The URI is required by the API but unused: every connection dials the
     // socket.
@@ -26,5 +34,5 @@ pub async fn connect(socket: &Path) -> Result<SnapshotsClient<Channel>, tonic::t
             }
         }))
         .await?;
-    Ok(SnapshotsClient::new(channel))
+    Ok(channel)
 }

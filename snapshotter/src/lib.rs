@@ -10,6 +10,7 @@
 //! - [`usage`]: disk usage as containerd counts it.
 //! - [`grpc`]: the `containerd.services.snapshots.v1.Snapshots` service.
 //! - [`server`]: the Unix socket and the server's lifetime.
+//! - [`status`]: Shoal's own read-only status service.
 //! - [`client`]: a client for the daemon's socket (CLI, tests).
 //! - [`error`]: the error type and its mapping onto gRPC codes.
 //!
@@ -25,4 +26,5 @@ pub mod metadata;
 pub mod overlay;
 pub mod remote;
 pub mod server;
+pub mod status;
 pub mod usage;

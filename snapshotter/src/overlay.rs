@@ -154,6 +154,11 @@ impl Snapshotter {
         Ok(usage)
     }
 
+    /// The remote-layer half, if enabled.
+    pub fn remote(&self) -> Option<&RemoteLayers> {
+        self.remote.as_ref()
+    }
+
     /// Mounts for an existing active snapshot or view.
     ///
     /// # Errors
@@ -219,7 +224,7 @@ impl Snapshotter {
                 self.make_dirs(snap)?;
                 let mp = self.upper_path(snap.id);
                 remote
-                    .mount(snap.id, &rref, &resolved, &mp)
+                    .mount(snap.id, &target, &rref, &resolved, &mp)
                     .map_err(Error::Remote)?;
                 mounted.set(Some(snap.id));
                 Ok(())
@@ -261,7 +266,7 @@ impl Snapshotter {
             detach(&mp);
             let result = remote
                 .resolve(&rref)
-                .and_then(|resolved| remote.mount(id, &rref, &resolved, &mp));
+                .and_then(|resolved| remote.mount(id, &name, &rref, &resolved, &mp));
             match result {
                 Ok(()) => remote.start_fetching(id),
                 Err(e) => {

@@ -14,12 +14,14 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use shoal_proto::snapshots::snapshots_server::SnapshotsServer;
+use shoal_proto::status::status_server::StatusServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
 use crate::grpc::Service;
 use crate::overlay::Snapshotter;
+use crate::status::StatusService;
 
 /// Binds `address`, replacing a stale socket but never a live one.
 ///
@@ -70,7 +72,8 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let ino = std::fs::metadata(address).map(|m| m.ino()).ok();
     let result = tonic::transport::Server::builder()
-        .add_service(SnapshotsServer::new(Service::new(sn)))
+        .add_service(SnapshotsServer::new(Service::new(sn.clone())))
+        .add_service(StatusServer::new(StatusService::new(sn)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .context("gRPC server");

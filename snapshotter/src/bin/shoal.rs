@@ -1,6 +1,18 @@
 //! `shoal`: the operator's command-line tool.
+//!
+//! Conventions shared by every subcommand: `--address` (the Shoal daemon's
+//! socket) for subcommands that talk to the daemon; `--containerd-address`
+//! and `--namespace` for those that talk to containerd; `--json` for
+//! machine-readable output.
 
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use shoal::config::DEFAULT_ADDRESS;
+use shoal_proto::status::status_client::StatusClient;
+use shoal_proto::status::{LayersRequest, LayersResponse};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -15,14 +27,163 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args, Debug)]
+struct DaemonArgs {
+    /// The Shoal daemon's socket.
+    #[arg(long, value_name = "SOCKET", env = "SHOAL_ADDRESS", default_value = DEFAULT_ADDRESS)]
+    address: PathBuf,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Print the version of this build.
     Version,
+    /// Show lazily mounted layers: bytes local out of total, and counters.
+    Status {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
-fn main() {
-    match Cli::parse().command {
-        Command::Version => println!("shoal {}", env!("CARGO_PKG_VERSION")),
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Version => {
+            println!("shoal {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Status { daemon, json } => status(&daemon, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shoal: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start tokio runtime")
+}
+
+fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
+    let resp: LayersResponse = runtime()?.block_on(async {
+        let channel = shoal::client::channel(&daemon.address)
+            .await
+            .with_context(|| {
+                format!(
+                    "connect to the Shoal daemon at {}",
+                    daemon.address.display()
+                )
+            })?;
+        let r = StatusClient::new(channel)
+            .layers(LayersRequest {})
+            .await
+            .context("status request")?;
+        anyhow::Ok(r.into_inner())
+    })?;
+    let c = resp.counters.unwrap_or_default();
+    if json {
+        let layers: Vec<serde_json::Value> = resp
+            .layers
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "snapshot": l.snapshot, "snapshot_id": l.snapshot_id,
+                    "image_ref": l.image_ref, "layer_digest": l.layer_digest,
+                    "toc_digest": l.toc_digest, "format": l.format, "files": l.files,
+                    "chunks_total": l.chunks_total, "chunks_local": l.chunks_local,
+                    "bytes_total": l.bytes_total, "bytes_local": l.bytes_local,
+                    "served_from_cache": l.served_from_cache,
+                    "served_after_fetch": l.served_after_fetch, "read_errors": l.read_errors,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "version": resp.version,
+            "layers": layers,
+            "counters": {
+                "bytes_fetched": c.bytes_fetched, "requests": c.requests,
+                "verify_failures": c.verify_failures, "source_errors": c.source_errors,
+                "not_cached": c.not_cached, "in_flight": c.in_flight,
+                "fallbacks": c.fallbacks, "mounted": c.mounted,
+                "store_memory_hits": c.store_memory_hits, "store_disk_hits": c.store_disk_hits,
+                "store_misses": c.store_misses, "store_corrupt": c.store_corrupt,
+            }
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "shoal-snapshotter {} — {} lazily mounted layer(s)",
+        resp.version,
+        resp.layers.len()
+    );
+    if !resp.layers.is_empty() {
+        println!(
+            "{:<14} {:<14} {:<13} {:>15} {:>21} {:>6}  IMAGE",
+            "SNAPSHOT", "LAYER", "FORMAT", "CHUNKS", "BYTES LOCAL", "ERRORS"
+        );
+    }
+    for l in &resp.layers {
+        let pct = if l.bytes_total == 0 {
+            100.0
+        } else {
+            100.0 * l.bytes_local as f64 / l.bytes_total as f64
+        };
+        println!(
+            "{:<14} {:<14} {:<13} {:>15} {:>21} {:>6}  {}",
+            short(&l.snapshot),
+            short(&l.layer_digest),
+            l.format,
+            format!("{}/{}", l.chunks_local, l.chunks_total),
+            format!(
+                "{}/{} {:>3.0}%",
+                human(l.bytes_local),
+                human(l.bytes_total),
+                pct
+            ),
+            l.read_errors,
+            l.image_ref
+        );
+    }
+    println!(
+        "fetched {} in {} requests ({} in flight); verification failures {}; source errors {}; \
+         fallbacks to full pull {}; chunks not cached (disk) {}",
+        human(c.bytes_fetched),
+        c.requests,
+        c.in_flight,
+        c.verify_failures,
+        c.source_errors,
+        c.fallbacks,
+        c.not_cached
+    );
+    Ok(())
+}
+
+fn short(digest: &str) -> String {
+    let d = digest.strip_prefix("sha256:").unwrap_or(digest);
+    d.chars().take(12).collect()
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", UNITS[u])
     }
 }

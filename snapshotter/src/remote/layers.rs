@@ -70,9 +70,45 @@ pub struct RemoteLayers {
     fetcher: Arc<Fetcher>,
     rt: Handle,
     cfg: RemoteConfig,
-    mounted: Mutex<HashMap<u64, (Arc<LayerReader>, shoal_fuse::Mounted)>>,
+    mounted: Mutex<HashMap<u64, MountedLayer>>,
     /// Counters.
     pub stats: RemoteStats,
+}
+
+struct MountedLayer {
+    name: String,
+    remote: RemoteRef,
+    reader: Arc<LayerReader>,
+    mount: shoal_fuse::Mounted,
+}
+
+/// What `shoal status` shows of one mounted layer.
+#[derive(Clone, Debug)]
+pub struct LayerStatus {
+    /// Committed snapshot name (chain ID).
+    pub name: String,
+    /// Snapshot id.
+    pub id: u64,
+    /// Where it comes from.
+    pub remote: RemoteRef,
+    /// `estargz` or `zstd:chunked`.
+    pub format: &'static str,
+    /// TOC entries.
+    pub files: u64,
+    /// Distinct chunks.
+    pub chunks_total: u64,
+    /// Chunks verified and stored locally.
+    pub chunks_local: u64,
+    /// Uncompressed bytes of all chunks.
+    pub bytes_total: u64,
+    /// Uncompressed bytes of local chunks.
+    pub bytes_local: u64,
+    /// Bytes served to FUSE from the store.
+    pub served_from_cache: u64,
+    /// Bytes served to FUSE after fetching.
+    pub served_after_fetch: u64,
+    /// Reads answered with EIO.
+    pub read_errors: u64,
 }
 
 /// A resolved layer, ready to mount.
@@ -191,6 +227,7 @@ impl RemoteLayers {
     pub fn mount(
         &self,
         id: u64,
+        name: &str,
         r: &RemoteRef,
         resolved: &Resolved,
         mountpoint: &Path,
@@ -209,9 +246,17 @@ impl RemoteLayers {
             allow_other: true,
             threads: self.cfg.fuse_threads,
         };
-        let mounted = shoal_fuse::mount(tree, reader.clone(), mountpoint, opts)
+        let mount = shoal_fuse::mount(tree, reader.clone(), mountpoint, opts)
             .map_err(|e| format!("FUSE mount at {}: {e}", mountpoint.display()))?;
-        self.mounted.lock().unwrap().insert(id, (reader, mounted));
+        self.mounted.lock().unwrap().insert(
+            id,
+            MountedLayer {
+                name: name.to_owned(),
+                remote: r.clone(),
+                reader,
+                mount,
+            },
+        );
         self.stats.mounted.fetch_add(1, Ordering::Relaxed);
         info!(id, layer = %r.layer_digest, format = compression_name(resolved.toc.compression),
               files = resolved.toc.entries.len(), "layer mounted lazily");
@@ -226,7 +271,7 @@ impl RemoteLayers {
             .lock()
             .unwrap()
             .get(&id)
-            .map(|(r, _)| r.clone())
+            .map(|m| m.reader.clone())
         else {
             return;
         };
@@ -254,12 +299,55 @@ impl RemoteLayers {
 
     /// Unmounts snapshot `id` if it is mounted.
     pub fn unmount(&self, id: u64) {
-        if let Some((reader, mounted)) = self.mounted.lock().unwrap().remove(&id) {
-            reader.stop();
-            if let Err(e) = mounted.unmount() {
+        if let Some(m) = self.mounted.lock().unwrap().remove(&id) {
+            m.reader.stop();
+            if let Err(e) = m.mount.unmount() {
                 warn!(id, error = %e, "unmount failed");
             }
         }
+    }
+
+    /// Status of every mounted layer, by snapshot id.
+    pub fn status(&self) -> Vec<LayerStatus> {
+        let layers: Vec<(u64, String, RemoteRef, Arc<LayerReader>)> = self
+            .mounted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, m)| (*id, m.name.clone(), m.remote.clone(), m.reader.clone()))
+            .collect();
+        let store = self.fetcher.store();
+        let mut out: Vec<LayerStatus> = layers
+            .into_iter()
+            .map(|(id, name, remote, reader)| {
+                let chunks = reader.all_chunks();
+                let local: Vec<_> = chunks
+                    .iter()
+                    .filter(|c| store.contains(&c.digest))
+                    .collect();
+                LayerStatus {
+                    name,
+                    id,
+                    remote,
+                    format: compression_name(reader.toc().compression),
+                    files: reader.toc().entries.len() as u64,
+                    chunks_total: chunks.len() as u64,
+                    chunks_local: local.len() as u64,
+                    bytes_total: chunks.iter().map(|c| c.len).sum(),
+                    bytes_local: local.iter().map(|c| c.len).sum(),
+                    served_from_cache: reader.served.from_cache.load(Ordering::Relaxed),
+                    served_after_fetch: reader.served.after_fetch.load(Ordering::Relaxed),
+                    read_errors: reader.served.errors.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        out.sort_by_key(|l| l.id);
+        out
+    }
+
+    /// The fetcher (for its counters and store).
+    pub fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.fetcher
     }
 
     /// Notes a fallback to a normal pull.
