@@ -30,10 +30,13 @@
 //! does so), is counted in [`Stats::source_panics`], and the mount lives on.
 //!
 //! # Unmounting
-//! [`Mounted::unmount`] (or drop) unmounts and joins the worker threads. If the
-//! mount is busy (e.g. an overlayfs still uses it as a lowerdir) it is detached
-//! lazily instead (`MNT_DETACH`): it disappears from the namespace at once and
-//! its workers keep serving existing users until the kernel releases it.
+//! [`Mounted::unmount`] (or drop) removes the mount point; a busy mount is
+//! detached lazily (`MNT_DETACH`). Either way the kernel keeps the FUSE
+//! connection while anything still references the superblock: an overlayfs
+//! holds a private clone of each lowerdir, and container mount namespaces hold
+//! copies. So the workers are waited for only [`UNMOUNT_GRACE`]; if the layer
+//! is still in use they go on serving it in the background and exit when the
+//! kernel releases it. A layer is never yanked from under a running container.
 
 mod builder;
 mod entry;
@@ -47,8 +50,10 @@ use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 pub use entry::{Entry, EntryKind, TreeError, NAME_MAX};
 pub use fs::TTL;
@@ -58,6 +63,9 @@ pub use tree::{Node, NodeKind, Tree};
 /// Default number of FUSE worker threads. Workers never block on I/O, so a
 /// few suffice.
 pub const DEFAULT_THREADS: usize = 2;
+
+/// How long unmounting waits for the workers to see the connection end.
+pub const UNMOUNT_GRACE: Duration = Duration::from_secs(2);
 
 /// How to mount a layer.
 #[derive(Clone, Debug)]
@@ -128,15 +136,21 @@ pub fn mount(
     let layer = fs::LayerFs::new(tree, source, stats.clone());
     let mut session = fuser::Session::new(layer, &canonical, &config)?;
     let unmounter = session.unmount_callable();
+    let (done_tx, done) = mpsc::channel();
     // If spawning fails, the session is dropped with the closure and unmounts.
     let thread = std::thread::Builder::new()
         .name("shoal-fuse".to_owned())
-        .spawn(move || session.run())?;
+        .spawn(move || {
+            let res = session.run();
+            let _ = done_tx.send(());
+            res
+        })?;
     Ok(Mounted {
         mountpoint: mountpoint.to_path_buf(),
         canonical,
         unmounter: Some(unmounter),
         thread: Some(thread),
+        done,
         stats,
     })
 }
@@ -148,6 +162,8 @@ pub struct Mounted {
     canonical: PathBuf,
     unmounter: Option<fuser::SessionUnmounter>,
     thread: Option<JoinHandle<io::Result<()>>>,
+    /// Signalled (or disconnected) when the session thread ends.
+    done: Receiver<()>,
     stats: Arc<Stats>,
 }
 
@@ -162,8 +178,8 @@ impl Mounted {
         self.stats.snapshot()
     }
 
-    /// Unmounts and waits for the worker threads. A busy mount is detached
-    /// lazily instead, without waiting (see the crate doc).
+    /// Removes the mount point (lazily if busy) and waits up to
+    /// [`UNMOUNT_GRACE`] for the workers; see the crate doc.
     ///
     /// # Errors
     /// The `umount(2)` error, other than `EBUSY`.
@@ -176,7 +192,15 @@ impl Mounted {
             return Ok(());
         };
         match unmounter.unmount() {
-            Ok(()) => {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                tracing::info!(mountpoint = %self.canonical.display(), "layer mount busy; detaching lazily");
+                lazy_unmount(&self.canonical)?;
+            }
+            Err(e) => return Err(e),
+        }
+        match self.done.recv_timeout(UNMOUNT_GRACE) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
                 if let Some(thread) = self.thread.take() {
                     match thread.join() {
                         Ok(Err(e)) => tracing::warn!(cause = %e, "FUSE session ended with error"),
@@ -184,19 +208,16 @@ impl Mounted {
                         Ok(Ok(())) => {}
                     }
                 }
-                Ok(())
             }
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                tracing::warn!(
+            Err(RecvTimeoutError::Timeout) => {
+                tracing::info!(
                     mountpoint = %self.canonical.display(),
-                    "layer mount busy; detaching lazily"
+                    "layer still referenced (e.g. by an overlay); serving it until released"
                 );
-                // The workers exit once the kernel drops the connection.
                 self.thread.take();
-                lazy_unmount(&self.canonical)
             }
-            Err(e) => Err(e),
         }
+        Ok(())
     }
 }
 
