@@ -89,7 +89,10 @@ pub struct FetchStats {
     pub in_flight: AtomicU64,
 }
 
-type Slot = watch::Receiver<Option<Result<Bytes, FetchError>>>;
+/// What a waiter sees: nothing yet, then the leader's result.
+type Outcome = Option<Result<Bytes, FetchError>>;
+type Slot = watch::Receiver<Outcome>;
+type Lead = watch::Sender<Outcome>;
 
 /// Fetches and verifies chunks into a [`ChunkStore`].
 pub struct Fetcher {
@@ -102,7 +105,7 @@ pub struct Fetcher {
 enum Plan {
     Ready(Bytes),
     Wait(Slot),
-    Lead(watch::Sender<Option<Result<Bytes, FetchError>>>),
+    Lead(Lead),
 }
 
 /// Removes led chunks from the in-flight map however the leader exits.
@@ -261,7 +264,7 @@ impl Fetcher {
         compression: Compression,
         layer: &str,
         chunks: &[Chunk],
-        run: &[(usize, watch::Sender<Option<Result<Bytes, FetchError>>>)],
+        run: &[(usize, Lead)],
     ) -> Vec<Result<Bytes, FetchError>> {
         let first = &chunks[run[0].0];
         let last = &chunks[run[run.len() - 1].0];
