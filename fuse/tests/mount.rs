@@ -134,6 +134,39 @@ fn types_modes_owners_and_times() {
     );
 }
 
+/// Runs `cmd args` as `uid:gid`; returns stdout on success.
+fn run_as(uid: u32, gid: u32, cmd: &str, args: &[&std::path::Path]) -> Option<Vec<u8>> {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .unwrap();
+    out.status.success().then_some(out.stdout)
+}
+
+#[test]
+fn other_users_get_kernel_enforced_modes() {
+    if !fuse_available() {
+        return;
+    }
+    let (tree, src) = sample();
+    let m = mount_tree(tree, src, "shoal-perms");
+    // allow_other lets them in; default_permissions applies the modes
+    assert_eq!(
+        run_as(1000, 1000, "cat", &[&m.join("bin/su")]).unwrap(),
+        b"SUBIN"
+    );
+    assert!(run_as(1000, 1000, "cat", &[&m.join("etc/shadow")]).is_none());
+    assert_eq!(
+        run_as(1000, 42, "cat", &[&m.join("etc/shadow")]).unwrap(),
+        b"root:x:0:0\n"
+    );
+    assert!(run_as(1000, 1000, "ls", &[&m.join("home/user")]).is_some());
+    assert!(run_as(1001, 1001, "ls", &[&m.join("home/user")]).is_none());
+}
+
 #[test]
 fn symlinks_and_hardlinks() {
     if !fuse_available() {
