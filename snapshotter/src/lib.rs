@@ -5,6 +5,7 @@
 //! - [`metadata`]: snapshot metadata in redb (kinds, parents, labels, ids).
 //! - [`overlay`]: containerd's overlayfs snapshotter semantics: directories,
 //!   mounts, commit, remove, cleanup.
+//! - [`registry`]: registry client: hosts.toml mirrors, auth, Range fetches.
 //! - [`remote`]: lazily pulled layers: TOCs, chunk store, fetching.
 //! - [`filter`]: containerd's filter expressions, for List.
 //! - [`usage`]: disk usage as containerd counts it.
@@ -24,6 +25,7 @@ pub mod filter;
 pub mod grpc;
 pub mod metadata;
 pub mod overlay;
+pub mod registry;
 pub mod remote;
 pub mod server;
 pub mod status;

@@ -1,0 +1,529 @@
+//! Registry authentication: `WWW-Authenticate` challenges, credentials
+//! (Shoal's config first, then Docker's `config.json`), and a token cache.
+//!
+//! Requests go out anonymously until a host answers 401. A `Bearer`
+//! challenge is answered by fetching a token from its realm (GET with basic
+//! credentials, or the OAuth2 refresh-token POST for an identity token); a
+//! `Basic` challenge by sending the credentials. Tokens are cached per
+//! (host, scope) until shortly before they expire; a host that asked for
+//! Basic gets it up front afterwards.
+//!
+//! Invariants: credentials are looked up by the host actually contacted, so
+//! a mirror never receives the upstream registry's credentials (give the
+//! mirror its own entry). Credential helpers (`credsStore`, `credHelpers`)
+//! are not run. One token fetch runs at a time, and waiters re-check the
+//! cache, so a burst of 401s costs one token request.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde::Deserialize;
+
+use super::error::{error_chain, RegistryError, Site};
+use super::reference::{DOCKER_HUB, DOCKER_HUB_HOST};
+use super::Credential;
+
+/// Lifetime assumed for a token whose response has no `expires_in`, and the
+/// minimum the distribution spec allows.
+const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// A cached token is dropped this long before it expires.
+const TOKEN_EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+/// Token responses larger than this are refused.
+const MAX_TOKEN_RESPONSE: usize = 1 << 20;
+
+/// One parsed challenge of a `WWW-Authenticate` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// Lower-cased scheme: `bearer`, `basic`, ...
+    pub scheme: String,
+    /// Parameters, keys lower-cased.
+    pub params: HashMap<String, String>,
+}
+
+/// Parses every challenge in a `WWW-Authenticate` value (RFC 7235):
+/// `Bearer realm="https://a/token",service="reg",scope="repository:x:pull"`.
+/// Quoted values may contain commas and `\`-escapes.
+pub fn parse_www_authenticate(header: &str) -> Vec<Challenge> {
+    let s = header.as_bytes();
+    let mut i = 0;
+    let mut out: Vec<Challenge> = Vec::new();
+    let skip_ws = |i: &mut usize| {
+        while *i < s.len() && (s[*i] == b' ' || s[*i] == b'\t' || s[*i] == b',') {
+            *i += 1;
+        }
+    };
+    let token = |i: &mut usize| {
+        let start = *i;
+        while *i < s.len() && !b" \t,=\"".contains(&s[*i]) {
+            *i += 1;
+        }
+        header[start..*i].to_string()
+    };
+    loop {
+        skip_ws(&mut i);
+        if i >= s.len() {
+            break;
+        }
+        let word = token(&mut i);
+        if word.is_empty() {
+            i += 1;
+            continue;
+        }
+        // Look past spaces for '=': a parameter of the current challenge.
+        let mut j = i;
+        while j < s.len() && s[j] == b' ' {
+            j += 1;
+        }
+        if j < s.len() && s[j] == b'=' && !out.is_empty() {
+            i = j + 1;
+            while i < s.len() && s[i] == b' ' {
+                i += 1;
+            }
+            let value = if i < s.len() && s[i] == b'"' {
+                i += 1;
+                let mut v = String::new();
+                while i < s.len() && s[i] != b'"' {
+                    if s[i] == b'\\' && i + 1 < s.len() {
+                        i += 1;
+                    }
+                    let ch = header[i..].chars().next().unwrap_or(' ');
+                    v.push(ch);
+                    i += ch.len_utf8();
+                }
+                i += 1;
+                v
+            } else {
+                token(&mut i)
+            };
+            if let Some(c) = out.last_mut() {
+                c.params.insert(word.to_ascii_lowercase(), value);
+            }
+        } else {
+            out.push(Challenge {
+                scheme: word.to_ascii_lowercase(),
+                params: HashMap::new(),
+            });
+        }
+    }
+    out
+}
+
+/// The name credentials are filed under: Docker Hub's aliases become
+/// `docker.io`; scheme and path (`https://index.docker.io/v1/`) are dropped.
+pub fn normalize_host(key: &str) -> String {
+    let k = key
+        .trim()
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
+    let k = k.split('/').next().unwrap_or(k).to_ascii_lowercase();
+    match k.as_str() {
+        "index.docker.io" | DOCKER_HUB_HOST => DOCKER_HUB.to_string(),
+        _ => k,
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: HashMap<String, DockerAuth>,
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: HashMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct DockerAuth {
+    #[serde(default)]
+    auth: String,
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    identitytoken: String,
+}
+
+/// Reads Docker's `config.json` into credentials, in no particular order.
+///
+/// # Errors
+/// The file is unreadable (other than missing), not JSON, or has an `auth`
+/// field that is not base64 `user:password`.
+pub fn load_docker_config(path: &Path) -> Result<Vec<Credential>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let cfg: DockerConfig = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    if cfg.creds_store.is_some() || !cfg.cred_helpers.is_empty() {
+        tracing::debug!(path = %path.display(), "credential helpers are not supported; using only inline auths");
+    }
+    let mut out = Vec::new();
+    for (host, a) in cfg.auths {
+        let (mut username, mut password) = (a.username, a.password);
+        if !a.auth.is_empty() {
+            let raw = B64
+                .decode(a.auth.trim())
+                .map_err(|e| format!("auths.{host}.auth: not base64: {e}"))?;
+            let raw =
+                String::from_utf8(raw).map_err(|_| format!("auths.{host}.auth: not UTF-8"))?;
+            let (u, p) = raw
+                .split_once(':')
+                .ok_or_else(|| format!("auths.{host}.auth: not user:password"))?;
+            username = u.to_string();
+            password = p.to_string();
+        }
+        if username.is_empty() && password.is_empty() && a.identitytoken.is_empty() {
+            continue;
+        }
+        out.push(Credential {
+            host,
+            username,
+            password,
+            identity_token: a.identitytoken,
+        });
+    }
+    Ok(out)
+}
+
+/// A cached token.
+#[derive(Debug, Clone)]
+struct Token {
+    value: String,
+    expires: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    tokens: HashMap<(String, String), Token>,
+    basic_hosts: HashMap<String, ()>,
+}
+
+/// Credentials and cached authorizations of one `Registry`.
+#[derive(Debug)]
+pub(crate) struct Auth {
+    creds: Vec<(String, Credential)>,
+    state: Mutex<State>,
+    fetching: tokio::sync::Mutex<()>,
+    token_requests: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenResponse {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    access_token: String,
+    #[serde(default)]
+    expires_in: u64,
+}
+
+impl Auth {
+    /// `creds` in priority order (Shoal's own first).
+    pub fn new(creds: Vec<Credential>) -> Auth {
+        Auth {
+            creds: creds
+                .into_iter()
+                .map(|c| (normalize_host(&c.host), c))
+                .collect(),
+            state: Mutex::new(State::default()),
+            fetching: tokio::sync::Mutex::new(()),
+            token_requests: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Token requests made so far (for status and tests).
+    pub fn token_requests(&self) -> u64 {
+        self.token_requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn credential(&self, host: &str) -> Option<&Credential> {
+        let h = normalize_host(host);
+        self.creds.iter().find(|(k, _)| *k == h).map(|(_, c)| c)
+    }
+
+    fn basic_value(c: &Credential) -> String {
+        format!(
+            "Basic {}",
+            B64.encode(format!("{}:{}", c.username, c.password))
+        )
+    }
+
+    /// The `Authorization` value to send up front to `host` for `scope`, if
+    /// a token is cached or the host asked for Basic before.
+    pub fn cached(&self, host: &str, scope: &str) -> Option<String> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = state.tokens.get(&(host.to_string(), scope.to_string())) {
+            if Instant::now() < t.expires {
+                return Some(format!("Bearer {}", t.value));
+            }
+        }
+        if state.basic_hosts.contains_key(host) {
+            return self.credential(host).map(Self::basic_value);
+        }
+        None
+    }
+
+    /// Forgets `used` for (`host`, `scope`) after the host refused it.
+    pub fn invalidate(&self, host: &str, scope: &str, used: &str) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (host.to_string(), scope.to_string());
+        if state
+            .tokens
+            .get(&key)
+            .is_some_and(|t| used == format!("Bearer {}", t.value))
+        {
+            state.tokens.remove(&key);
+        }
+    }
+
+    /// Answers a 401 from `site.host`: returns the `Authorization` value to
+    /// retry with.
+    ///
+    /// # Errors
+    /// No usable challenge, no credentials for a Basic challenge, or the
+    /// token endpoint failing or refusing the credentials.
+    pub async fn answer(
+        &self,
+        client: &reqwest::Client,
+        site: &Site,
+        scope: &str,
+        challenges: &[Challenge],
+        timeout: Duration,
+    ) -> Result<String, RegistryError> {
+        let cred = self.credential(&site.host);
+        if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
+            let realm = c
+                .params
+                .get("realm")
+                .ok_or_else(|| site.auth("Bearer challenge without realm"))?;
+            let _one = self.fetching.lock().await;
+            if let Some(v) = self.cached(&site.host, scope) {
+                if v.starts_with("Bearer ") {
+                    return Ok(v);
+                }
+            }
+            let want_scope = c.params.get("scope").map_or(scope, String::as_str);
+            let service = c.params.get("service").map(String::as_str);
+            let token = self
+                .fetch_token(client, site, realm, service, want_scope, cred, timeout)
+                .await?;
+            let value = format!("Bearer {}", token.value);
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state
+                .tokens
+                .insert((site.host.clone(), scope.to_string()), token);
+            return Ok(value);
+        }
+        if challenges.iter().any(|c| c.scheme == "basic") {
+            let c = cred.filter(|c| !c.username.is_empty()).ok_or_else(|| {
+                site.auth(format!(
+                    "registry asks for Basic auth and no username/password is configured for {}",
+                    site.host
+                ))
+            })?;
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.basic_hosts.insert(site.host.clone(), ());
+            return Ok(Self::basic_value(c));
+        }
+        Err(site.auth(if challenges.is_empty() {
+            "HTTP 401 without a WWW-Authenticate challenge".to_string()
+        } else {
+            format!("unsupported challenge scheme {:?}", challenges[0].scheme)
+        }))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_token(
+        &self,
+        client: &reqwest::Client,
+        site: &Site,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+        cred: Option<&Credential>,
+        timeout: Duration,
+    ) -> Result<Token, RegistryError> {
+        let mut url = reqwest::Url::parse(realm)
+            .map_err(|e| site.auth(format!("invalid token realm {realm:?}: {e}")))?;
+        self.token_requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = Instant::now();
+        let req = match cred {
+            Some(c) if !c.identity_token.is_empty() => {
+                let mut form = reqwest::Url::parse("x:/").expect("static URL");
+                {
+                    let mut q = form.query_pairs_mut();
+                    q.append_pair("grant_type", "refresh_token")
+                        .append_pair("refresh_token", &c.identity_token)
+                        .append_pair("client_id", "shoal");
+                    if let Some(s) = service {
+                        q.append_pair("service", s);
+                    }
+                    for s in scope.split_whitespace() {
+                        q.append_pair("scope", s);
+                    }
+                }
+                client
+                    .post(url)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(form.query().unwrap_or("").to_string())
+            }
+            _ => {
+                {
+                    let mut q = url.query_pairs_mut();
+                    if let Some(s) = service {
+                        q.append_pair("service", s);
+                    }
+                    for s in scope.split_whitespace() {
+                        q.append_pair("scope", s);
+                    }
+                    if let Some(c) = cred.filter(|c| !c.username.is_empty()) {
+                        q.append_pair("account", &c.username);
+                    }
+                }
+                let req = client.get(url);
+                match cred.filter(|c| !c.username.is_empty()) {
+                    Some(c) => req.basic_auth(&c.username, Some(&c.password)),
+                    None => req,
+                }
+            }
+        };
+        let resp = tokio::time::timeout(timeout, req.send())
+            .await
+            .map_err(|_| site.timeout(timeout, "the token endpoint"))?
+            .map_err(|e| site.auth(format!("token endpoint {realm}: {}", error_chain(&e))))?;
+        let status = resp.status().as_u16();
+        let body = tokio::time::timeout(timeout, resp.bytes())
+            .await
+            .map_err(|_| site.timeout(timeout, "the token endpoint"))?
+            .map_err(|e| site.auth(format!("token endpoint {realm}: {}", error_chain(&e))))?;
+        tracing::debug!(host = %site.host, realm, status, ms = started.elapsed().as_millis() as u64, "token request");
+        let who = cred.map_or("anonymous".to_string(), |c| {
+            format!("user {:?}", c.username)
+        });
+        if status >= 500 {
+            return Err(site.status(status, format!("token endpoint {realm}"), None));
+        }
+        if status == 401 || status == 403 {
+            return Err(site.auth(format!(
+                "token endpoint {realm} refused {who} (HTTP {status})"
+            )));
+        }
+        if !(200..300).contains(&status) || body.len() > MAX_TOKEN_RESPONSE {
+            return Err(site.auth(format!("token endpoint {realm} answered HTTP {status}")));
+        }
+        let t: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| site.auth(format!("token endpoint {realm}: bad JSON: {e}")))?;
+        let value = if t.token.is_empty() {
+            t.access_token
+        } else {
+            t.token
+        };
+        if value.is_empty() {
+            return Err(site.auth(format!("token endpoint {realm} returned no token")));
+        }
+        let life = Duration::from_secs(t.expires_in).max(MIN_TOKEN_LIFETIME);
+        Ok(Token {
+            value,
+            expires: started + life - TOKEN_EXPIRY_MARGIN,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_challenge_with_quoted_commas() {
+        let c = parse_www_authenticate(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull,push""#,
+        );
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].scheme, "bearer");
+        assert_eq!(c[0].params["realm"], "https://auth.docker.io/token");
+        assert_eq!(c[0].params["service"], "registry.docker.io");
+        assert_eq!(c[0].params["scope"], "repository:library/alpine:pull,push");
+    }
+
+    #[test]
+    fn basic_and_multiple_challenges() {
+        let c = parse_www_authenticate(r#"Basic realm="Registry Realm""#);
+        assert_eq!(c[0].scheme, "basic");
+        assert_eq!(c[0].params["realm"], "Registry Realm");
+        let c = parse_www_authenticate(
+            r#"Basic realm="x", Bearer realm="https://t/token", service=svc , error="invalid_token""#,
+        );
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[1].scheme, "bearer");
+        assert_eq!(c[1].params["service"], "svc");
+        assert_eq!(c[1].params["error"], "invalid_token");
+        let c = parse_www_authenticate(r#"Bearer realm="a\"b""#);
+        assert_eq!(c[0].params["realm"], "a\"b");
+        assert!(parse_www_authenticate("").is_empty());
+        assert_eq!(parse_www_authenticate("Negotiate")[0].scheme, "negotiate");
+    }
+
+    #[test]
+    fn hosts_normalise_for_credentials() {
+        assert_eq!(normalize_host("https://index.docker.io/v1/"), "docker.io");
+        assert_eq!(normalize_host("registry-1.docker.io"), "docker.io");
+        assert_eq!(normalize_host("http://127.0.0.1:5000"), "127.0.0.1:5000");
+        assert_eq!(normalize_host("Ghcr.io"), "ghcr.io");
+    }
+
+    #[test]
+    fn docker_config_forms() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        std::fs::write(
+            &p,
+            format!(
+                r#"{{"auths":{{"a.io":{{"auth":"{}"}},"b.io":{{"username":"u","password":"p"}},
+                "c.io":{{"identitytoken":"tok"}},"d.io":{{}}}},"credsStore":"desktop"}}"#,
+                B64.encode("alice:s3:cret")
+            ),
+        )
+        .unwrap();
+        let mut creds = load_docker_config(&p).unwrap();
+        creds.sort_by(|a, b| a.host.cmp(&b.host));
+        assert_eq!(creds.len(), 3);
+        assert_eq!(
+            (creds[0].username.as_str(), creds[0].password.as_str()),
+            ("alice", "s3:cret")
+        );
+        assert_eq!(creds[1].password, "p");
+        assert_eq!(creds[2].identity_token, "tok");
+        assert!(load_docker_config(&dir.path().join("missing"))
+            .unwrap()
+            .is_empty());
+        std::fs::write(&p, r#"{"auths":{"a.io":{"auth":"!!"}}}"#).unwrap();
+        assert!(load_docker_config(&p).unwrap_err().contains("a.io"));
+    }
+
+    #[test]
+    fn shoal_credentials_win_over_later_ones() {
+        let c = |h: &str, u: &str| Credential {
+            host: h.into(),
+            username: u.into(),
+            password: "p".into(),
+            identity_token: String::new(),
+        };
+        let auth = Auth::new(vec![
+            c("docker.io", "first"),
+            c("https://index.docker.io/v1/", "second"),
+        ]);
+        assert_eq!(
+            auth.credential("registry-1.docker.io").unwrap().username,
+            "first"
+        );
+        assert!(auth.credential("mirror.local").is_none());
+    }
+}
