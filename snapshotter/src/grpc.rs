@@ -105,6 +105,7 @@ impl Snapshots for Service {
         req: Request<PrepareSnapshotRequest>,
     ) -> Result<Response<PrepareSnapshotResponse>, Status> {
         let r = req.into_inner();
+        debug!(key = %r.key, parent = %r.parent, labels = ?r.labels, "prepare");
         let mounts = self
             .run("prepare", r.key.clone(), move |sn| {
                 sn.create(

@@ -9,6 +9,11 @@ use anyhow::Context;
 use clap::Parser;
 use shoal::config::{Config, DEFAULT_ADDRESS, DEFAULT_CONFIG, DEFAULT_LOG_LEVEL, DEFAULT_ROOT};
 use shoal::overlay::Snapshotter;
+use shoal::registry::{Registry, RegistryConfig};
+use shoal::remote::fetch::Fetcher;
+use shoal::remote::layers::{RemoteConfig, RemoteLayers};
+use shoal::remote::registry_blobs::RegistryBlobs;
+use shoal::remote::store::ChunkStore;
 use shoal::server;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
@@ -82,6 +87,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// The remote-layer machinery: chunk store, fetcher, registry client. Touches
+/// no network: the daemon must start while registries are unreachable.
+fn remote_layers(config: &Config) -> anyhow::Result<RemoteLayers> {
+    let chunks = config.root.join("chunks");
+    let store = ChunkStore::open(&chunks, config.remote.memory_cache_bytes)
+        .with_context(|| format!("open chunk store {}", chunks.display()))?;
+    let registry = Registry::new(RegistryConfig::from_section(&config.registry))
+        .context("set up the registry client")?;
+    let cfg = RemoteConfig {
+        prefetch_timeout: std::time::Duration::from_secs(config.remote.prefetch_timeout_secs),
+        background_fetch: config.remote.background_fetch,
+        fuse_threads: config.remote.fuse_threads,
+    };
+    let tocs = config.root.join("tocs");
+    RemoteLayers::new(
+        tocs.clone(),
+        Arc::new(RegistryBlobs::new(registry)),
+        Arc::new(Fetcher::new(Arc::new(store))),
+        tokio::runtime::Handle::current(),
+        cfg,
+    )
+    .with_context(|| format!("create {}", tocs.display()))
+}
+
 fn run(config: Config) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -91,8 +120,14 @@ fn run(config: Config) -> anyhow::Result<()> {
     rt.block_on(async move {
         let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+        let remote = if config.remote.enable {
+            Some(remote_layers(&config)?)
+        } else {
+            info!("remote layers disabled: every layer is pulled and unpacked by containerd");
+            None
+        };
         let root = config.root.clone();
-        let sn = tokio::task::spawn_blocking(move || Snapshotter::open(&root))
+        let sn = tokio::task::spawn_blocking(move || Snapshotter::open_with_remote(&root, remote))
             .await?
             .with_context(|| format!("open snapshotter root {}", config.root.display()))?;
         let listener = server::bind(&config.address)?;

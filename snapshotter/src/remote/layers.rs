@@ -34,6 +34,11 @@ pub const LABEL_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
 pub const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 /// Layer digest (same clients).
 pub const LABEL_CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// Image reference as stargz-snapshotter 0.12's `ctr-remote image rpull`
+/// (Debian 12) labels it.
+pub const LABEL_STARGZ_REFERENCE: &str = "containerd.io/snapshot/remote/stargz.reference";
+/// Layer digest, same client.
+pub const LABEL_STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
 
 /// Access to layer blobs (the registry; later, peers in front of it).
 pub trait Blobs: Send + Sync {
@@ -120,6 +125,10 @@ pub struct Resolved {
 
 /// Finds a lazily mountable layer in Prepare labels: the target chain ID and
 /// where to fetch from. `None` means "not remote": a normal Prepare.
+///
+/// The image reference and layer digest come from the CRI labels or from the
+/// labels older `ctr-remote` versions set; without either, the layer is not
+/// remote (containerd pulls it normally).
 pub fn detect(labels: &BTreeMap<String, String>) -> Option<(String, RemoteRef)> {
     let get = |k: &str| labels.get(k).filter(|v| !v.is_empty()).cloned();
     let target = get(LABEL_TARGET)?;
@@ -127,8 +136,8 @@ pub fn detect(labels: &BTreeMap<String, String>) -> Option<(String, RemoteRef)> 
     Some((
         target,
         RemoteRef {
-            image_ref: get(LABEL_CRI_IMAGE_REF)?,
-            layer_digest: get(LABEL_CRI_LAYER_DIGEST)?,
+            image_ref: get(LABEL_CRI_IMAGE_REF).or_else(|| get(LABEL_STARGZ_REFERENCE))?,
+            layer_digest: get(LABEL_CRI_LAYER_DIGEST).or_else(|| get(LABEL_STARGZ_DIGEST))?,
             toc_digest,
         },
     ))

@@ -6,6 +6,7 @@
 //! - [`store`]: the content-addressed store of verified chunks.
 //! - [`layers`]: detection in Prepare labels, TOC resolution, mounts,
 //!   prefetch and background fetch.
+//! - [`registry_blobs`]: layer blobs from registries.
 //! - [`layer`]: a mounted layer: FUSE reads → store or fetch.
 //! - [`fetch`]: merged Range fetches, decompression, verification, single
 //!   flight.
@@ -13,5 +14,6 @@
 pub mod fetch;
 pub mod layer;
 pub mod layers;
+pub mod registry_blobs;
 pub mod store;
 pub mod toc;

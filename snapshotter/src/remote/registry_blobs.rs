@@ -1,0 +1,71 @@
+//! [`Blobs`] backed by the registry client: layer bytes by HTTP Range
+//! requests to the registry (through its mirrors, auth and redirects).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::fetch::{BoxFuture, RangeSource};
+use super::layers::Blobs;
+use crate::metadata::RemoteRef;
+use crate::registry::{Reference, Registry};
+
+/// Layer blobs from registries.
+pub struct RegistryBlobs {
+    registry: Registry,
+}
+
+impl RegistryBlobs {
+    /// Blobs fetched through `registry`.
+    pub fn new(registry: Registry) -> Self {
+        RegistryBlobs { registry }
+    }
+}
+
+struct BlobSource {
+    registry: Registry,
+    reference: Result<Reference, String>,
+    digest: String,
+}
+
+impl RangeSource for BlobSource {
+    fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, String>> {
+        Box::pin(async move {
+            let reference = self.reference.as_ref().map_err(Clone::clone)?;
+            self.registry
+                .fetch_range(reference, &self.digest, offset, len)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn name(&self) -> &str {
+        "registry"
+    }
+}
+
+fn reference(r: &RemoteRef) -> Result<Reference, String> {
+    r.image_ref
+        .parse::<Reference>()
+        .map_err(|e| format!("image reference {:?}: {e}", r.image_ref))
+}
+
+impl Blobs for RegistryBlobs {
+    fn source(&self, r: &RemoteRef) -> Arc<dyn RangeSource> {
+        Arc::new(BlobSource {
+            registry: self.registry.clone(),
+            reference: reference(r),
+            digest: r.layer_digest.clone(),
+        })
+    }
+
+    fn size<'a>(&'a self, r: &'a RemoteRef) -> BoxFuture<'a, Result<u64, String>> {
+        Box::pin(async move {
+            let reference = reference(r)?;
+            self.registry
+                .blob_size(&reference, &r.layer_digest)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
