@@ -6,6 +6,8 @@
 #   make unit         cargo test --workspace --release
 #   make conformance  containerd 1.6's snapshotter test suite against Shoal
 #   make e2e          real containerd + registry + images, Shoal vs overlayfs
+#   make bench        lazy-pull benchmark: Debian+python3 over a 100 Mbit/s link
+#                     (BENCH_ARGS="--rate 1gbit --runs 3" passes options)
 #   make deps         the Debian 12 packages the above need (root)
 #
 # Everything except `build` and `unit` runs as root on Debian 12.
@@ -17,6 +19,7 @@ CARGO ?= cargo
 SNAPSHOTTER := target/release/shoal-snapshotter
 
 .PHONY: all build unit test conformance e2e demo deps clean
+.PHONY: bench
 
 all: build
 
@@ -42,6 +45,9 @@ test: deps build
 
 demo:
 	scripts/demo.sh
+
+bench: build
+	tests/bench/lazy-pull.sh --no-build $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

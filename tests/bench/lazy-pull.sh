@@ -1,0 +1,550 @@
+#!/usr/bin/env bash
+# Shoal's lazy-pull benchmark (a program that prints figures, not a test that
+# passes or fails on timing). Needs root. Measures, from pull start to the
+# container's first line of output, `python3 -c "print('hello')"` in a
+# Debian bookworm + python3 image served by a registry behind a shaped link:
+#
+#   overlayfs  ctr image pull --plain-http REF (full pull of the gzip image),
+#              then ctr run --rm REF ...
+#   shoal      ctr-remote image rpull --plain-http --snapshotter shoal ESGZ_REF
+#              (the same image converted with ctr-remote image convert
+#              --estargz --oci), then ctr run --rm --snapshotter shoal ...
+#
+# and the bytes the registry sent for each (tx_bytes of the registry's side of
+# the veth). The last line is machine-readable:
+#
+#   bench: rate=100mbit overlayfs=14.1s shoal=1.2s ratio=0.085 overlayfs_bytes=N shoal_bytes=N image_bytes=N layer_bytes=N
+#
+# Usage: tests/bench/lazy-pull.sh [options]
+#   --rate RATE     link rate, tc syntax (default 100mbit)
+#   --burst SIZE    tbf burst, tc syntax (default: 10 ms worth of RATE, >=32kb)
+#   --runs N        measure each snapshotter N times, report the median (default 1)
+#   --only WHICH    overlayfs or shoal (default: both)
+#   --no-build      don't run cargo build --release --bins first
+#   --drop-caches   also drop the host page cache before each measurement
+#   --keep          keep the temp dir (logs) after the run
+#
+# The world (all removed at exit, by pid / by name made here):
+#   - network namespace shoalbench-$$ with a veth pair in a private /30 under
+#     10.213.0.0/16, a tbf qdisc on both ends; docker-registry listens inside
+#     the namespace on NS_IP:5000;
+#   - a private containerd (tests/e2e/lib.sh) with Shoal as proxy plugin;
+#   - shoal-snapshotter with a config file whose [registry] config_path holds
+#     a hosts.toml that says http:// for the registry; a fresh --root for
+#     every Shoal measurement.
+# Between measurements every image is removed with a synchronous GC, so each
+# one starts with empty content and snapshot stores.
+#
+# The image is built once and cached under $SHOAL_BENCH_CACHE (default
+# /var/cache/shoal-bench): debootstrap --variant=minbase --include=python3
+# bookworm (a few minutes the first time), packed as one gzip layer by umoci,
+# and its eStargz conversion. debootstrap leaves the downloaded .debs in
+# /var/cache/apt/archives; they stay in the image, which is how the 261 MB
+# figure in the design brief was measured (data a container never reads).
+set -euo pipefail
+umask 022
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+
+rate=100mbit
+burst=
+runs=1
+only=
+build=1
+drop_caches=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --rate) rate=${2:?--rate needs a value}; shift ;;
+    --rate=*) rate=${1#*=} ;;
+    --burst) burst=${2:?--burst needs a value}; shift ;;
+    --burst=*) burst=${1#*=} ;;
+    --runs) runs=${2:?--runs needs a value}; shift ;;
+    --runs=*) runs=${1#*=} ;;
+    --only) only=${2:?--only needs a value}; shift ;;
+    --only=*) only=${1#*=} ;;
+    --no-build) build=0 ;;
+    --drop-caches) drop_caches=1 ;;
+    --keep) export E2E_KEEP=1 ;;
+    -h | --help) sed -n '2,44p' "$0"; exit 0 ;;
+    *) echo "lazy-pull.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+case $only in "" | overlayfs | shoal) ;; *) echo "lazy-pull.sh: --only overlayfs|shoal" >&2; exit 2 ;; esac
+[[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "lazy-pull.sh: --runs must be a positive integer" >&2; exit 2; }
+
+CACHE=${SHOAL_BENCH_CACHE:-/var/cache/shoal-bench}
+SUITE=bookworm
+MIRROR=${SHOAL_BENCH_MIRROR:-http://deb.debian.org/debian}
+ROOTFS=$CACHE/rootfs-$SUITE-python3
+OCI=$CACHE/oci
+TAG=python3           # the gzip image in $OCI
+ESGZ_TAG=python3-esgz # its eStargz conversion in $OCI
+HELLO_CMD=(python3 -c "print('hello')")
+
+# Quiet e2e lib: our own messages say what failed.
+export E2E_CTR_TIMEOUT=${E2E_CTR_TIMEOUT:-1800}
+export E2E_SHOAL_BIN=${E2E_SHOAL_BIN:-$repo/target/release/shoal-snapshotter}
+# shellcheck source=tests/e2e/lib.sh
+source "$repo/tests/e2e/lib.sh"
+
+say() { printf 'bench: %s\n' "$*" >&2; }
+die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (netns, containerd, mounts)"
+
+# ---------------------------------------------------------------------------
+# Tools
+
+need_tools() {
+  local t missing=()
+  for t in debootstrap umoci skopeo ctr ctr-remote containerd docker-registry runc ip tc jq; do
+    command -v "$t" >/dev/null || missing+=("$t")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local pkgs=() p
+  for t in "${missing[@]}"; do
+    case $t in
+      ctr | containerd) p=containerd ;;
+      ctr-remote) p=stargz-snapshotter ;;
+      ip | tc) p=iproute2 ;;
+      *) p=$t ;;
+    esac
+    pkgs+=("$p")
+  done
+  say "installing ${pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null 2>&1 ||
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null; }
+}
+
+# ---------------------------------------------------------------------------
+# The image, cached
+
+build_rootfs() {
+  [ -f "$CACHE/rootfs.done" ] && [ -d "$ROOTFS" ] && return 0
+  say "building the Debian $SUITE + python3 root filesystem with debootstrap into $ROOTFS"
+  say "(the first build downloads ~100 MB from $MIRROR and takes a few minutes)"
+  rm -rf --one-file-system "$ROOTFS.partial" "$ROOTFS"
+  mkdir -p "$CACHE"
+  local start=$SECONDS
+  debootstrap --variant=minbase --include=python3 "$SUITE" "$ROOTFS.partial" "$MIRROR" 2>&1 |
+    stdbuf -oL awk '/^I: (Retrieving|Validating|Extracting|Installing|Configuring|Unpacking)/ { n++; if (n % 25) next }
+                    { print "  debootstrap: " $0; fflush() }' >&2
+  [ "${PIPESTATUS[0]}" = 0 ] || die "debootstrap failed"
+  chroot "$ROOTFS.partial" python3 -c 'pass' || die "python3 does not run in the new root filesystem"
+  mv "$ROOTFS.partial" "$ROOTFS"
+  touch "$CACHE/rootfs.done"
+  say "root filesystem ready in $((SECONDS - start))s: $(du -sh "$ROOTFS" | cut -f1)"
+}
+
+# build_oci: $OCI:$TAG, one gzip layer holding the whole root filesystem.
+build_oci() {
+  if [ -f "$CACHE/oci.done" ] && skopeo inspect --raw "oci:$OCI:$TAG" >/dev/null 2>&1; then
+    return 0
+  fi
+  say "packing the root filesystem into one gzip layer with umoci ($OCI:$TAG)"
+  rm -f "$CACHE/oci.done" "$CACHE/esgz.done"
+  rm -rf --one-file-system "$OCI" "$CACHE/bundle"
+  umoci init --layout "$OCI"
+  umoci new --image "$OCI:$TAG"
+  umoci config --image "$OCI:$TAG" \
+    --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    --config.env LANG=C.UTF-8 --config.cmd python3 --config.workingdir /
+  umoci unpack --image "$OCI:$TAG" "$CACHE/bundle"
+  cp -a "$ROOTFS/." "$CACHE/bundle/rootfs/"
+  umoci repack --history.comment "debootstrap --variant=minbase --include=python3 $SUITE" \
+    --image "$OCI:$TAG" "$CACHE/bundle"
+  rm -rf --one-file-system "$CACHE/bundle"
+  umoci gc --layout "$OCI"
+  touch "$CACHE/oci.done"
+}
+
+# manifest_of TAG: the image manifest JSON in the OCI layout.
+manifest_of() { skopeo inspect --raw "oci:$OCI:$1"; }
+
+# ---------------------------------------------------------------------------
+# Network: registry in its own namespace behind a shaped veth pair
+
+NETNS=shoalbench-$$
+VETH_HOST=sbh$$
+VETH_NS=sbn$$
+net_made=0
+
+# rate_bits RATE: tc rate (100mbit, 1gbit, 500kbit, 12mbps, 1000000) in bit/s.
+rate_bits() {
+  local v=${1,,} n unit
+  [[ $v =~ ^([0-9]+(\.[0-9]+)?)([a-z]*)$ ]] || die "cannot parse rate $1"
+  n=${BASH_REMATCH[1]} unit=${BASH_REMATCH[3]}
+  case $unit in
+    "" | bit) awk -v n="$n" 'BEGIN { printf "%d", n }' ;;
+    kbit) awk -v n="$n" 'BEGIN { printf "%d", n * 1000 }' ;;
+    mbit) awk -v n="$n" 'BEGIN { printf "%d", n * 1000000 }' ;;
+    gbit) awk -v n="$n" 'BEGIN { printf "%d", n * 1000000000 }' ;;
+    bps) awk -v n="$n" 'BEGIN { printf "%d", n * 8 }' ;;
+    kbps) awk -v n="$n" 'BEGIN { printf "%d", n * 8000 }' ;;
+    mbps) awk -v n="$n" 'BEGIN { printf "%d", n * 8000000 }' ;;
+    gbps) awk -v n="$n" 'BEGIN { printf "%d", n * 8000000000 }' ;;
+    *) die "unknown rate unit in $1 (use bit, kbit, mbit, gbit, bps, kbps, mbps, gbps)" ;;
+  esac
+}
+
+net_setup() {
+  # A /30 under 10.213.0.0/16 derived from our pid; refuse if it is in use.
+  local third=$((($$ / 64) % 256)) fourth=$((($$ % 64) * 4))
+  HOST_IP=10.213.$third.$((fourth + 1))
+  NS_IP=10.213.$third.$((fourth + 2))
+  if ip -4 -o addr show | grep -Eq "inet 10\.213\.$third\.($((fourth + 1))|$((fourth + 2)))/"; then
+    die "address $HOST_IP or $NS_IP is already in use"
+  fi
+  say "network: namespace $NETNS, veth $VETH_HOST ($HOST_IP) <-> $VETH_NS ($NS_IP), registry at $NS_IP:5000"
+  ip netns add "$NETNS"
+  net_made=1
+  ip link add "$VETH_HOST" type veth peer name "$VETH_NS" netns "$NETNS"
+  ip addr add "$HOST_IP/30" dev "$VETH_HOST"
+  ip link set "$VETH_HOST" up
+  ip -n "$NETNS" link set lo up
+  ip -n "$NETNS" addr add "$NS_IP/30" dev "$VETH_NS"
+  ip -n "$NETNS" link set "$VETH_NS" up
+}
+
+# net_shape: tbf on both ends (registry->host is the download direction; the
+# host side shapes requests and ACKs).
+net_shape() {
+  local bits b
+  bits=$(rate_bits "$rate")
+  if [ -z "$burst" ]; then
+    b=$((bits / 8 / 100)) # 10 ms at the rate
+    [ "$b" -ge 32768 ] || b=32768
+    burst=$b
+  fi
+  tc qdisc replace dev "$VETH_HOST" root tbf rate "$rate" burst "$burst" latency 50ms
+  ip netns exec "$NETNS" tc qdisc replace dev "$VETH_NS" root tbf rate "$rate" burst "$burst" latency 50ms
+  say "link shaped: tbf rate $rate burst $burst latency 50ms on both veth ends"
+}
+
+net_unshape() {
+  tc qdisc del dev "$VETH_HOST" root 2>/dev/null || true
+  ip netns exec "$NETNS" tc qdisc del dev "$VETH_NS" root 2>/dev/null || true
+}
+
+# registry_tx: bytes the registry's side of the veth has sent.
+registry_tx() { ip netns exec "$NETNS" cat "/sys/class/net/$VETH_NS/statistics/tx_bytes"; }
+
+net_teardown() {
+  [ "$net_made" = 1 ] || return 0
+  ip link del "$VETH_HOST" 2>/dev/null || true
+  ip netns del "$NETNS" 2>/dev/null || true
+  net_made=0
+}
+
+# ---------------------------------------------------------------------------
+# The world: registry (in the namespace), containerd, shoal-snapshotter
+
+bench_cleanup() {
+  local status=$1
+  if [ "$status" != 0 ]; then
+    for name in shoal containerd registry; do e2e_tail_log "$name" 30; done
+  fi
+  E2E_QUIET=1 e2e_cleanup "$status" || true
+  net_teardown
+  return "$status"
+}
+
+registry_up() {
+  (
+    exec 3<>"/dev/tcp/$NS_IP/5000" || exit 1
+    printf 'GET /v2/ HTTP/1.0\r\nHost: %s:5000\r\n\r\n' "$NS_IP" >&3
+    IFS= read -r -t 5 status <&3 || exit 1
+    case $status in *" 200 "*) exit 0 ;; *) exit 1 ;; esac
+  ) 2>/dev/null
+}
+
+start_registry() {
+  mkdir -p "$E2E_DIR/registry/data"
+  cat >"$E2E_DIR/registry/config.yml" <<EOF
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $E2E_DIR/registry/data
+  delete:
+    enabled: true
+http:
+  addr: $NS_IP:5000
+EOF
+  e2e_start registry ip netns exec "$NETNS" docker-registry serve "$E2E_DIR/registry/config.yml"
+  e2e_wait_for registry "HTTP on $NS_IP:5000" registry_up
+  REGISTRY=$NS_IP:5000
+}
+
+# The hosts.toml directory Shoal reads: plain HTTP for our registry.
+write_hosts_config() {
+  CERTS_D=$E2E_DIR/certs.d
+  mkdir -p "$CERTS_D/$REGISTRY"
+  cat >"$CERTS_D/$REGISTRY/hosts.toml" <<EOF
+server = "http://$REGISTRY"
+
+[host."http://$REGISTRY"]
+  capabilities = ["pull", "resolve"]
+EOF
+  cat >"$E2E_DIR/shoal.toml" <<EOF
+version = 1
+
+[registry]
+config_path = "$CERTS_D"
+EOF
+}
+
+shoal_generation=0
+SHOAL_ROOT=
+
+shoal_ready() { e2e_ctr snapshots --snapshotter shoal ls; }
+
+# restart_shoal: stop shoal-snapshotter (if running), start it on a new, empty
+# root, and wait until containerd reaches it.
+restart_shoal() {
+  e2e_stop_pid shoal
+  if [ -n "$SHOAL_ROOT" ]; then
+    e2e_unmount_all_under "$SHOAL_ROOT"
+    rm -rf --one-file-system "$SHOAL_ROOT" 2>/dev/null || true
+  fi
+  shoal_generation=$((shoal_generation + 1))
+  SHOAL_ROOT=$E2E_DIR/shoal-root-$shoal_generation
+  mkdir -p "$SHOAL_ROOT"
+  rm -f "$E2E_DIR/shoal.sock"
+  e2e_start shoal "$E2E_SHOAL_BIN" --config "$E2E_DIR/shoal.toml" --root "$SHOAL_ROOT" \
+    --address "$E2E_DIR/shoal.sock" --log-level "${SHOAL_BENCH_LOG_LEVEL:-info,shoal=debug}"
+  e2e_wait_for shoal "its socket $E2E_DIR/shoal.sock" e2e_sock_ready "$E2E_DIR/shoal.sock"
+  # containerd's proxy client reconnects with backoff.
+  e2e_wait_for shoal "containerd to reach it" shoal_ready
+}
+
+ctr_remote() {
+  timeout "$E2E_CTR_TIMEOUT" ctr-remote --address "$E2E_DIR/containerd.sock" --namespace "$E2E_NS" "$@"
+}
+
+# reset_caches: remove every image and container with a synchronous GC, so
+# the content store and every snapshotter are empty.
+reset_caches() {
+  local id img left
+  for id in $(e2e_ctr tasks ls -q 2>/dev/null); do
+    e2e_ctr tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
+    e2e_ctr tasks rm -f "$id" >/dev/null 2>&1 || true
+  done
+  for id in $(e2e_ctr containers ls -q 2>/dev/null); do
+    e2e_ctr containers rm "$id" >/dev/null 2>&1 || true
+  done
+  for img in $(e2e_ctr images ls -q 2>/dev/null); do
+    e2e_ctr images rm --sync "$img" >/dev/null
+  done
+  left=$(e2e_ctr content ls -q 2>/dev/null | wc -l)
+  [ "$left" = 0 ] || say "warning: $left blobs left in containerd's content store after GC"
+  left=$(e2e_ctr snapshots --snapshotter overlayfs ls 2>/dev/null | tail -n +2 | wc -l)
+  [ "$left" = 0 ] || say "warning: $left overlayfs snapshots left after GC"
+  if [ -n "$SHOAL_ROOT" ]; then
+    left=$(e2e_ctr snapshots --snapshotter shoal ls 2>/dev/null | tail -n +2 | wc -l)
+    [ "$left" = 0 ] || say "warning: $left shoal snapshots left after GC"
+  fi
+  if [ "$drop_caches" = 1 ]; then
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+  fi
+}
+
+# ---------------------------------------------------------------------------
+# Images in the registry
+
+push_images() {
+  say "pushing $TAG to $REGISTRY/bench/debian-python3:gzip"
+  skopeo --insecure-policy copy --quiet --dest-tls-verify=false \
+    "oci:$OCI:$TAG" "docker://$REGISTRY/bench/debian-python3:gzip" >/dev/null
+  REF=$REGISTRY/bench/debian-python3:gzip
+  ESGZ_REF=$REGISTRY/bench/debian-python3:esgz
+
+  local src_digest
+  src_digest=$(manifest_of "$TAG" | sha256sum | cut -d' ' -f1)
+  if [ -f "$CACHE/esgz.done" ] && [ "$(cat "$CACHE/esgz.done")" = "$src_digest" ] &&
+    skopeo inspect --raw "oci:$OCI:$ESGZ_TAG" >/dev/null 2>&1; then
+    say "pushing the cached eStargz conversion to $ESGZ_REF"
+    skopeo --insecure-policy copy --quiet --dest-tls-verify=false \
+      "oci:$OCI:$ESGZ_TAG" "docker://$ESGZ_REF" >/dev/null
+  else
+    say "converting with ctr-remote image convert --estargz --oci (cached afterwards)"
+    local start=$SECONDS
+    e2e_ctr images pull --plain-http "$REF" >/dev/null
+    ctr_remote image convert --estargz --oci "$REF" "$ESGZ_REF" >/dev/null
+    e2e_ctr images push --plain-http "$ESGZ_REF" >/dev/null
+    rm -f "$CACHE/esgz.done"
+    skopeo --insecure-policy copy --quiet --src-tls-verify=false \
+      "docker://$ESGZ_REF" "oci:$OCI:$ESGZ_TAG" >/dev/null
+    echo "$src_digest" >"$CACHE/esgz.done"
+    say "converted in $((SECONDS - start))s"
+  fi
+  manifest_of "$ESGZ_TAG" | jq -e '.layers[0].annotations["containerd.io/snapshot/stargz/toc.digest"]' >/dev/null ||
+    die "the eStargz image has no containerd.io/snapshot/stargz/toc.digest annotation"
+}
+
+# image_sizes: IMAGE_BYTES (uncompressed), LAYER_BYTES (gzip), ESGZ_LAYER_BYTES.
+image_sizes() {
+  LAYER_BYTES=$(manifest_of "$TAG" | jq '[.layers[].size] | add')
+  ESGZ_LAYER_BYTES=$(manifest_of "$ESGZ_TAG" | jq '[.layers[].size] | add')
+  IMAGE_BYTES=$(manifest_of "$ESGZ_TAG" |
+    jq '[.layers[].annotations["io.containerd.estargz.uncompressed-size"] // "0" | tonumber] | add')
+  if [ "$IMAGE_BYTES" = 0 ]; then
+    IMAGE_BYTES=$(du -sb --apparent-size "$ROOTFS" | cut -f1)
+  fi
+}
+
+mb() { awk -v b="$1" 'BEGIN { printf "%.1f MB", b / 1e6 }'; }
+
+# ---------------------------------------------------------------------------
+# One measurement
+
+# measure NAME PULL-CMD... : runs PULL-CMD, then the container; sets T_HELLO
+# (seconds from pull start to "hello"), T_PULL, BYTES_HELLO (registry tx
+# bytes by then) and BYTES_END (after the container exited).
+measure() {
+  local name=$1
+  shift
+  local run_args=()
+  [ "$name" = shoal ] && run_args=(--snapshotter shoal)
+  local ref=$REF
+  [ "$name" = shoal ] && ref=$ESGZ_REF
+  local id=bench-$name-$RANDOM
+  local marks=$E2E_DIR/$name.marks
+  local tx0 t0 t1
+  : >"$marks"
+  tx0=$(registry_tx)
+  t0=$EPOCHREALTIME
+  if ! "$@" "$ref" >"$E2E_DIR/logs/$name-pull.log" 2>&1; then
+    tail -n 20 "$E2E_DIR/logs/$name-pull.log" >&2
+    say "$name: pull failed"
+    return 1
+  fi
+  t1=$EPOCHREALTIME
+  # The first "hello" line is stamped as it arrives.
+  if ! e2e_ctr run --rm "${run_args[@]}" "$ref" "$id" "${HELLO_CMD[@]}" 2>"$E2E_DIR/logs/$name-run.log" |
+    while IFS= read -r line; do
+      if [ "$line" = hello ] && [ ! -s "$marks" ]; then
+        printf '%s %s\n' "$EPOCHREALTIME" "$(registry_tx)" >"$marks"
+      fi
+      printf '%s\n' "$line" >>"$E2E_DIR/logs/$name-run.log"
+    done; then
+    tail -n 20 "$E2E_DIR/logs/$name-run.log" >&2
+    say "$name: ctr run failed"
+    return 1
+  fi
+  [ -s "$marks" ] || { tail -n 20 "$E2E_DIR/logs/$name-run.log" >&2; say "$name: the container never printed hello"; return 1; }
+  local t_hello tx_hello
+  read -r t_hello tx_hello <"$marks"
+  T_PULL=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+  T_HELLO=$(awk -v a="$t0" -v b="$t_hello" 'BEGIN { printf "%.2f", b - a }')
+  BYTES_HELLO=$((tx_hello - tx0))
+  BYTES_END=$(($(registry_tx) - tx0))
+  say "$name: hello after ${T_HELLO}s (pull ${T_PULL}s), registry sent $(mb "$BYTES_HELLO") by then, $(mb "$BYTES_END") by container exit"
+}
+
+median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.2f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+
+# ---------------------------------------------------------------------------
+# Main
+
+need_tools
+if [ "$build" = 1 ] && [ "$only" != overlayfs ]; then
+  say "cargo build --release --bins"
+  (cd "$repo" && PATH="$HOME/.cargo/bin:$PATH" cargo build --release --bins) || die "cargo build failed"
+fi
+if [ "$only" = overlayfs ]; then
+  E2E_SHOAL_BIN=
+else
+  [ -x "$E2E_SHOAL_BIN" ] || die "shoal-snapshotter not found at $E2E_SHOAL_BIN (run: cargo build --release --bins)"
+fi
+
+build_rootfs
+build_oci
+
+E2E_DIR=$(mktemp -d "${TMPDIR:-/tmp}/shoal-bench.XXXXXX")
+E2E_NS=${E2E_NS:-shoal-bench-$(basename "$E2E_DIR" | cut -d. -f2 | tr 'A-Z' 'a-z')}
+export E2E_DIR E2E_NS
+mkdir -p "$E2E_DIR/logs"
+trap 'bench_cleanup "$?"; exit "$?"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+say "world in $E2E_DIR (containerd namespace $E2E_NS)"
+
+net_setup
+start_registry
+write_hosts_config
+# containerd's proxy plugin dials $E2E_DIR/shoal.sock lazily; Shoal starts
+# (fresh) before each of its measurements.
+e2e_start_containerd
+push_images
+image_sizes
+say "image: $(mb "$IMAGE_BYTES") uncompressed; gzip layer $(mb "$LAYER_BYTES"); eStargz layer $(mb "$ESGZ_LAYER_BYTES")"
+reset_caches
+net_shape
+
+snapshotters=(overlayfs shoal)
+[ -z "$only" ] || snapshotters=("$only")
+declare -A times=() bytes=()
+for i in $(seq 1 "$runs"); do
+  for sn in "${snapshotters[@]}"; do
+    reset_caches
+    [ "$runs" = 1 ] || say "run $i/$runs: $sn"
+    case $sn in
+      overlayfs)
+        measure overlayfs e2e_ctr images pull --plain-http || die "overlayfs measurement failed"
+        ;;
+      shoal)
+        restart_shoal
+        if ! measure shoal ctr_remote image rpull --plain-http --hosts-dir "$CERTS_D" --snapshotter shoal; then
+          e2e_tail_log shoal 40
+          die "shoal measurement failed (logs in $E2E_DIR/logs; rerun with --keep to keep them)"
+        fi
+        if [ -x "$repo/target/release/shoal" ]; then
+          "$repo/target/release/shoal" status --address "$E2E_DIR/shoal.sock" 2>&1 | sed 's/^/  shoal status: /' >&2 || true
+        fi
+        ;;
+    esac
+    times[$sn]="${times[$sn]:-} $T_HELLO"
+    bytes[$sn]="${bytes[$sn]:-} $BYTES_HELLO"
+  done
+done
+reset_caches
+
+line="bench: rate=$rate"
+for sn in "${snapshotters[@]}"; do
+  # shellcheck disable=SC2086
+  t=$(median ${times[$sn]})
+  # shellcheck disable=SC2086
+  b=$(median ${bytes[$sn]} | awk '{ printf "%d", $1 }')
+  eval "med_$sn=\$t"
+  line+=" $sn=${t}s"
+  eval "bytes_$sn=\$b"
+done
+if [ -z "$only" ]; then
+  # shellcheck disable=SC2154
+  ratio=$(awk -v s="$med_shoal" -v o="$med_overlayfs" 'BEGIN { printf "%.3f", s / o }')
+  line+=" ratio=$ratio"
+fi
+for sn in "${snapshotters[@]}"; do
+  eval "line+=\" ${sn}_bytes=\$bytes_$sn\""
+done
+line+=" image_bytes=$IMAGE_BYTES layer_bytes=$LAYER_BYTES esgz_layer_bytes=$ESGZ_LAYER_BYTES runs=$runs"
+
+echo
+printf 'Debian %s + python3: %s uncompressed, one gzip layer of %s (eStargz: %s)\n' \
+  "$SUITE" "$(mb "$IMAGE_BYTES")" "$(mb "$LAYER_BYTES")" "$(mb "$ESGZ_LAYER_BYTES")"
+printf 'link: tbf %s; timed from pull start to the first "hello"\n' "$rate"
+for sn in "${snapshotters[@]}"; do
+  eval "t=\$med_$sn; b=\$bytes_$sn"
+  # shellcheck disable=SC2154
+  printf '  %-10s %8ss   registry sent %s   (runs:%s)\n' "$sn" "$t" "$(mb "$b")" "${times[$sn]}"
+done
+[ -z "$only" ] && printf '  shoal/overlayfs = %s\n' "$ratio"
+echo "$line"
