@@ -447,6 +447,14 @@ measure() {
   BYTES_HELLO=$((tx_hello - tx0))
   BYTES_END=$(($(registry_tx) - tx0))
   say "$name: hello after ${T_HELLO}s (pull ${T_PULL}s), registry sent $(mb "$BYTES_HELLO") by then, $(mb "$BYTES_END") by container exit"
+  # ctr's pull prints "elapsed: 10.6s" (the download) and then "done: 24.2s"
+  # (the unpack alone).
+  local dl up
+  dl=$(tr '\r' '\n' <"$E2E_DIR/logs/$name-pull.log" | sed -n 's/^elapsed: \([0-9.]*\)s.*/\1/p' | tail -n 1)
+  up=$(tr '\r' '\n' <"$E2E_DIR/logs/$name-pull.log" | sed -n 's/^done: \([0-9.]*\)\(m\?s\).*/\1\2/p' | tail -n 1)
+  if [ -n "$dl$up" ]; then
+    say "$name: ctr reports download ${dl:-?}s, unpack ${up:-?}"
+  fi
 }
 
 median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.2f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
@@ -476,6 +484,7 @@ trap 'bench_cleanup "$?"; exit "$?"' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 say "world in $E2E_DIR (containerd namespace $E2E_NS)"
+say "load average now: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs (unpacking is CPU-bound; a busy machine slows overlayfs)"
 
 net_setup
 start_registry
