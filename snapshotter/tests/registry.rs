@@ -333,11 +333,13 @@ async fn mirror_failover_from_dead_port_to_real_registry() {
     let certs = tempfile::tempdir().unwrap();
     let upstream = format!("upstream.invalid:{}", free_port());
     let (dead1, dead2) = (free_port(), free_port());
+    let empty = Fake::start(|_| Action::Send(response("404 Not Found", &[], b"{}"))).await;
     write_hosts(
         certs.path(),
         &upstream,
         &format!(
-            "server = \"http://127.0.0.1:{dead2}\"\n\n[host.\"http://127.0.0.1:{dead1}\"]\n  capabilities = [\"pull\", \"resolve\"]\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\"]\n",
+            "server = \"http://127.0.0.1:{dead2}\"\n\n[host.\"http://127.0.0.1:{dead1}\"]\n  capabilities = [\"pull\", \"resolve\"]\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\"]\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\"]\n",
+            empty.host(),
             reg.host()
         ),
     );
@@ -351,6 +353,7 @@ async fn mirror_failover_from_dead_port_to_real_registry() {
         order,
         [
             format!("127.0.0.1:{dead1}"),
+            empty.host(),
             reg.host(),
             format!("127.0.0.1:{dead2}")
         ]
@@ -362,6 +365,11 @@ async fn mirror_failover_from_dead_port_to_real_registry() {
         .unwrap();
     assert_eq!(&got[..], &data[1_000..3_000]);
     assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(
+        empty.requests().len(),
+        1,
+        "a mirror without the blob is asked once"
+    );
     // Tags only go to resolve hosts: the dead mirror and the dead server.
     let err = r.fetch_manifest(&reference).await.unwrap_err();
     assert!(matches!(err, RegistryError::Transport { .. }), "{err}");
@@ -375,6 +383,7 @@ struct Req {
     method: String,
     path: String,
     headers: Vec<(String, String)>,
+    body: String,
 }
 
 impl Req {
@@ -437,7 +446,8 @@ impl Fake {
                             Ok(n) => buf.extend_from_slice(&chunk[..n]),
                         }
                     }
-                    let text = String::from_utf8_lossy(&buf).to_string();
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let text = String::from_utf8_lossy(&buf[..end]).to_string();
                     let mut lines = text.split("\r\n");
                     let mut first = lines.next().unwrap_or("").split(' ');
                     let req = Req {
@@ -448,7 +458,20 @@ impl Fake {
                             .filter_map(|l| l.split_once(':'))
                             .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
                             .collect(),
+                        body: String::new(),
                     };
+                    let want = req
+                        .header("content-length")
+                        .map_or(0, |v| v.parse().unwrap());
+                    let mut body = buf[end..].to_vec();
+                    while body.len() < want {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => body.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let mut req = req;
+                    req.body = String::from_utf8_lossy(&body).to_string();
                     reqs.lock().unwrap().push(req.clone());
                     let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
                     maxf.fetch_max(now, Ordering::SeqCst);
@@ -833,4 +856,116 @@ async fn concurrency_is_bounded_per_registry() {
     }
     assert_eq!(fake.max_in_flight.load(Ordering::SeqCst), 2);
     assert_eq!(fake.in_flight.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn too_many_requests_waits_for_retry_after() {
+    let data = Arc::new(blob(100));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (d, c) = (data.clone(), calls.clone());
+    let fake = Fake::start(move |req| {
+        if c.fetch_add(1, Ordering::SeqCst) == 0 {
+            Action::Send(response(
+                "429 Too Many Requests",
+                &[("Retry-After", "1".into())],
+                b"",
+            ))
+        } else {
+            Action::Send(partial(req, &d))
+        }
+    })
+    .await;
+    let certs = tempfile::tempdir().unwrap();
+    let (r, reference) = fake_client(certs.path(), &fake, vec![]);
+    let started = Instant::now();
+    assert_eq!(
+        r.fetch_range(&reference, &digest_of(&data), 0, 100)
+            .await
+            .unwrap(),
+        data[..]
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn client_errors_are_not_retried() {
+    let fake = Fake::start(|_| {
+        Action::Send(response(
+            "403 Forbidden",
+            &[],
+            b"{\"errors\":[{\"code\":\"DENIED\"}]}",
+        ))
+    })
+    .await;
+    let certs = tempfile::tempdir().unwrap();
+    let (r, reference) = fake_client(certs.path(), &fake, vec![]);
+    let err = r
+        .fetch_range(&reference, &digest_of(b"x"), 0, 1)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("HTTP 403") && err.to_string().contains("DENIED"),
+        "{err}"
+    );
+    assert_eq!(fake.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn identity_token_uses_the_refresh_token_grant() {
+    let data = Arc::new(blob(64));
+    let port = Arc::new(AtomicUsize::new(0));
+    let (d, p) = (data.clone(), port.clone());
+    let fake = Fake::start(move |req| {
+        if req.path.starts_with("/oauth") {
+            if req.method == "POST"
+                && req.body.contains("grant_type=refresh_token")
+                && req.body.contains("refresh_token=id-tok-9")
+                && req.body.contains("scope=repository%3Atest%2Frepo%3Apull")
+            {
+                return Action::Send(response("200 OK", &[], br#"{"token":"t-9"}"#));
+            }
+            return Action::Send(response("401 Unauthorized", &[], b""));
+        }
+        if req.header("authorization") != Some("Bearer t-9") {
+            let realm = format!("http://127.0.0.1:{}/oauth", p.load(Ordering::SeqCst));
+            let challenge = format!(r#"Bearer realm="{realm}",service="svc""#);
+            return Action::Send(response(
+                "401 Unauthorized",
+                &[("WWW-Authenticate", challenge)],
+                b"",
+            ));
+        }
+        Action::Send(partial(req, &d))
+    })
+    .await;
+    port.store(fake.port as usize, Ordering::SeqCst);
+    let certs = tempfile::tempdir().unwrap();
+    let cred = Credential {
+        host: fake.host(),
+        identity_token: "id-tok-9".into(),
+        ..Credential::default()
+    };
+    let (r, reference) = fake_client(certs.path(), &fake, vec![cred]);
+    assert_eq!(
+        r.fetch_range(&reference, &digest_of(&data), 0, 64)
+            .await
+            .unwrap(),
+        data[..]
+    );
+
+    // A token endpoint that refuses gives an auth error naming it.
+    let (r, _) = fake_client(certs.path(), &fake, vec![]);
+    let err = r
+        .fetch_range(&reference, &digest_of(&data), 0, 64)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("authentication failed") && msg.contains("/oauth") && msg.contains("HTTP 401"),
+        "{msg}"
+    );
 }

@@ -1,10 +1,9 @@
 //! [`RegistryError`]: what went wrong talking to a registry, naming the host,
 //! repository and object (digest or tag) involved.
 //!
-//! Invariant: [`RegistryError::is_transient`] decides retries and failover;
-//! only connection trouble, timeouts, truncated bodies, 5xx, 408 and 429 are
-//! transient. 404 moves on to the next host but is not retried on the same
-//! one.
+//! Invariant: [`RegistryError::is_transient`] decides retries: only
+//! connection trouble, timeouts, truncated bodies, 5xx, 408 and 429 are
+//! transient. (Any error moves on to the next host; see `fetch`.)
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -152,11 +151,6 @@ impl RegistryError {
             }
             _ => false,
         }
-    }
-
-    /// Whether another host (mirror or server) may still have the object.
-    pub fn try_next_host(&self) -> bool {
-        self.is_transient() || matches!(self, RegistryError::NotFound { .. })
     }
 
     /// The server's `Retry-After`, if it sent one.

@@ -12,12 +12,15 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use reqwest::header::{HeaderMap, HeaderValue};
+use bytes::Bytes;
+use reqwest::header::HeaderMap;
 use reqwest::{Method, Response, StatusCode};
 use sha2::{Digest as _, Sha256};
 use tracing::{debug, instrument, warn};
 
+use super::body::{
+    content_length, header_str, hv, parse_content_range, read_body, read_to_end, status_error,
+};
 use super::error::{RegistryError, Site};
 use super::hosts::Capability;
 use super::reference::validate_digest;
@@ -31,8 +34,6 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 /// Redirect hops followed for one request.
 pub const MAX_REDIRECTS: usize = 10;
-/// Bytes of an error body kept for the error message.
-const ERROR_DETAIL_BYTES: usize = 512;
 
 /// Media types asked for when fetching a manifest, preferred first.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
@@ -219,17 +220,9 @@ impl Registry {
                             .zip(&done[i + 1..])
                             .find(|(_, d)| !**d)
                         {
-                            if e.try_next_host() {
-                                warn!(host = %host.spec.host, next = %next.0.spec.host, reason = %e, "registry host failed; trying the next host");
-                            }
+                            warn!(host = %host.spec.host, next = %next.0.spec.host, reason = %e, "registry host failed; trying the next host");
                         }
-                        let stop = !e.try_next_host();
                         errors[i] = Some(e);
-                        if stop {
-                            // Auth failures and bad requests are not a reason to ask a
-                            // different host; report this one.
-                            return Err(errors[i].take().expect("just set"));
-                        }
                     }
                 }
             }
@@ -517,133 +510,6 @@ impl Registry {
     }
 }
 
-fn hv(s: &str) -> HeaderValue {
-    HeaderValue::from_str(s).expect("header built from valid ASCII")
-}
-
-fn header_str(resp: &Response, name: &str) -> Option<String> {
-    resp.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-}
-
-/// `Content-Length` from the header itself (reqwest reports 0 for HEAD).
-fn content_length(resp: &Response) -> Option<u64> {
-    header_str(resp, "content-length").and_then(|v| v.trim().parse().ok())
-}
-
-/// `bytes a-b/total` (total may be `*`).
-pub(crate) fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
-    let rest = v.trim().strip_prefix("bytes")?.trim_start();
-    let (range, total) = rest.split_once('/')?;
-    let (a, b) = range.trim().split_once('-')?;
-    let (a, b): (u64, u64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
-    let total = match total.trim() {
-        "*" => None,
-        t => Some(t.parse().ok()?),
-    };
-    (a <= b).then_some((a, b, total))
-}
-
-fn parse_retry_after(resp: &Response) -> Option<Duration> {
-    header_str(resp, "retry-after")?
-        .trim()
-        .parse()
-        .ok()
-        .map(Duration::from_secs)
-}
-
-/// Turns a non-success response into an error, with the start of its body.
-async fn status_error(mut resp: Response, site: &Site, timeout: Duration) -> RegistryError {
-    let status = resp.status().as_u16();
-    let retry_after = parse_retry_after(&resp);
-    let mut detail = Vec::new();
-    while detail.len() < ERROR_DETAIL_BYTES {
-        match tokio::time::timeout(timeout, resp.chunk()).await {
-            Ok(Ok(Some(c))) => detail.extend_from_slice(&c),
-            _ => break,
-        }
-    }
-    detail.truncate(ERROR_DETAIL_BYTES);
-    let detail = String::from_utf8_lossy(&detail).trim().replace('\n', " ");
-    site.status(status, detail, retry_after)
-}
-
-/// Reads a body of unknown length, up to `limit` bytes.
-async fn read_to_end(
-    resp: &mut Response,
-    site: &Site,
-    timeout: Duration,
-    limit: u64,
-) -> Result<Bytes, RegistryError> {
-    let mut buf = BytesMut::new();
-    loop {
-        match tokio::time::timeout(timeout, resp.chunk()).await {
-            Err(_) => return Err(site.timeout(timeout, "body bytes")),
-            Ok(Err(e)) => {
-                debug!(host = %site.host, error = %super::error::error_chain(&e), "body ended with an error");
-                return Err(site.bad(format!("body broke off after {} bytes", buf.len())));
-            }
-            Ok(Ok(None)) => return Ok(buf.freeze()),
-            Ok(Ok(Some(c))) => {
-                if buf.len() as u64 + c.len() as u64 > limit {
-                    return Err(site.bad(format!("body exceeds {limit} bytes")));
-                }
-                buf.extend_from_slice(&c);
-            }
-        }
-    }
-}
-
-/// Reads `want` bytes after skipping `skip`, with `timeout` between chunks.
-/// With `exact`, a body longer than `skip + want` is an error; otherwise
-/// the rest is left unread (the connection is dropped).
-async fn read_body(
-    resp: &mut Response,
-    site: &Site,
-    timeout: Duration,
-    mut skip: u64,
-    want: u64,
-    exact: bool,
-) -> Result<Bytes, RegistryError> {
-    let cap = usize::try_from(want.min(MAX_MANIFEST_BYTES.max(16 << 20))).unwrap_or(0);
-    let mut buf = BytesMut::with_capacity(cap);
-    while (buf.len() as u64) < want {
-        let chunk = match tokio::time::timeout(timeout, resp.chunk()).await {
-            Err(_) => return Err(site.timeout(timeout, "body bytes")),
-            Ok(Err(e)) => {
-                debug!(host = %site.host, error = %super::error::error_chain(&e), "body ended with an error");
-                return Err(site.short(buf.len() as u64, want));
-            }
-            Ok(Ok(None)) => return Err(site.short(buf.len() as u64, want)),
-            Ok(Ok(Some(c))) => c,
-        };
-        let mut c = &chunk[..];
-        if skip > 0 {
-            let n = skip.min(c.len() as u64) as usize;
-            skip -= n as u64;
-            c = &c[n..];
-        }
-        let room = (want - buf.len() as u64) as usize;
-        if c.len() > room {
-            if exact {
-                return Err(site.bad(format!("body longer than the {want} bytes asked for")));
-            }
-            c = &c[..room];
-        }
-        buf.extend_from_slice(c);
-    }
-    if exact {
-        if let Ok(Ok(Some(c))) = tokio::time::timeout(timeout, resp.chunk()).await {
-            if !c.is_empty() {
-                return Err(site.bad(format!("body longer than the {want} bytes asked for")));
-            }
-        }
-    }
-    Ok(buf.freeze())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -665,17 +531,5 @@ mod tests {
         assert_eq!(backoff(1, 0.0), BACKOFF_BASE);
         assert_eq!(backoff(30, 1.0), BACKOFF_MAX);
         assert_eq!(backoff(2, 7.0), backoff(2, 1.0));
-    }
-
-    #[test]
-    fn content_range_parsing() {
-        assert_eq!(
-            parse_content_range("bytes 0-9/100"),
-            Some((0, 9, Some(100)))
-        );
-        assert_eq!(parse_content_range("bytes 5-5/*"), Some((5, 5, None)));
-        assert_eq!(parse_content_range("bytes 9-0/100"), None);
-        assert_eq!(parse_content_range("items 0-1/2"), None);
-        assert_eq!(parse_content_range("bytes */100"), None);
     }
 }

@@ -410,8 +410,8 @@ server = "https://registry.example.com"
                 "registry.example.com"
             ]
         );
-        assert_eq!(hosts[0].capabilities.allows(Capability::Pull), true);
-        assert_eq!(hosts[0].capabilities.allows(Capability::Resolve), false);
+        assert!(hosts[0].capabilities.allows(Capability::Pull));
+        assert!(!hosts[0].capabilities.allows(Capability::Resolve));
         assert_eq!(hosts[1].scheme, "http");
         assert_eq!(hosts[1].path, "/v2");
         assert!(hosts[1].capabilities.resolve && !hosts[1].capabilities.push);

@@ -8,19 +8,21 @@
 //! - [`auth`]: challenges, credentials, token cache.
 //! - `fetch`: the request loop (failover, retries, redirects, timeouts,
 //!   Range checks).
-//! - [`error`]: [`RegistryError`].
+//! - `body`: reading responses (lengths, ranges, chunk timeouts).
+//! - [`error`]: the error type, [`RegistryError`].
 //!
 //! # Behaviour
 //! - Hosts: `hosts.toml` mirrors in file order, then the server; only hosts
 //!   with `pull` serve blobs and manifests by digest, only `resolve` hosts
 //!   serve tags. Loopback registries without a hosts file are tried over
 //!   HTTPS (unverified) and fall back to plain HTTP, like containerd.
-//! - Failover and retries: connection errors, timeouts, truncated bodies,
-//!   5xx, 408 and 429 move on to the next host; after a round over all
-//!   hosts, the client waits ([`backoff`], or `Retry-After` for 429/503, up
-//!   to [`MAX_RETRY_AFTER`]) and starts another round, `retries` times. A 404
-//!   moves on to the next host but is not retried. Other 4xx end the
-//!   operation on that host.
+//! - Failover and retries: any failure moves on to the next host (a mirror
+//!   that lacks a blob, refuses us or answers wrongly must not stop the
+//!   pull). After a round over all hosts, the client waits ([`backoff`], or
+//!   `Retry-After` for 429/503, up to [`MAX_RETRY_AFTER`]) and starts another
+//!   round, `retries` times, with only the hosts whose failure was transient
+//!   (connection errors, timeouts, truncated bodies, 5xx, 408, 429). The
+//!   error returned is the last failing host's, normally the server's.
 //! - Timeouts: `request_timeout` bounds connecting plus waiting for the
 //!   response headers, and then *each gap* between body chunks. There is no
 //!   whole-transfer limit, so large ranges on slow links don't fail while
@@ -42,6 +44,7 @@
 //!   effect without a restart.
 
 pub mod auth;
+mod body;
 pub mod error;
 mod fetch;
 pub mod hosts;

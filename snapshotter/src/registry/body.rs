@@ -1,0 +1,169 @@
+//! Reading registry responses: headers that matter (`Content-Length`,
+//! `Content-Range`, `Retry-After`), error bodies, and bodies with a timeout
+//! between chunks.
+//!
+//! Invariant: [`read_body`] returns exactly the bytes asked for or an error;
+//! a body that ends early is [`RegistryError::ShortRead`].
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use reqwest::header::HeaderValue;
+use reqwest::Response;
+use tracing::debug;
+
+use super::error::{error_chain, RegistryError, Site};
+use super::MAX_MANIFEST_BYTES;
+
+/// Bytes of an error body kept for the error message.
+const ERROR_DETAIL_BYTES: usize = 512;
+/// Largest buffer reserved up front for a body (it grows past this).
+const MAX_PREALLOC: u64 = 16 << 20;
+
+pub(crate) fn hv(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).expect("header built from valid ASCII")
+}
+
+pub(crate) fn header_str(resp: &Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// `Content-Length` from the header itself (reqwest reports 0 for HEAD).
+pub(crate) fn content_length(resp: &Response) -> Option<u64> {
+    header_str(resp, "content-length").and_then(|v| v.trim().parse().ok())
+}
+
+/// `bytes a-b/total` (total may be `*`).
+pub(crate) fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let (a, b) = range.trim().split_once('-')?;
+    let (a, b): (u64, u64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    (a <= b).then_some((a, b, total))
+}
+
+pub(crate) fn parse_retry_after(resp: &Response) -> Option<Duration> {
+    header_str(resp, "retry-after")?
+        .trim()
+        .parse()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+/// Turns a non-success response into an error, with the start of its body.
+pub(crate) async fn status_error(
+    mut resp: Response,
+    site: &Site,
+    timeout: Duration,
+) -> RegistryError {
+    let status = resp.status().as_u16();
+    let retry_after = parse_retry_after(&resp);
+    let mut detail = Vec::new();
+    while detail.len() < ERROR_DETAIL_BYTES {
+        match tokio::time::timeout(timeout, resp.chunk()).await {
+            Ok(Ok(Some(c))) => detail.extend_from_slice(&c),
+            _ => break,
+        }
+    }
+    detail.truncate(ERROR_DETAIL_BYTES);
+    let detail = String::from_utf8_lossy(&detail).trim().replace('\n', " ");
+    site.status(status, detail, retry_after)
+}
+
+/// Reads a body of unknown length, up to `limit` bytes.
+pub(crate) async fn read_to_end(
+    resp: &mut Response,
+    site: &Site,
+    timeout: Duration,
+    limit: u64,
+) -> Result<Bytes, RegistryError> {
+    let mut buf = BytesMut::new();
+    loop {
+        match tokio::time::timeout(timeout, resp.chunk()).await {
+            Err(_) => return Err(site.timeout(timeout, "body bytes")),
+            Ok(Err(e)) => {
+                debug!(host = %site.host, error = %error_chain(&e), "body ended with an error");
+                return Err(site.bad(format!("body broke off after {} bytes", buf.len())));
+            }
+            Ok(Ok(None)) => return Ok(buf.freeze()),
+            Ok(Ok(Some(c))) => {
+                if buf.len() as u64 + c.len() as u64 > limit {
+                    return Err(site.bad(format!("body exceeds {limit} bytes")));
+                }
+                buf.extend_from_slice(&c);
+            }
+        }
+    }
+}
+
+/// Reads `want` bytes after skipping `skip`, with `timeout` between chunks.
+/// With `exact`, a body longer than `skip + want` is an error; otherwise
+/// the rest is left unread (the connection is dropped).
+pub(crate) async fn read_body(
+    resp: &mut Response,
+    site: &Site,
+    timeout: Duration,
+    mut skip: u64,
+    want: u64,
+    exact: bool,
+) -> Result<Bytes, RegistryError> {
+    let cap = usize::try_from(want.min(MAX_PREALLOC.max(MAX_MANIFEST_BYTES))).unwrap_or(0);
+    let mut buf = BytesMut::with_capacity(cap);
+    while (buf.len() as u64) < want {
+        let chunk = match tokio::time::timeout(timeout, resp.chunk()).await {
+            Err(_) => return Err(site.timeout(timeout, "body bytes")),
+            Ok(Err(e)) => {
+                debug!(host = %site.host, error = %error_chain(&e), "body ended with an error");
+                return Err(site.short(buf.len() as u64, want));
+            }
+            Ok(Ok(None)) => return Err(site.short(buf.len() as u64, want)),
+            Ok(Ok(Some(c))) => c,
+        };
+        let mut c = &chunk[..];
+        if skip > 0 {
+            let n = skip.min(c.len() as u64) as usize;
+            skip -= n as u64;
+            c = &c[n..];
+        }
+        let room = (want - buf.len() as u64) as usize;
+        if c.len() > room {
+            if exact {
+                return Err(site.bad(format!("body longer than the {want} bytes asked for")));
+            }
+            c = &c[..room];
+        }
+        buf.extend_from_slice(c);
+    }
+    if exact {
+        if let Ok(Ok(Some(c))) = tokio::time::timeout(timeout, resp.chunk()).await {
+            if !c.is_empty() {
+                return Err(site.bad(format!("body longer than the {want} bytes asked for")));
+            }
+        }
+    }
+    Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_parsing() {
+        assert_eq!(
+            parse_content_range("bytes 0-9/100"),
+            Some((0, 9, Some(100)))
+        );
+        assert_eq!(parse_content_range("bytes 5-5/*"), Some((5, 5, None)));
+        assert_eq!(parse_content_range("bytes 9-0/100"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+        assert_eq!(parse_content_range("bytes */100"), None);
+    }
+}
