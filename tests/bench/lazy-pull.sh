@@ -245,7 +245,7 @@ net_teardown() {
 bench_cleanup() {
   local status=$1
   if [ "$status" != 0 ]; then
-    for name in shoal containerd registry; do e2e_tail_log "$name" 30; done
+    for name in shoal containerd registry; do e2e_tail_log "$name" 12; done
   fi
   E2E_QUIET=1 e2e_cleanup "$status" || true
   net_teardown
@@ -303,7 +303,13 @@ EOF
 shoal_generation=0
 SHOAL_ROOT=
 
-shoal_ready() { e2e_ctr snapshots --snapshotter shoal ls; }
+# shoal_ready: containerd reaches Shoal. `snapshots ls` would not tell (it
+# reads containerd's own metadata); a Prepare goes through to the plugin.
+shoal_ready() {
+  local key=bench-probe-$RANDOM
+  E2E_CTR_TIMEOUT=10 e2e_ctr snapshots --snapshotter shoal prepare "$key" >/dev/null 2>&1 || return 1
+  E2E_CTR_TIMEOUT=10 e2e_ctr snapshots --snapshotter shoal rm "$key" >/dev/null 2>&1
+}
 
 # restart_shoal: stop shoal-snapshotter (if running), start it on a new, empty
 # root, and wait until containerd reaches it.
