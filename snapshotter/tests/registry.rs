@@ -70,12 +70,18 @@ fn write_hosts(certs: &Path, registry: &str, text: &str) {
 struct RealRegistry {
     child: Child,
     port: u16,
+    tls: bool,
     _dir: tempfile::TempDir,
 }
 
 impl RealRegistry {
     /// `htpasswd`: (user, password) for `auth: htpasswd`.
     fn start(htpasswd: Option<(&str, &str)>) -> RealRegistry {
+        Self::start_with(htpasswd, None)
+    }
+
+    /// `tls`: PEM certificate chain and key files to serve HTTPS with.
+    fn start_with(htpasswd: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> RealRegistry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut cfg = format!(
@@ -91,6 +97,13 @@ impl RealRegistry {
                 file.display()
             ));
         }
+        if let Some((cert, key)) = tls {
+            cfg.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ));
+        }
         std::fs::write(dir.path().join("config.yml"), cfg).unwrap();
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
         let child = Command::new("docker-registry")
@@ -103,6 +116,7 @@ impl RealRegistry {
         let reg = RealRegistry {
             child,
             port,
+            tls: tls.is_some(),
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(8);
@@ -118,12 +132,21 @@ impl RealRegistry {
     }
 
     fn base(&self) -> String {
-        format!("http://127.0.0.1:{}/v2", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}/v2", self.port)
+    }
+
+    /// A plain client for setting up fixtures.
+    fn http(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .tls_danger_accept_invalid_certs(true)
+            .build()
+            .unwrap()
     }
 
     /// Monolithic upload: POST for a session, PUT with `?digest=`.
     async fn push_blob(&self, repo: &str, data: &[u8], auth: Option<(&str, &str)>) -> String {
-        let http = reqwest::Client::new();
+        let http = self.http();
         let with_auth = |r: reqwest::RequestBuilder| match auth {
             Some((u, p)) => r.basic_auth(u, Some(p)),
             None => r,
@@ -151,7 +174,8 @@ impl RealRegistry {
     }
 
     async fn put_manifest(&self, repo: &str, tag: &str, media_type: &str, body: &[u8]) {
-        let resp = reqwest::Client::new()
+        let resp = self
+            .http()
             .put(format!("{}/{repo}/manifests/{tag}", self.base()))
             .header("content-type", media_type)
             .body(body.to_vec())
@@ -373,6 +397,85 @@ async fn mirror_failover_from_dead_port_to_real_registry() {
     // Tags only go to resolve hosts: the dead mirror and the dead server.
     let err = r.fetch_manifest(&reference).await.unwrap_err();
     assert!(matches!(err, RegistryError::Transport { .. }), "{err}");
+}
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it, as PEM
+/// files in `dir`: (ca.pem, server.pem, server.key).
+fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Shoal test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, leaf.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    (paths.0, paths.1, paths.2)
+}
+
+#[tokio::test]
+async fn real_registry_over_tls_with_ca_or_skip_verify() {
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_certs(pki.path());
+    let reg = RealRegistry::start_with(None, Some((&cert, &key)));
+    let data = blob(4_000);
+    let digest = reg.push_blob("tls/app", &data, None).await;
+    let reference: Reference = format!("{}/tls/app:v1", reg.host()).parse().unwrap();
+    let server = format!("server = \"https://{}\"\n", reg.host());
+    let with_hosts = |extra: &str| {
+        let certs = tempfile::tempdir().unwrap();
+        write_hosts(certs.path(), &reg.host(), &format!("{server}{extra}"));
+        let (h, p) = reg
+            .host()
+            .rsplit_once(':')
+            .map(|(h, p)| (h.to_string(), p.to_string()))
+            .unwrap();
+        std::fs::copy(&ca, certs.path().join(format!("{h}_{p}_/ca.pem"))).unwrap();
+        let r = client(certs.path(), None, vec![]);
+        (certs, r)
+    };
+
+    // The CA, as a path relative to the host directory and as a list.
+    for extra in ["ca = \"ca.pem\"\n", "ca = [\"ca.pem\"]\n"] {
+        let (_certs, r) = with_hosts(extra);
+        let got = r
+            .fetch_range(&reference, &digest, 1_000, 500)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &data[1_000..1_500], "{extra}");
+    }
+    let (_certs, r) = with_hosts("skip_verify = true\n");
+    assert_eq!(r.blob_size(&reference, &digest).await.unwrap(), 4_000);
+
+    // Neither: the certificate is refused, and the error says so.
+    let (_certs, r) = with_hosts("");
+    let err = r.fetch_range(&reference, &digest, 0, 10).await.unwrap_err();
+    assert!(matches!(err, RegistryError::Transport { .. }), "{err}");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+
+    // Without a hosts file a loopback registry gets HTTPS without
+    // verification, as containerd does.
+    let certs = tempfile::tempdir().unwrap();
+    let r = client(certs.path(), None, vec![]);
+    assert_eq!(
+        r.fetch_range(&reference, &digest, 0, 10).await.unwrap(),
+        data[..10]
+    );
 }
 
 // ---------------------------------------------------------------- fake servers
