@@ -526,4 +526,34 @@ mod tests {
         );
         assert!(auth.credential("mirror.local").is_none());
     }
+
+    #[test]
+    fn tokens_are_cached_per_host_and_scope_until_expiry() {
+        let auth = Auth::new(Vec::new());
+        let put = |host: &str, scope: &str, value: &str, expires: Instant| {
+            let mut st = auth.state.lock().unwrap();
+            st.tokens.insert(
+                (host.into(), scope.into()),
+                Token {
+                    value: value.into(),
+                    expires,
+                },
+            );
+        };
+        let later = Instant::now() + Duration::from_secs(60);
+        put("r.io", "repository:a:pull", "A", later);
+        put("r.io", "repository:old:pull", "OLD", Instant::now());
+        assert_eq!(
+            auth.cached("r.io", "repository:a:pull").as_deref(),
+            Some("Bearer A")
+        );
+        assert_eq!(auth.cached("r.io", "repository:b:pull"), None);
+        assert_eq!(auth.cached("m.io", "repository:a:pull"), None);
+        assert_eq!(auth.cached("r.io", "repository:old:pull"), None, "expired");
+        // Invalidation only drops the token that was refused.
+        auth.invalidate("r.io", "repository:a:pull", "Bearer STALE");
+        assert!(auth.cached("r.io", "repository:a:pull").is_some());
+        auth.invalidate("r.io", "repository:a:pull", "Bearer A");
+        assert_eq!(auth.cached("r.io", "repository:a:pull"), None);
+    }
 }

@@ -47,6 +47,18 @@ pub enum RegistryError {
         /// The underlying error, with its causes.
         reason: String,
     },
+    /// The server's certificate was refused (not retried: it won't change).
+    #[error("{host}/{repo}@{object}: TLS certificate refused (hosts.toml `ca` or `skip_verify`): {reason}")]
+    Certificate {
+        /// Host contacted.
+        host: String,
+        /// Repository.
+        repo: String,
+        /// Digest or tag.
+        object: String,
+        /// The verifier's complaint.
+        reason: String,
+    },
     /// No response headers, or no body bytes, within the request timeout.
     #[error("{host}/{repo}@{object}: timed out after {after:?} waiting for {waiting_for}")]
     Timeout {
@@ -172,11 +184,20 @@ pub(crate) struct Site {
 
 impl Site {
     pub fn transport(&self, err: &reqwest::Error) -> RegistryError {
+        let reason = error_chain(err);
+        if reason.contains("invalid peer certificate") {
+            return RegistryError::Certificate {
+                host: self.host.clone(),
+                repo: self.repo.clone(),
+                object: self.object.clone(),
+                reason,
+            };
+        }
         RegistryError::Transport {
             host: self.host.clone(),
             repo: self.repo.clone(),
             object: self.object.clone(),
-            reason: error_chain(err),
+            reason,
         }
     }
 
