@@ -3,7 +3,7 @@
 //! way containerd configures them.
 //!
 //! # Layout
-//! - [`reference`]: image references and Docker Hub normalisation.
+//! - [`mod@reference`]: image references and Docker Hub normalisation.
 //! - [`hosts`]: `certs.d/HOST/hosts.toml` (mirrors, capabilities, TLS).
 //! - [`auth`]: challenges, credentials, token cache.
 //! - `fetch`: the request loop (failover, retries, redirects, timeouts,
@@ -57,7 +57,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use error::RegistryError;
-pub use fetch::{backoff, MAX_REDIRECTS, MAX_RETRY_AFTER};
+pub use fetch::{
+    backoff, BACKOFF_BASE, BACKOFF_MAX, MANIFEST_ACCEPT, MAX_REDIRECTS, MAX_RETRY_AFTER,
+};
 pub use hosts::{Capability, HostSpec};
 pub use reference::Reference;
 
