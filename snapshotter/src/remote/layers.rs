@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use super::fetch::{BoxFuture, Fetcher, RangeSource};
 use super::layer::{compression_name, entries, LayerReader};
-use super::toc::{parse_footer, Footer, Toc, FOOTER_FETCH};
+use super::toc::{parse_digest, parse_footer, Footer, Toc, FOOTER_FETCH};
 use crate::metadata::{RemoteRef, Usage};
 
 /// Label containerd's unpacker sets to the layer's chain ID: the name the
@@ -182,32 +182,47 @@ impl RemoteLayers {
     /// # Errors
     /// A message saying why the layer cannot be mounted lazily.
     pub fn resolve(&self, r: &RemoteRef) -> Result<Resolved, String> {
+        // The digest comes with the image and names local files: it must be
+        // a digest, never a path.
+        if parse_digest(&r.toc_digest).is_none() {
+            return Err(format!(
+                "TOC digest {:?} is not a sha256 digest",
+                r.toc_digest
+            ));
+        }
         let (toc_path, footer_path) = self.toc_paths(&r.toc_digest);
         let local = fs::read(&footer_path).ok().and_then(|f| {
             let footer: Footer = serde_json::from_slice(&f).ok()?;
             Some((footer, fs::read(&toc_path).ok()?))
         });
+        let fetched = local.is_none();
         let (footer, compressed) = match local {
             Some(x) => x,
-            None => {
-                let (footer, compressed) = self.rt.block_on(self.fetch_toc(r))?;
-                let write = |p: &Path, b: &[u8]| -> std::io::Result<()> {
-                    let tmp = p.with_extension("tmp");
-                    fs::write(&tmp, b)?;
-                    fs::rename(&tmp, p)
-                };
-                // TOC first, footer last: a footer file means a complete pair.
-                if let Err(e) = write(&toc_path, &compressed)
-                    .and_then(|()| write(&footer_path, &serde_json::to_vec(&footer).unwrap()))
-                {
-                    warn!(layer = %r.layer_digest, error = %e, "cannot keep the TOC locally");
-                }
-                (footer, compressed)
-            }
+            None => self.rt.block_on(self.fetch_toc(r))?,
         };
         let toc = Toc::parse(&compressed, &footer, &r.toc_digest).map_err(|e| e.to_string())?;
+        // Only a verified TOC is kept: a bad copy would refuse the layer for good.
+        if fetched {
+            let write = |p: &Path, b: &[u8]| -> std::io::Result<()> {
+                let tmp = p.with_extension("tmp");
+                fs::write(&tmp, b)?;
+                fs::rename(&tmp, p)
+            };
+            // TOC first, footer last: a footer file means a complete pair.
+            if let Err(e) = write(&toc_path, &compressed)
+                .and_then(|()| write(&footer_path, &serde_json::to_vec(&footer).unwrap()))
+            {
+                warn!(layer = %r.layer_digest, error = %e, "cannot keep the TOC locally");
+            }
+        }
+        // File bytes only: a hostile TOC may put any size on other entries.
+        let size = toc
+            .entries
+            .iter()
+            .filter(|e| e.kind == "reg")
+            .fold(0u64, |sum, e| sum.saturating_add(e.size));
         let usage = Usage {
-            size: toc.entries.iter().map(|e| e.size as i64).sum(),
+            size: i64::try_from(size).unwrap_or(i64::MAX),
             inodes: toc.entries.len() as i64,
         };
         Ok(Resolved {

@@ -1,0 +1,144 @@
+//! Helpers shared by integration tests (`mod common;`).
+//!
+//! - [`estargz`]: a writer of eStargz / zstd:chunked blobs with editable TOCs.
+//! - [`MemBlob`]: one layer blob served from memory, as the registry would.
+//! - [`open_snapshotter`], [`labels`]: a [`Snapshotter`] with remote layers,
+//!   and the Prepare labels containerd's unpacker sends.
+//! - [`capture_logs`]: the log lines a closure emits on this thread, so a test
+//!   can assert *why* a layer fell back.
+
+#![allow(dead_code)] // each test crate uses a different subset
+
+pub mod estargz;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use shoal::metadata::RemoteRef;
+use shoal::overlay::Snapshotter;
+use shoal::remote::fetch::{BoxFuture, Fetcher, RangeSource};
+use shoal::remote::layers::{Blobs, RemoteConfig, RemoteLayers};
+use shoal::remote::store::ChunkStore;
+
+/// A layer blob in memory. Ranges past the end are an error, as a registry
+/// answers 416.
+pub struct MemBlob {
+    /// The blob.
+    pub bytes: Vec<u8>,
+    /// Range requests served.
+    pub requests: AtomicU64,
+}
+
+impl MemBlob {
+    /// A shared blob.
+    pub fn new(bytes: Vec<u8>) -> Arc<MemBlob> {
+        Arc::new(MemBlob {
+            bytes,
+            requests: AtomicU64::new(0),
+        })
+    }
+}
+
+impl RangeSource for MemBlob {
+    fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, String>> {
+        Box::pin(async move {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            let end = offset
+                .checked_add(len)
+                .filter(|&e| e <= self.bytes.len() as u64)
+                .ok_or_else(|| format!("range {offset}+{len} not satisfiable"))?;
+            Ok(Bytes::copy_from_slice(
+                &self.bytes[offset as usize..end as usize],
+            ))
+        })
+    }
+    fn name(&self) -> &str {
+        "mem-blob"
+    }
+}
+
+struct MemBlobs(Arc<MemBlob>);
+
+impl Blobs for MemBlobs {
+    fn source(&self, _r: &RemoteRef) -> Arc<dyn RangeSource> {
+        self.0.clone()
+    }
+    fn size<'a>(&'a self, _r: &'a RemoteRef) -> BoxFuture<'a, Result<u64, String>> {
+        Box::pin(async move { Ok(self.0.bytes.len() as u64) })
+    }
+}
+
+/// A snapshotter at `root` whose remote layers all come from `blob`.
+pub fn open_snapshotter(
+    root: &Path,
+    blob: Arc<MemBlob>,
+    rt: &tokio::runtime::Runtime,
+) -> Snapshotter {
+    let store = Arc::new(ChunkStore::open(&root.join("chunks"), 64 << 20).unwrap());
+    let remote = RemoteLayers::new(
+        root.join("tocs"),
+        Arc::new(MemBlobs(blob)),
+        Arc::new(Fetcher::new(store)),
+        rt.handle().clone(),
+        RemoteConfig {
+            prefetch_timeout: Duration::from_secs(5),
+            background_fetch: false,
+            fuse_threads: 2,
+        },
+    )
+    .unwrap();
+    Snapshotter::open_with_remote(root, Some(remote)).unwrap()
+}
+
+/// Labels of an unpack Prepare for a layer with TOC digest `toc` whose chain
+/// ID is `chain`.
+pub fn labels(toc: &str, chain: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("containerd.io/snapshot.ref".to_owned(), chain.to_owned()),
+        (
+            "containerd.io/snapshot/stargz/toc.digest".into(),
+            toc.into(),
+        ),
+        (
+            "containerd.io/snapshot/cri.image-ref".into(),
+            "127.0.0.1:5000/hostile:t".into(),
+        ),
+        (
+            "containerd.io/snapshot/cri.layer-digest".into(),
+            "sha256:hostile".into(),
+        ),
+    ])
+}
+
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs `f` with a subscriber on this thread that records every event at
+/// INFO or above; returns `f`'s result and the log text.
+pub fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
+    let sink = Sink::default();
+    let writer = sink.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let out = tracing::subscriber::with_default(sub, f);
+    let text = String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned();
+    (out, text)
+}
