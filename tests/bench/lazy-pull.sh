@@ -13,7 +13,13 @@
 # and the bytes the registry sent for each (tx_bytes of the registry's side of
 # the veth). The last line is machine-readable:
 #
-#   bench: rate=100mbit overlayfs=14.1s shoal=1.2s ratio=0.085 overlayfs_bytes=N shoal_bytes=N image_bytes=N layer_bytes=N
+#   bench: rate=100mbit overlayfs=14.1s shoal=1.2s ratio=0.085 overlayfs_bytes=N shoal_bytes=N
+#          overlayfs_http_bytes=N shoal_http_bytes=N overlayfs_warm=0.3s shoal_warm=0.4s
+#          image_bytes=N layer_bytes=N esgz_layer_bytes=N runs=1   (one line)
+#
+# *_bytes: what the registry side of the veth sent (tx_bytes, headers
+# included) by the first "hello"; *_http_bytes: response bodies in the
+# registry access log by then; *_warm: a second run of the now-local image.
 #
 # Usage: tests/bench/lazy-pull.sh [options]
 #   --rate RATE     link rate, tc syntax (default 100mbit)
@@ -66,7 +72,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0 ;;
     --drop-caches) drop_caches=1 ;;
     --keep) export E2E_KEEP=1 ;;
-    -h | --help) sed -n '2,44p' "$0"; exit 0 ;;
+    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "lazy-pull.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -268,7 +274,7 @@ version: 0.1
 log:
   level: warn
   accesslog:
-    disabled: true
+    disabled: false # combined log format on stdout: response bytes per request
 storage:
   filesystem:
     rootdirectory: $E2E_DIR/registry/data
@@ -411,33 +417,27 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.1f MB", b / 1e6 }'; }
 # ---------------------------------------------------------------------------
 # One measurement
 
-# measure NAME PULL-CMD... : runs PULL-CMD, then the container; sets T_HELLO
-# (seconds from pull start to "hello"), T_PULL, BYTES_HELLO (registry tx
-# bytes by then) and BYTES_END (after the container exited).
-measure() {
-  local name=$1
-  shift
-  local run_args=()
+# registry_log_lines: lines in the registry's log so far.
+registry_log_lines() { wc -l <"$E2E_DIR/logs/registry.log"; }
+
+# http_bytes FROM TO: response body bytes in the registry's access log lines
+# FROM+1..TO (combined log format: "GET /v2/... HTTP/1.1" 200 BYTES ...).
+http_bytes() {
+  sed -n "$(($1 + 1)),$2p" "$E2E_DIR/logs/registry.log" |
+    awk 'match($0, /" [0-9][0-9][0-9] [0-9]+ "/) { split(substr($0, RSTART + 2, RLENGTH - 3), f, " "); n += f[2] }
+         END { printf "%d", n }'
+}
+
+# run_hello NAME REF MARKS: ctr run --rm the hello command; the first "hello"
+# line is stamped into MARKS as "EPOCHREALTIME TX_BYTES LOG_LINES".
+run_hello() {
+  local name=$1 ref=$2 marks=$3 run_args=()
   [ "$name" = shoal ] && run_args=(--snapshotter shoal)
-  local ref=$REF
-  [ "$name" = shoal ] && ref=$ESGZ_REF
-  local id=bench-$name-$RANDOM
-  local marks=$E2E_DIR/$name.marks
-  local tx0 t0 t1
   : >"$marks"
-  tx0=$(registry_tx)
-  t0=$EPOCHREALTIME
-  if ! "$@" "$ref" >"$E2E_DIR/logs/$name-pull.log" 2>&1; then
-    tail -n 20 "$E2E_DIR/logs/$name-pull.log" >&2
-    say "$name: pull failed"
-    return 1
-  fi
-  t1=$EPOCHREALTIME
-  # The first "hello" line is stamped as it arrives.
-  if ! e2e_ctr run --rm "${run_args[@]}" "$ref" "$id" "${HELLO_CMD[@]}" 2>"$E2E_DIR/logs/$name-run.log" |
+  if ! e2e_ctr run --rm "${run_args[@]}" "$ref" "bench-$name-$RANDOM" "${HELLO_CMD[@]}" 2>>"$E2E_DIR/logs/$name-run.log" |
     while IFS= read -r line; do
       if [ "$line" = hello ] && [ ! -s "$marks" ]; then
-        printf '%s %s\n' "$EPOCHREALTIME" "$(registry_tx)" >"$marks"
+        printf '%s %s %s\n' "$EPOCHREALTIME" "$(registry_tx)" "$(registry_log_lines)" >"$marks"
       fi
       printf '%s\n' "$line" >>"$E2E_DIR/logs/$name-run.log"
     done; then
@@ -446,21 +446,54 @@ measure() {
     return 1
   fi
   [ -s "$marks" ] || { tail -n 20 "$E2E_DIR/logs/$name-run.log" >&2; say "$name: the container never printed hello"; return 1; }
-  local t_hello tx_hello
-  read -r t_hello tx_hello <"$marks"
+}
+
+# measure NAME PULL-CMD... : runs PULL-CMD REF, then the container; sets
+# T_HELLO (seconds from pull start to "hello"), T_PULL, BYTES_HELLO (wire
+# bytes the registry's veth sent by then, headers included), HTTP_HELLO
+# (response bytes in the registry's access log by then), BYTES_END (wire
+# bytes by the container's exit) and T_WARM (a second run of the same,
+# now local, image: start to "hello", the container start cost alone).
+measure() {
+  local name=$1
+  shift
+  local ref=$REF
+  [ "$name" = shoal ] && ref=$ESGZ_REF
+  local marks=$E2E_DIR/$name.marks
+  local tx0 log0 t0 t1
+  tx0=$(registry_tx)
+  log0=$(registry_log_lines)
+  t0=$EPOCHREALTIME
+  if ! "$@" "$ref" >"$E2E_DIR/logs/$name-pull.log" 2>&1; then
+    tail -n 20 "$E2E_DIR/logs/$name-pull.log" >&2
+    say "$name: pull failed"
+    return 1
+  fi
+  t1=$EPOCHREALTIME
+  run_hello "$name" "$ref" "$marks" || return 1
+  local t_hello tx_hello log_hello
+  read -r t_hello tx_hello log_hello <"$marks"
   T_PULL=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
   T_HELLO=$(awk -v a="$t0" -v b="$t_hello" 'BEGIN { printf "%.2f", b - a }')
   BYTES_HELLO=$((tx_hello - tx0))
+  HTTP_HELLO=$(http_bytes "$log0" "$log_hello")
   BYTES_END=$(($(registry_tx) - tx0))
-  say "$name: hello after ${T_HELLO}s (pull ${T_PULL}s), registry sent $(mb "$BYTES_HELLO") by then, $(mb "$BYTES_END") by container exit"
+  say "$name: hello after ${T_HELLO}s (pull ${T_PULL}s); registry sent $(mb "$BYTES_HELLO") on the wire ($(mb "$HTTP_HELLO") of HTTP bodies) by then, $(mb "$BYTES_END") by container exit"
   # ctr's pull prints "elapsed: 10.6s" (the download) and then "done: 24.2s"
   # (the unpack alone).
   local dl up
   dl=$(tr '\r' '\n' <"$E2E_DIR/logs/$name-pull.log" | sed -n 's/^elapsed: \([0-9.]*\)s.*/\1/p' | tail -n 1)
-  up=$(tr '\r' '\n' <"$E2E_DIR/logs/$name-pull.log" | sed -n 's/^done: \([0-9.]*\)\(m\?s\).*/\1\2/p' | tail -n 1)
+  up=$(tr '\r' '\n' <"$E2E_DIR/logs/$name-pull.log" | sed -n 's/^done: \([0-9.hm]*s\).*/\1/p' | tail -n 1)
+  [[ $up =~ ^[0-9.]+s$ ]] && up=$(awk -v u="${up%s}" 'BEGIN { printf "%.2fs", u }')
   if [ -n "$dl$up" ]; then
     say "$name: ctr reports download ${dl:-?}s, unpack ${up:-?}"
   fi
+  local t2
+  t2=$EPOCHREALTIME
+  run_hello "$name" "$ref" "$marks" || return 1
+  read -r t_hello _ _ <"$marks"
+  T_WARM=$(awk -v a="$t2" -v b="$t_hello" 'BEGIN { printf "%.2f", b - a }')
+  say "$name: warm run (image now local): hello after ${T_WARM}s"
 }
 
 median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.2f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
@@ -506,7 +539,7 @@ net_shape
 
 snapshotters=(overlayfs shoal)
 [ -z "$only" ] || snapshotters=("$only")
-declare -A times=() bytes=()
+declare -A times=() bytes=() http=() warm=() med=()
 for i in $(seq 1 "$runs"); do
   for sn in "${snapshotters[@]}"; do
     reset_caches
@@ -526,40 +559,40 @@ for i in $(seq 1 "$runs"); do
         fi
         ;;
     esac
-    times[$sn]="${times[$sn]:-} $T_HELLO"
-    bytes[$sn]="${bytes[$sn]:-} $BYTES_HELLO"
+    times[$sn]+=" $T_HELLO"
+    bytes[$sn]+=" $BYTES_HELLO"
+    http[$sn]+=" $HTTP_HELLO"
+    warm[$sn]+=" $T_WARM"
   done
 done
 reset_caches
 
-line="bench: rate=$rate"
+# shellcheck disable=SC2086
 for sn in "${snapshotters[@]}"; do
-  # shellcheck disable=SC2086
-  t=$(median ${times[$sn]})
-  # shellcheck disable=SC2086
-  b=$(median ${bytes[$sn]} | awk '{ printf "%d", $1 }')
-  eval "med_$sn=\$t"
-  line+=" $sn=${t}s"
-  eval "bytes_$sn=\$b"
+  med[$sn]=$(median ${times[$sn]})
+  med[${sn}_bytes]=$(median ${bytes[$sn]} | awk '{ printf "%d", $1 }')
+  med[${sn}_http]=$(median ${http[$sn]} | awk '{ printf "%d", $1 }')
+  med[${sn}_warm]=$(median ${warm[$sn]})
 done
+
+line="bench: rate=$rate"
+for sn in "${snapshotters[@]}"; do line+=" $sn=${med[$sn]}s"; done
 if [ -z "$only" ]; then
-  # shellcheck disable=SC2154
-  ratio=$(awk -v s="$med_shoal" -v o="$med_overlayfs" 'BEGIN { printf "%.3f", s / o }')
+  ratio=$(awk -v s="${med[shoal]}" -v o="${med[overlayfs]}" 'BEGIN { printf "%.3f", s / o }')
   line+=" ratio=$ratio"
 fi
-for sn in "${snapshotters[@]}"; do
-  eval "line+=\" ${sn}_bytes=\$bytes_$sn\""
-done
+for sn in "${snapshotters[@]}"; do line+=" ${sn}_bytes=${med[${sn}_bytes]}"; done
+for sn in "${snapshotters[@]}"; do line+=" ${sn}_http_bytes=${med[${sn}_http]}"; done
+for sn in "${snapshotters[@]}"; do line+=" ${sn}_warm=${med[${sn}_warm]}s"; done
 line+=" image_bytes=$IMAGE_BYTES layer_bytes=$LAYER_BYTES esgz_layer_bytes=$ESGZ_LAYER_BYTES runs=$runs"
 
 echo
 printf 'Debian %s + python3: %s uncompressed, one gzip layer of %s (eStargz: %s)\n' \
   "$SUITE" "$(mb "$IMAGE_BYTES")" "$(mb "$LAYER_BYTES")" "$(mb "$ESGZ_LAYER_BYTES")"
-printf 'link: tbf %s; timed from pull start to the first "hello"\n' "$rate"
+printf 'link: tbf %s; timed from pull start to the first "hello"; median of %s run(s)\n' "$rate" "$runs"
 for sn in "${snapshotters[@]}"; do
-  eval "t=\$med_$sn; b=\$bytes_$sn"
-  # shellcheck disable=SC2154
-  printf '  %-10s %8ss   registry sent %s   (runs:%s)\n' "$sn" "$t" "$(mb "$b")" "${times[$sn]}"
+  printf '  %-10s %7ss   registry sent %s on the wire, %s of HTTP bodies   warm run %ss   (runs:%s)\n' \
+    "$sn" "${med[$sn]}" "$(mb "${med[${sn}_bytes]}")" "$(mb "${med[${sn}_http]}")" "${med[${sn}_warm]}" "${times[$sn]}"
 done
 [ -z "$only" ] && printf '  shoal/overlayfs = %s\n' "$ratio"
 echo "$line"
