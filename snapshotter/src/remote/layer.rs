@@ -15,7 +15,7 @@ use tokio::runtime::Handle;
 use tracing::{debug, error, info};
 
 use super::fetch::{Fetcher, RangeSource, MAX_MERGED_BYTES};
-use super::toc::{mtime, xattrs, Chunk, Compression, Toc, TocError};
+use super::toc::{mtime, xattrs, Chunk, Compression, Toc, TocError, TOC_TAR_NAME};
 
 /// Bytes served to FUSE, by where they came from.
 #[derive(Debug, Default)]
@@ -29,11 +29,30 @@ pub struct ServedStats {
 }
 
 /// Converts a verified TOC into FUSE entries. `data_id` is the entry's index
-/// in `toc.entries` (and so in `toc.files`).
+/// in `toc.entries` (and so in `toc.files`); the eStargz TOC file itself, if
+/// any, comes last with `data_id == toc.entries.len()`.
 ///
 /// # Errors
 /// An entry with an unknown type or malformed xattrs.
 pub fn entries(toc: &Toc) -> Result<Vec<Entry>, TocError> {
+    let mut out = layer_entries(toc)?;
+    if let Some(f) = &toc.toc_file {
+        out.push(Entry {
+            path: TOC_TAR_NAME.to_owned(),
+            kind: EntryKind::File,
+            mode: f.mode,
+            uid: f.uid,
+            gid: f.gid,
+            mtime: f.mtime,
+            size: f.json.len() as u64,
+            data_id: toc.entries.len() as u64,
+            ..Entry::default()
+        });
+    }
+    Ok(out)
+}
+
+fn layer_entries(toc: &Toc) -> Result<Vec<Entry>, TocError> {
     toc.entries
         .iter()
         .enumerate()
@@ -213,6 +232,16 @@ fn assemble(chunks: &[Chunk], bufs: &[Bytes], offset: u64, end: u64) -> Vec<u8> 
 
 impl ChunkSource for LayerReader {
     fn read(&self, data_id: u64, file_size: u64, offset: u64, size: u32, reply: ReadReply) {
+        if let (Some(f), true) = (&self.toc.toc_file, data_id == self.toc.entries.len() as u64) {
+            let end = offset
+                .saturating_add(u64::from(size))
+                .min(f.json.len() as u64);
+            let start = offset.min(end);
+            self.served
+                .from_cache
+                .fetch_add(end - start, Ordering::Relaxed);
+            return reply.data(&f.json[start as usize..end as usize]);
+        }
         let Some(chunks) = self.toc.files.get(data_id as usize) else {
             self.served.errors.fetch_add(1, Ordering::Relaxed);
             return reply.error(libc::EIO);

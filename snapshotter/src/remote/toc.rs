@@ -245,7 +245,29 @@ pub struct Toc {
     pub prefetch_end: Option<u64>,
     /// Compression.
     pub compression: Compression,
+    /// eStargz only: the TOC's own tar entry, which a full unpack of the
+    /// layer writes to the root as `stargz.index.json`. Served as a file so
+    /// the tree equals an unpacked layer's exactly.
+    pub toc_file: Option<TocFile>,
 }
+
+/// The `stargz.index.json` tar entry of an eStargz layer.
+#[derive(Debug, Clone)]
+pub struct TocFile {
+    /// Mode bits from its tar header.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time (seconds).
+    pub mtime: i64,
+    /// The verified TOC JSON.
+    pub json: bytes::Bytes,
+}
+
+/// Name of the TOC's tar entry in an eStargz layer.
+pub const TOC_TAR_NAME: &str = "stargz.index.json";
 
 impl Toc {
     /// Decompresses `compressed` (the TOC bytes the footer locates), checks
@@ -256,7 +278,7 @@ impl Toc {
     /// [`TocError`] for a digest mismatch, malformed JSON, or inconsistent
     /// entries.
     pub fn parse(compressed: &[u8], footer: &Footer, expected: &str) -> Result<Toc, TocError> {
-        let json = decompress_toc(compressed, footer.compression)?;
+        let (json, header) = decompress_toc(compressed, footer.compression)?;
         let actual = format!("sha256:{}", hex::encode(Sha256::digest(&json)));
         if actual != expected {
             return Err(TocError::DigestMismatch {
@@ -266,13 +288,25 @@ impl Toc {
         }
         let jtoc: Jtoc =
             serde_json::from_slice(&json).map_err(|e| TocError::Malformed(e.to_string()))?;
-        build(jtoc.entries, footer)
+        let mut toc = build(jtoc.entries, footer)?;
+        toc.toc_file = header.map(|(mode, uid, gid, mtime)| TocFile {
+            mode,
+            uid,
+            gid,
+            mtime,
+            json: bytes::Bytes::from(json),
+        });
+        Ok(toc)
     }
 }
 
-fn decompress_toc(compressed: &[u8], c: Compression) -> Result<Vec<u8>, TocError> {
+/// `(mode, uid, gid, mtime)` of the TOC's tar header (eStargz only).
+type TocHeader = Option<(u32, u32, u32, i64)>;
+
+fn decompress_toc(compressed: &[u8], c: Compression) -> Result<(Vec<u8>, TocHeader), TocError> {
     let bad = |e: std::io::Error| TocError::Malformed(e.to_string());
     let mut json = Vec::new();
+    let mut header = None;
     match c {
         Compression::Gzip => {
             // A gzip member holding a tar with one entry, stargz.index.json.
@@ -284,11 +318,18 @@ fn decompress_toc(compressed: &[u8], c: Compression) -> Result<Vec<u8>, TocError
                 .ok_or_else(|| TocError::Malformed("empty TOC tar".into()))?
                 .map_err(bad)?;
             let name = e.path().map_err(bad)?.to_string_lossy().into_owned();
-            if name != "stargz.index.json" {
+            if name != TOC_TAR_NAME {
                 return Err(TocError::Malformed(format!(
                     "TOC tar entry is {name:?}, expected stargz.index.json"
                 )));
             }
+            let h = e.header();
+            header = Some((
+                h.mode().map_err(bad)? & 0o7777,
+                h.uid().map_err(bad)? as u32,
+                h.gid().map_err(bad)? as u32,
+                h.mtime().map_err(bad)? as i64,
+            ));
             (&mut e)
                 .take(MAX_TOC_JSON + 1)
                 .read_to_end(&mut json)
@@ -304,7 +345,7 @@ fn decompress_toc(compressed: &[u8], c: Compression) -> Result<Vec<u8>, TocError
     if json.len() as u64 > MAX_TOC_JSON {
         return Err(TocError::Malformed("TOC JSON larger than the limit".into()));
     }
-    Ok(json)
+    Ok((json, header))
 }
 
 /// Decodes base64 xattr values.
@@ -394,6 +435,7 @@ fn build(raw: Vec<RawEntry>, footer: &Footer) -> Result<Toc, TocError> {
         files,
         prefetch_end,
         compression: footer.compression,
+        toc_file: None,
     })
 }
 
