@@ -7,6 +7,8 @@
 //!   mounts, commit, remove, cleanup.
 //! - [`registry`]: registry client: hosts.toml mirrors, auth, Range fetches.
 //! - [`remote`]: lazily pulled layers: TOCs, chunk store, fetching.
+//! - [`pull`]: `shoal pull`: an image into containerd through the
+//!   snapshotter, with the labels for lazy layers.
 //! - [`filter`]: containerd's filter expressions, for List.
 //! - [`usage`]: disk usage as containerd counts it.
 //! - [`grpc`]: the `containerd.services.snapshots.v1.Snapshots` service.
@@ -25,6 +27,7 @@ pub mod filter;
 pub mod grpc;
 pub mod metadata;
 pub mod overlay;
+pub mod pull;
 pub mod registry;
 pub mod remote;
 pub mod server;

@@ -34,6 +34,17 @@ struct DaemonArgs {
     address: PathBuf,
 }
 
+#[derive(clap::Args, Debug)]
+struct ContainerdArgs {
+    /// containerd's socket.
+    #[arg(long, value_name = "SOCKET", env = "CONTAINERD_ADDRESS",
+          default_value = shoal::pull::DEFAULT_CONTAINERD_ADDRESS)]
+    containerd_address: PathBuf,
+    /// containerd namespace.
+    #[arg(long, env = "CONTAINERD_NAMESPACE", default_value = shoal::pull::DEFAULT_NAMESPACE)]
+    namespace: String,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Print the version of this build.
@@ -46,6 +57,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pull an image into containerd through Shoal, lazily where the layers
+    /// allow (eStargz, zstd:chunked); other layers are unpacked normally.
+    #[command(
+        long_about = "Pull an image into containerd through Shoal, lazily where the \
+layers allow (eStargz, zstd:chunked); other layers are unpacked normally.\n\n\
+Adds the snapshot labels Shoal needs itself (as `ctr-remote image rpull` does), so it \
+works without CRI. Afterwards: `ctr run --snapshotter shoal REF ID CMD`.\n\n\
+Registries: hosts.toml under /etc/containerd/certs.d and Docker's config.json \
+credentials, as the daemon uses them."
+    )]
+    Pull {
+        #[command(flatten)]
+        containerd: ContainerdArgs,
+        /// Snapshotter name in containerd's `proxy_plugins`.
+        #[arg(long, default_value = shoal::pull::DEFAULT_SNAPSHOTTER)]
+        snapshotter: String,
+        /// Plain HTTP registry. Loopback registries fall back to plain HTTP
+        /// by themselves; for other hosts, set `server = "http://..."` in
+        /// their hosts.toml (this flag alone does not change them).
+        #[arg(long)]
+        plain_http: bool,
+        /// Platform to pull from a multi-platform image (OS/ARCH[/VARIANT]);
+        /// default: this host's.
+        #[arg(long)]
+        platform: Option<String>,
+        /// Print a machine-readable summary on stdout (progress goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Image reference, e.g. 127.0.0.1:5000/app:1.
+        reference: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +98,21 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Status { daemon, json } => status(&daemon, json),
+        Command::Pull {
+            containerd,
+            snapshotter,
+            plain_http,
+            platform,
+            json,
+            reference,
+        } => pull(
+            &containerd,
+            snapshotter,
+            plain_http,
+            platform,
+            json,
+            &reference,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -165,6 +222,93 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
         c.fallbacks,
         c.not_cached
     );
+    Ok(())
+}
+
+fn pull(
+    containerd: &ContainerdArgs,
+    snapshotter: String,
+    plain_http: bool,
+    platform: Option<String>,
+    json: bool,
+    reference: &str,
+) -> anyhow::Result<()> {
+    use shoal::pull::{Event, Platform, PullOptions};
+    let platform = match platform {
+        Some(p) => p.parse::<Platform>()?,
+        None => Platform::host(),
+    };
+    if plain_http {
+        // Not a switch of the registry client: see the flag's help.
+        eprintln!(
+            "shoal: note: --plain-http: loopback registries fall back to plain HTTP by \
+             themselves; other hosts need `server = \"http://...\"` in their hosts.toml"
+        );
+    }
+    let opts = PullOptions {
+        containerd_address: containerd.containerd_address.clone(),
+        namespace: containerd.namespace.clone(),
+        snapshotter,
+        platform,
+        registry: shoal::registry::RegistryConfig::default(),
+    };
+    // Progress on stdout, or on stderr when stdout carries the JSON.
+    let say = |line: String| {
+        if json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
+    let mut total = 0;
+    let mut progress = |e: Event<'_>| match e {
+        Event::Resolved {
+            digest,
+            manifest,
+            layers,
+            size,
+        } => {
+            total = layers;
+            let m = if manifest == digest {
+                String::new()
+            } else {
+                format!(", manifest {}", short(manifest))
+            };
+            say(format!(
+                "resolved {reference} to {digest}{m}: {layers} layer(s), {}",
+                human(size)
+            ));
+        }
+        Event::Layer(l) => say(format!(
+            "layer {}/{total} {}  {:<8} {:>9}  fetched {:>9}  {:.2}s",
+            l.index + 1,
+            short(&l.digest),
+            l.outcome.as_str(),
+            human(l.size),
+            human(l.fetched),
+            l.seconds
+        )),
+    };
+    let summary = runtime()?
+        .block_on(shoal::pull::pull(reference, &opts, &mut progress))
+        .with_context(|| format!("pull {reference}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "pulled {} ({}) into {}: {} layer(s): {} lazy, {} unpacked, {} already present; \
+             fetched {} in {:.2}s",
+            summary.reference,
+            summary.digest,
+            summary.snapshotter,
+            summary.layers.len(),
+            summary.lazy,
+            summary.unpacked,
+            summary.present,
+            human(summary.bytes_fetched),
+            summary.seconds
+        );
+    }
     Ok(())
 }
 
