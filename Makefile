@@ -5,7 +5,8 @@
 #   make build        cargo build --release (target/release/shoal-snapshotter, shoal)
 #   make unit         cargo test --workspace --release
 #   make conformance  containerd 1.6's snapshotter test suite against Shoal
-#   make e2e          real containerd + registry + images, Shoal vs overlayfs
+#   make e2e          real containerd + registry + images, Shoal vs overlayfs,
+#                     lazy pulls of eStargz/zstd:chunked images, shoal pull
 #   make bench        lazy-pull benchmark: Debian+python3 over a 100 Mbit/s link
 #                     (BENCH_ARGS="--rate 1gbit --runs 3" passes options)
 #   make deps         the Debian 12 packages the above need (root)
@@ -37,11 +38,15 @@ conformance: build
 
 e2e: build
 	tests/e2e/run.sh --no-build
+	tests/e2e/lazy.sh --no-build
+	tests/e2e/pull.sh --no-build
 
 test: deps build
 	$(CARGO) test --workspace --release
 	tests/conformance/run.sh $(SNAPSHOTTER)
 	tests/e2e/run.sh --no-build
+	tests/e2e/lazy.sh --no-build
+	tests/e2e/pull.sh --no-build
 
 demo:
 	scripts/demo.sh
