@@ -277,6 +277,7 @@ impl ChunkSource for LayerReader {
             self.layer.clone(),
         );
         let served = self.served.clone();
+        let toc = self.toc.clone();
         self.rt.spawn(async move {
             match fetcher.get(&*source, compression, &layer, &needed).await {
                 Ok(bufs) => {
@@ -287,7 +288,8 @@ impl ChunkSource for LayerReader {
                 }
                 Err(e) => {
                     served.errors.fetch_add(1, Ordering::Relaxed);
-                    error!(layer = %layer, data_id, offset, error = %e, "read failed: EIO");
+                    let file = toc.entries.get(data_id as usize).map_or("?", |e| e.name.as_str());
+                    error!(layer = %layer, file, offset, error = %e, "read failed: EIO");
                     reply.error(libc::EIO);
                 }
             }
