@@ -8,11 +8,13 @@ packages=(
   containerd runc            # the container runtime Shoal plugs into
   docker-registry skopeo     # the throwaway registry and image upload
   umoci busybox-static       # building test images
+  stargz-snapshotter         # ctr-remote: eStargz and zstd:chunked images
+  curl bc debootstrap        # registry queries, arithmetic, bench images
   fuse3 iproute2 jq          # FUSE mounts, netns/qdisc and ss, JSON
-  stargz-snapshotter curl bc # ctr-remote (eStargz/zstd:chunked images), HTTP, timing
   golang-go golang-github-containerd-containerd-dev  # conformance suite
   systemd                    # systemd-analyze verify for the unit file
   ca-certificates git build-essential pkg-config  # what cargo builds need
+  protobuf-compiler          # protoc for containerd-client's build script
 )
 
 missing=()
