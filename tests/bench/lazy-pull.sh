@@ -9,12 +9,20 @@
 #   shoal      ctr-remote image rpull --plain-http --snapshotter shoal ESGZ_REF
 #              (the same image converted with ctr-remote image convert
 #              --estargz --oci), then ctr run --rm --snapshotter shoal ...
+#   stargz     the same with stargz-snapshotter 0.12 ("the alternative"):
+#              Debian ships its library and ctr-remote but not its daemon, so
+#              tests/bench/stargz-grpc/main.go wires the library to a socket
+#              like upstream's containerd-stargz-grpc (built with Debian's Go
+#              sources, cached; skipped when golang-go or
+#              golang-github-containerd-stargz-snapshotter-dev is missing)
 #
 # and the bytes the registry sent for each (tx_bytes of the registry's side of
 # the veth). The last line is machine-readable:
 #
 #   bench: rate=100mbit overlayfs=14.1s shoal=1.2s ratio=0.085 overlayfs_bytes=N shoal_bytes=N
-#          overlayfs_http_bytes=N shoal_http_bytes=N overlayfs_warm=0.3s shoal_warm=0.4s
+#          stargz=1.1s stargz_ratio=0.078 stargz_bytes=N
+#          overlayfs_http_bytes=N shoal_http_bytes=N stargz_http_bytes=N
+#          overlayfs_warm=0.3s shoal_warm=0.4s stargz_warm=0.3s
 #          image_bytes=N layer_bytes=N esgz_layer_bytes=N runs=1   (one line)
 #
 # *_bytes: what the registry side of the veth sent (tx_bytes, headers
@@ -25,7 +33,9 @@
 #   --rate RATE     link rate, tc syntax (default 100mbit)
 #   --burst SIZE    tbf burst, tc syntax (default: 10 ms worth of RATE, >=32kb)
 #   --runs N        measure each snapshotter N times, report the median (default 1)
-#   --only WHICH    overlayfs or shoal (default: both)
+#   --only LIST     comma-separated subset of overlayfs,shoal,stargz
+#                   (default: all three; stargz only where it can be built)
+#   --no-stargz     don't measure stargz-snapshotter
 #   --no-build      don't run cargo build --release --bins first
 #   --drop-caches   also drop the host page cache before each measurement
 #   --keep          keep the temp dir (logs) after the run
@@ -37,7 +47,7 @@
 #   - a private containerd (tests/e2e/lib.sh) with Shoal as proxy plugin;
 #   - shoal-snapshotter with a config file whose [registry] config_path holds
 #     a hosts.toml that says http:// for the registry; a fresh --root for
-#     every Shoal measurement.
+#     every Shoal measurement (the same for stargz-grpc).
 # Between measurements every image is removed with a synchronous GC, so each
 # one starts with empty content and snapshot stores.
 #
@@ -59,6 +69,7 @@ runs=1
 only=
 build=1
 drop_caches=0
+stargz=1
 while [ $# -gt 0 ]; do
   case $1 in
     --rate) rate=${2:?--rate needs a value}; shift ;;
@@ -71,13 +82,22 @@ while [ $# -gt 0 ]; do
     --only=*) only=${1#*=} ;;
     --no-build) build=0 ;;
     --drop-caches) drop_caches=1 ;;
+    --no-stargz) stargz=0 ;;
     --keep) export E2E_KEEP=1 ;;
     -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "lazy-pull.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
 done
-case $only in "" | overlayfs | shoal) ;; *) echo "lazy-pull.sh: --only overlayfs|shoal" >&2; exit 2 ;; esac
+want=(overlayfs shoal stargz)
+if [ -n "$only" ]; then
+  IFS=, read -r -a want <<<"$only"
+  for w in "${want[@]}"; do
+    case $w in overlayfs | shoal | stargz) ;; *) echo "lazy-pull.sh: --only takes overlayfs,shoal,stargz" >&2; exit 2 ;; esac
+  done
+fi
+wants() { local w; for w in "${want[@]}"; do [ "$w" = "$1" ] && return 0; done; return 1; }
+wants stargz || stargz=0
 [[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "lazy-pull.sh: --runs must be a positive integer" >&2; exit 2; }
 
 CACHE=${SHOAL_BENCH_CACHE:-/var/cache/shoal-bench}
@@ -88,6 +108,7 @@ OCI=$CACHE/oci
 TAG=python3           # the gzip image in $OCI
 ESGZ_TAG=python3-esgz # its eStargz conversion in $OCI
 HELLO_CMD=(python3 -c "print('hello')")
+STARGZ_BIN=$CACHE/stargz-grpc
 
 # Quiet e2e lib: our own messages say what failed.
 export E2E_CTR_TIMEOUT=${E2E_CTR_TIMEOUT:-1800}
@@ -165,6 +186,28 @@ build_oci() {
   rm -rf --one-file-system "$CACHE/bundle"
   umoci gc --layout "$OCI"
   touch "$CACHE/oci.done"
+}
+
+# build_stargz: $STARGZ_BIN from tests/bench/stargz-grpc (GOPATH mode over
+# Debian's Go sources; no network). Sets stargz=0 when it cannot be built.
+build_stargz() {
+  local src=$here/stargz-grpc
+  if ! command -v go >/dev/null || [ ! -d /usr/share/gocode/src/github.com/containerd/stargz-snapshotter/fs ]; then
+    say "stargz: skipped (needs golang-go and golang-github-containerd-stargz-snapshotter-dev)"
+    stargz=0
+    return 0
+  fi
+  if [ -x "$STARGZ_BIN" ] && [ "$STARGZ_BIN" -nt "$src/main.go" ]; then return 0; fi
+  say "stargz: building stargz-grpc from Debian's stargz-snapshotter sources (a minute the first time)"
+  mkdir -p "$CACHE/go-build"
+  if ! (cd "$src" && GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE=$CACHE/go-build GOFLAGS= \
+    go build -o "$STARGZ_BIN.new" .) >"$CACHE/stargz-build.log" 2>&1; then
+    tail -n 20 "$CACHE/stargz-build.log" >&2
+    say "stargz: build failed (log in $CACHE/stargz-build.log); skipped"
+    stargz=0
+    return 0
+  fi
+  mv "$STARGZ_BIN.new" "$STARGZ_BIN"
 }
 
 # manifest_of TAG: the image manifest JSON in the OCI layout.
@@ -251,7 +294,13 @@ net_teardown() {
 bench_cleanup() {
   local status=$1
   if [ "$status" != 0 ]; then
-    for name in shoal containerd registry; do e2e_tail_log "$name" 12; done
+    for name in shoal stargz containerd registry; do e2e_tail_log "$name" 12; done
+  fi
+  # e2e_cleanup knows containerd, shoal and the registry; stargz-grpc goes
+  # first, after the containers that use its mounts.
+  if [ -n "$E2E_DIR" ] && e2e_pid_of stargz >/dev/null; then
+    if e2e_pid_of containerd >/dev/null; then e2e_stop_leftover_tasks; fi
+    e2e_stop_pid stargz
   fi
   E2E_QUIET=1 e2e_cleanup "$status" || true
   net_teardown
@@ -336,6 +385,76 @@ restart_shoal() {
   e2e_wait_for shoal "containerd to reach it" shoal_ready
 }
 
+# start_containerd: as e2e_start_containerd, with a proxy plugin for each
+# remote snapshotter measured here.
+start_containerd() {
+  mkdir -p "$E2E_DIR/containerd/root" "$E2E_DIR/containerd/state"
+  local proxies=
+  if [ -n "$E2E_SHOAL_BIN" ]; then
+    proxies+="[proxy_plugins.shoal]
+  type = \"snapshot\"
+  address = \"$E2E_DIR/shoal.sock\"
+"
+  fi
+  if [ "$stargz" = 1 ]; then
+    proxies+="[proxy_plugins.stargz]
+  type = \"snapshot\"
+  address = \"$E2E_DIR/stargz.sock\"
+"
+  fi
+  cat >"$E2E_DIR/containerd/config.toml" <<EOF
+version = 2
+root = "$E2E_DIR/containerd/root"
+state = "$E2E_DIR/containerd/state"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.internal.v1.opt",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "$E2E_DIR/containerd.sock"
+
+[debug]
+  level = "info"
+
+$proxies
+EOF
+  e2e_start containerd containerd --config "$E2E_DIR/containerd/config.toml"
+  e2e_wait_for containerd "its API on $E2E_DIR/containerd.sock" \
+    ctr --address "$E2E_DIR/containerd.sock" version
+}
+
+stargz_generation=0
+STARGZ_ROOT=
+
+stargz_ready() {
+  local key=bench-probe-$RANDOM
+  E2E_CTR_TIMEOUT=10 e2e_ctr snapshots --snapshotter stargz prepare "$key" >/dev/null 2>&1 || return 1
+  E2E_CTR_TIMEOUT=10 e2e_ctr snapshots --snapshotter stargz rm "$key" >/dev/null 2>&1
+}
+
+# restart_stargz: stargz-grpc on a new, empty root.
+restart_stargz() {
+  e2e_stop_pid stargz
+  if [ -n "$STARGZ_ROOT" ]; then
+    e2e_unmount_all_under "$STARGZ_ROOT"
+    rm -rf --one-file-system "$STARGZ_ROOT" 2>/dev/null || true
+  fi
+  stargz_generation=$((stargz_generation + 1))
+  STARGZ_ROOT=$E2E_DIR/stargz-root-$stargz_generation
+  rm -f "$E2E_DIR/stargz.sock"
+  e2e_start stargz "$STARGZ_BIN" --root "$STARGZ_ROOT" --address "$E2E_DIR/stargz.sock" \
+    --plain-http-registry "$REGISTRY"
+  e2e_wait_for stargz "its socket $E2E_DIR/stargz.sock" e2e_sock_ready "$E2E_DIR/stargz.sock"
+  e2e_wait_for stargz "containerd to reach it" stargz_ready
+}
+
 ctr_remote() {
   timeout "$E2E_CTR_TIMEOUT" ctr-remote --address "$E2E_DIR/containerd.sock" --namespace "$E2E_NS" "$@"
 }
@@ -361,6 +480,10 @@ reset_caches() {
   if [ -n "$SHOAL_ROOT" ]; then
     left=$(e2e_ctr snapshots --snapshotter shoal ls 2>/dev/null | tail -n +2 | wc -l)
     [ "$left" = 0 ] || say "warning: $left shoal snapshots left after GC"
+  fi
+  if [ -n "$STARGZ_ROOT" ]; then
+    left=$(e2e_ctr snapshots --snapshotter stargz ls 2>/dev/null | tail -n +2 | wc -l)
+    [ "$left" = 0 ] || say "warning: $left stargz snapshots left after GC"
   fi
   if [ "$drop_caches" = 1 ]; then
     sync
@@ -432,7 +555,7 @@ http_bytes() {
 # line is stamped into MARKS as "EPOCHREALTIME TX_BYTES LOG_LINES".
 run_hello() {
   local name=$1 ref=$2 marks=$3 run_args=()
-  [ "$name" = shoal ] && run_args=(--snapshotter shoal)
+  [ "$name" = overlayfs ] || run_args=(--snapshotter "$name")
   : >"$marks"
   if ! e2e_ctr run --rm "${run_args[@]}" "$ref" "bench-$name-$RANDOM" "${HELLO_CMD[@]}" 2>>"$E2E_DIR/logs/$name-run.log" |
     while IFS= read -r line; do
@@ -458,7 +581,7 @@ measure() {
   local name=$1
   shift
   local ref=$REF
-  [ "$name" = shoal ] && ref=$ESGZ_REF
+  [ "$name" = overlayfs ] || ref=$ESGZ_REF
   local marks=$E2E_DIR/$name.marks
   local tx0 log0 t0 t1
   tx0=$(registry_tx)
@@ -502,18 +625,26 @@ median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) 
 # Main
 
 need_tools
-if [ "$build" = 1 ] && [ "$only" != overlayfs ]; then
+if [ "$build" = 1 ] && wants shoal; then
   say "cargo build --release --bins"
   (cd "$repo" && PATH="$HOME/.cargo/bin:$PATH" cargo build --release --bins) || die "cargo build failed"
 fi
-if [ "$only" = overlayfs ]; then
-  E2E_SHOAL_BIN=
-else
+if wants shoal; then
   [ -x "$E2E_SHOAL_BIN" ] || die "shoal-snapshotter not found at $E2E_SHOAL_BIN (run: cargo build --release --bins)"
+else
+  E2E_SHOAL_BIN=
 fi
+[ "$stargz" = 0 ] || build_stargz
 
 build_rootfs
 build_oci
+
+snapshotters=()
+for sn in "${want[@]}"; do
+  [ "$sn" != stargz ] || [ "$stargz" = 1 ] || continue
+  snapshotters+=("$sn")
+done
+[ ${#snapshotters[@]} -gt 0 ] || die "nothing to measure"
 
 E2E_DIR=$(mktemp -d "${TMPDIR:-/tmp}/shoal-bench.XXXXXX")
 E2E_NS=${E2E_NS:-shoal-bench-$(basename "$E2E_DIR" | cut -d. -f2 | tr 'A-Z' 'a-z')}
@@ -522,23 +653,21 @@ mkdir -p "$E2E_DIR/logs"
 trap 'bench_cleanup "$?"; exit "$?"' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-say "world in $E2E_DIR (containerd namespace $E2E_NS)"
+say "world in $E2E_DIR (containerd namespace $E2E_NS); measuring ${snapshotters[*]}"
 say "load average now: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs (unpacking is CPU-bound; a busy machine slows overlayfs)"
 
 net_setup
 start_registry
 write_hosts_config
-# containerd's proxy plugin dials $E2E_DIR/shoal.sock lazily; Shoal starts
-# (fresh) before each of its measurements.
-e2e_start_containerd
+# containerd's proxy plugins dial their sockets lazily; each remote
+# snapshotter starts (fresh) before each of its measurements.
+start_containerd
 push_images
 image_sizes
 say "image: $(mb "$IMAGE_BYTES") uncompressed; gzip layer $(mb "$LAYER_BYTES"); eStargz layer $(mb "$ESGZ_LAYER_BYTES")"
 reset_caches
 net_shape
 
-snapshotters=(overlayfs shoal)
-[ -z "$only" ] || snapshotters=("$only")
 declare -A times=() bytes=() http=() warm=() med=()
 for i in $(seq 1 "$runs"); do
   for sn in "${snapshotters[@]}"; do
@@ -558,6 +687,13 @@ for i in $(seq 1 "$runs"); do
           "$repo/target/release/shoal" status --address "$E2E_DIR/shoal.sock" 2>&1 | sed 's/^/  shoal status: /' >&2 || true
         fi
         ;;
+      stargz)
+        restart_stargz
+        if ! measure stargz ctr_remote image rpull --plain-http --hosts-dir "$CERTS_D" --snapshotter stargz; then
+          e2e_tail_log stargz 40
+          die "stargz measurement failed (logs in $E2E_DIR/logs; rerun with --keep to keep them)"
+        fi
+        ;;
     esac
     times[$sn]+=" $T_HELLO"
     bytes[$sn]+=" $BYTES_HELLO"
@@ -574,14 +710,20 @@ for sn in "${snapshotters[@]}"; do
   med[${sn}_http]=$(median ${http[$sn]} | awk '{ printf "%d", $1 }')
   med[${sn}_warm]=$(median ${warm[$sn]})
 done
+has() { [ -n "${med[$1]:-}" ]; }
+div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
 
 line="bench: rate=$rate"
-for sn in "${snapshotters[@]}"; do line+=" $sn=${med[$sn]}s"; done
-if [ -z "$only" ]; then
-  ratio=$(awk -v s="${med[shoal]}" -v o="${med[overlayfs]}" 'BEGIN { printf "%.3f", s / o }')
-  line+=" ratio=$ratio"
+has overlayfs && line+=" overlayfs=${med[overlayfs]}s"
+has shoal && line+=" shoal=${med[shoal]}s"
+has overlayfs && has shoal && line+=" ratio=$(div "${med[shoal]}" "${med[overlayfs]}")"
+has overlayfs && line+=" overlayfs_bytes=${med[overlayfs_bytes]}"
+has shoal && line+=" shoal_bytes=${med[shoal_bytes]}"
+if has stargz; then
+  line+=" stargz=${med[stargz]}s"
+  has overlayfs && line+=" stargz_ratio=$(div "${med[stargz]}" "${med[overlayfs]}")"
+  line+=" stargz_bytes=${med[stargz_bytes]}"
 fi
-for sn in "${snapshotters[@]}"; do line+=" ${sn}_bytes=${med[${sn}_bytes]}"; done
 for sn in "${snapshotters[@]}"; do line+=" ${sn}_http_bytes=${med[${sn}_http]}"; done
 for sn in "${snapshotters[@]}"; do line+=" ${sn}_warm=${med[${sn}_warm]}s"; done
 line+=" image_bytes=$IMAGE_BYTES layer_bytes=$LAYER_BYTES esgz_layer_bytes=$ESGZ_LAYER_BYTES runs=$runs"
@@ -594,5 +736,9 @@ for sn in "${snapshotters[@]}"; do
   printf '  %-10s %7ss   registry sent %s on the wire, %s of HTTP bodies   warm run %ss   (runs:%s)\n' \
     "$sn" "${med[$sn]}" "$(mb "${med[${sn}_bytes]}")" "$(mb "${med[${sn}_http]}")" "${med[${sn}_warm]}" "${times[$sn]}"
 done
-[ -z "$only" ] && printf '  shoal/overlayfs = %s\n' "$ratio"
+if has overlayfs; then
+  has shoal && printf '  shoal/overlayfs = %s\n' "$(div "${med[shoal]}" "${med[overlayfs]}")"
+  has stargz && printf '  stargz/overlayfs = %s\n' "$(div "${med[stargz]}" "${med[overlayfs]}")"
+fi
+has shoal && has stargz && printf '  shoal/stargz = %s\n' "$(div "${med[shoal]}" "${med[stargz]}")"
 echo "$line"
