@@ -23,7 +23,7 @@ took() { printf '    %stook %d ms%s\n' "$green" $(($(now_ms) - $1)) "$reset"; }
 
 [ "$(id -u)" = 0 ] || { echo "demo: run as root (containerd and overlay mounts need it)" >&2; exit 1; }
 
-step "Packages (containerd, runc, docker-registry, skopeo, umoci, busybox-static, ...)"
+step "Packages (containerd, runc, docker-registry, skopeo, umoci, stargz-snapshotter, ...)"
 "$repo/scripts/deps.sh" 2>&1 | show
 
 step "Build shoal-snapshotter and shoal (cargo build --release)"
@@ -35,6 +35,12 @@ took "$t"
 # shellcheck source=tests/e2e/lib.sh
 source "$repo/tests/e2e/lib.sh"
 
+# Fetch only what containers read, so the demo can show it; by default Shoal
+# also fetches the rest of a lazy layer in the background.
+E2E_SHOAL_CONFIG_TEXT='version = 1
+[remote]
+background_fetch = false'
+
 step "Start a throwaway world: shoal-snapshotter, docker-registry, containerd"
 t=$(now_ms)
 e2e_world_start
@@ -42,6 +48,8 @@ took "$t"
 cat <<EOF | show
 everything lives in   $E2E_DIR
 shoal-snapshotter     --root $E2E_DIR/shoal --address $E2E_DIR/shoal.sock
+                      --config $E2E_DIR/shoal-config.toml ([remote] background_fetch = false,
+                      so you can see below what was fetched on demand)
 containerd            $E2E_DIR/containerd/config.toml, which registers Shoal as:
 EOF
 sed -n '/^\[proxy_plugins.shoal\]/,/address/p' "$E2E_DIR/containerd/config.toml" | sed 's/^/      /' | show
@@ -54,11 +62,12 @@ ref=$(cat "$E2E_DIR/images/busybox.ref")
 took "$t"
 note "pushed $ref"
 
-step "Pull it through Shoal: ctr image pull --snapshotter shoal $ref"
+step "Pull it through Shoal (plain layers): ctr image pull --snapshotter shoal $ref"
 t=$(now_ms)
 e2e_ctr image pull --plain-http --snapshotter shoal "$ref" 2>&1 | grep -E '^(unpacking|done)' | show
 took "$t"
-note "containerd fetched the layer and unpacked it into a snapshot Shoal prepared;"
+note "a plain gzip layer cannot be read lazily, so containerd fetched it and unpacked"
+note "it into a snapshot Shoal prepared (the fallback path);"
 note "the committed layer is now one of Shoal's snapshots:"
 e2e_ctr snapshots --snapshotter shoal ls 2>&1 | show
 
@@ -95,6 +104,38 @@ e2e_ctr task rm -f demo-sleeper >/dev/null 2>&1 || true
 e2e_ctr container rm demo-sleeper >/dev/null
 note "stopped and removed; its Active snapshot is gone again:"
 e2e_ctr snapshots --snapshotter shoal ls 2>&1 | show
+
+step "Lazy pulling: an image with a 32 MiB file, converted to eStargz by ctr-remote"
+t=$(now_ms)
+"$repo/tests/e2e/images.sh" "$E2E_DIR/images" "$E2E_REGISTRY" big 2>&1 | show
+src=$(cat "$E2E_DIR/images/big.ref")
+lazy="$src-estargz"
+e2e_ctr image pull -q --plain-http "$src" >/dev/null
+timeout 300 ctr-remote --address "$E2E_DIR/containerd.sock" --namespace "$E2E_NS" \
+  image convert --estargz --oci "$src" "$lazy" >/dev/null
+e2e_ctr image push -q --plain-http "$lazy" >/dev/null 2>&1 || e2e_ctr image push --plain-http "$lazy" >/dev/null
+# Forget both locally (and garbage-collect their blobs): the pull below must
+# go to the registry.
+e2e_ctr image rm --sync "$src" "$lazy" >/dev/null
+took "$t"
+note "pushed $lazy (eStargz: still a valid tar.gz, plus a table of contents"
+note "with a sha256 for every chunk)"
+
+step "shoal pull $lazy"
+t=$(now_ms)
+"$repo/target/release/shoal" pull --containerd-address "$E2E_DIR/containerd.sock" \
+  --namespace "$E2E_NS" "$lazy" 2>&1 | show
+took "$t"
+note "the layers are mounted through FUSE, and nothing but their tables of contents was fetched:"
+grep -F ' fuse ' /proc/mounts | awk -v d="$E2E_DIR/shoal/" 'index($2, d) == 1 { print $1 "  on  " $2 }' | show
+
+step "Run it right away: the container reads busybox, never the 32 MiB file"
+t=$(now_ms)
+e2e_ctr run --rm --snapshotter shoal "$lazy" demo-lazy sh -c 'echo "hello from a lazily pulled image"' 2>&1 | show
+took "$t"
+note "what Shoal fetched on demand (shoal status; with the default config the rest"
+note "would now be arriving in the background):"
+"$repo/target/release/shoal" status --address "$E2E_DIR/shoal.sock" 2>&1 | show
 
 step "What containerd asked Shoal (gRPC calls in $E2E_DIR/logs/shoal.log)"
 plain_log() { sed 's/\x1b\[[0-9;]*m//g' "$E2E_DIR/logs/shoal.log"; }

@@ -4,7 +4,8 @@
 #
 #   tests/e2e/images.sh WORKDIR REGISTRY [NAME...]
 #
-# NAME is busybox or layered (default: both). For each image it writes:
+# NAME is busybox, layered or big (default: busybox and layered). For each
+# image it writes:
 #   WORKDIR/NAME.ref     the pushed reference, e.g. 127.0.0.1:5000/layered:1
 #   WORKDIR/NAME.cmd     a busybox sh script to run in the container
 #   WORKDIR/NAME.out     what that script must print
@@ -19,6 +20,8 @@
 #              symlinks, a fifo, odd file names, setuid/setgid/sticky bits,
 #              non-root owners, an empty file, a 4 MiB random file and a
 #              deeply nested file.
+#   big:1      busybox:1 plus a layer with a 32 MiB random file that the test
+#              program never reads: what lazy pulling should not fetch first.
 set -euo pipefail
 umask 022
 
@@ -92,6 +95,20 @@ sha256sum /bin/busybox
 echo written >/tmp/scratch && cat /tmp/scratch
 EOF
   printf 'hello from shoal\nbusybox\n%s  /bin/busybox\nwritten\n' "$sum" >"$work/busybox.out"
+}
+
+build_big() {
+  local b="$work/bundle-big"
+  step "big:1 (busybox:1 + a 32 MiB file nobody reads)"
+  [ -f "$work/busybox.ref" ] || build_busybox
+  rm -rf "$b"
+  umoci unpack --image "$oci:busybox-1" "$b" >/dev/null
+  head -c $((32 << 20)) /dev/urandom >"$b/rootfs/unused.bin"
+  repack big-1 "$b" "32 MiB unused file"
+  push big-1 big:1 big
+  reference big big-1
+  echo 'echo hello from big' >"$work/big.cmd"
+  echo 'hello from big' >"$work/big.out"
 }
 
 # 200-character file name.
@@ -265,6 +282,7 @@ for name in "${names[@]}"; do
   case $name in
     busybox) build_busybox ;;
     layered) build_layered ;;
+    big) build_big ;;
     *) echo "images.sh: unknown image $name" >&2; exit 2 ;;
   esac
 done

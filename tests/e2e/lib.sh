@@ -14,6 +14,8 @@
 #   E2E_SHOAL_BIN  path to shoal-snapshotter; empty string = run without Shoal
 #   E2E_NS         containerd namespace (default shoal-e2e-<temp dir suffix>;
 #                  unique, because runc state and cgroups are shared by name)
+#   E2E_SHOAL_CONFIG_TEXT  if set, written to $E2E_DIR/shoal-config.toml and
+#                  passed to shoal-snapshotter with --config
 #   E2E_KEEP=1     keep $E2E_DIR after the run (processes are still stopped)
 #   E2E_QUIET=1    don't print log tails on failure
 #   E2E_TIMEOUT    seconds to wait for each daemon to come up (default 30)
@@ -160,8 +162,16 @@ e2e_start_shoal() {
   [ -n "$E2E_SHOAL_BIN" ] || return 0
   [ -x "$E2E_SHOAL_BIN" ] || e2e_die "shoal-snapshotter not found at $E2E_SHOAL_BIN (run: cargo build --release --bins)"
   mkdir -p "$E2E_DIR/shoal"
-  e2e_start shoal "$E2E_SHOAL_BIN" --root "$E2E_DIR/shoal" \
-    --address "$E2E_DIR/shoal.sock" --log-level "${E2E_SHOAL_LOG_LEVEL:-info,shoal=debug}"
+  # A socket left by a daemon we stopped (or SIGKILLed) would pass the
+  # readiness check below before the new daemon listens.
+  e2e_pid_of shoal >/dev/null || rm -f "$E2E_DIR/shoal.sock"
+  local config=()
+  if [ -n "${E2E_SHOAL_CONFIG_TEXT:-}" ]; then
+    printf '%s\n' "$E2E_SHOAL_CONFIG_TEXT" >"$E2E_DIR/shoal-config.toml"
+    config=(--config "$E2E_DIR/shoal-config.toml")
+  fi
+  e2e_start shoal "$E2E_SHOAL_BIN" --root "$E2E_DIR/shoal" --address "$E2E_DIR/shoal.sock" \
+    "${config[@]}" --log-level "${E2E_SHOAL_LOG_LEVEL:-info,shoal=debug}"
   e2e_wait_for shoal "its socket $E2E_DIR/shoal.sock" e2e_sock_ready "$E2E_DIR/shoal.sock"
 }
 
