@@ -686,6 +686,9 @@ for i in $(seq 1 "$runs"); do
         if [ -x "$repo/target/release/shoal" ]; then
           "$repo/target/release/shoal" status --address "$E2E_DIR/shoal.sock" 2>&1 | sed 's/^/  shoal status: /' >&2 || true
         fi
+        # Its background fetch must not eat the next measurement's link.
+        reset_caches
+        e2e_stop_pid shoal
         ;;
       stargz)
         restart_stargz
@@ -693,6 +696,8 @@ for i in $(seq 1 "$runs"); do
           e2e_tail_log stargz 40
           die "stargz measurement failed (logs in $E2E_DIR/logs; rerun with --keep to keep them)"
         fi
+        reset_caches
+        e2e_stop_pid stargz
         ;;
     esac
     times[$sn]+=" $T_HELLO"
