@@ -571,6 +571,19 @@ run_hello() {
   [ -s "$marks" ] || { tail -n 20 "$E2E_DIR/logs/$name-run.log" >&2; say "$name: the container never printed hello"; return 1; }
 }
 
+# wait_link_idle: until the registry sends under 64 KB in half a second (up to
+# 10 s), so that no leftover transfer shares the link with a measurement.
+wait_link_idle() {
+  local a b i
+  for i in $(seq 1 20); do
+    a=$(registry_tx)
+    sleep 0.5
+    b=$(registry_tx)
+    [ $((b - a)) -ge 65536 ] || return 0
+  done
+  say "warning: the registry is still sending ($(mb $((b - a))) in the last 0.5 s); measuring anyway"
+}
+
 # measure NAME PULL-CMD... : runs PULL-CMD REF, then the container; sets
 # T_HELLO (seconds from pull start to "hello"), T_PULL, BYTES_HELLO (wire
 # bytes the registry's veth sent by then, headers included), HTTP_HELLO
@@ -584,6 +597,7 @@ measure() {
   [ "$name" = overlayfs ] || ref=$ESGZ_REF
   local marks=$E2E_DIR/$name.marks
   local tx0 log0 t0 t1
+  wait_link_idle
   tx0=$(registry_tx)
   log0=$(registry_log_lines)
   t0=$EPOCHREALTIME
