@@ -93,8 +93,8 @@ e2e_start() {
 
 # e2e_free_port: a TCP port on 127.0.0.1 that nothing listens on right now.
 e2e_free_port() {
-  local p i
-  for i in $(seq 1 100); do
+  local p
+  for _ in $(seq 1 100); do
     p=$((20000 + RANDOM % 40000))
     if [ -z "$(ss -Hltn "sport = :$p" 2>/dev/null)" ]; then
       echo "$p"
