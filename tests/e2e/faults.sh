@@ -31,7 +31,7 @@ build=1
 for arg in "$@"; do
   case $arg in
     --no-build) build=0 ;;
-    -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "faults.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
