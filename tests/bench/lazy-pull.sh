@@ -36,6 +36,11 @@
 #   --only LIST     comma-separated subset of overlayfs,shoal,stargz
 #                   (default: all three; stargz only where it can be built)
 #   --no-stargz     don't measure stargz-snapshotter
+#   --shoal-no-background-fetch
+#                   run Shoal with [remote] background_fetch = false (what
+#                   the startup costs without the background fetch competing
+#                   for the link; stargz 0.12 starts its own only after 30 s
+#                   of silence)
 #   --no-build      don't run cargo build --release --bins first
 #   --drop-caches   also drop the host page cache before each measurement
 #   --keep          keep the temp dir (logs) after the run
@@ -70,6 +75,7 @@ only=
 build=1
 drop_caches=0
 stargz=1
+shoal_bg=true
 while [ $# -gt 0 ]; do
   case $1 in
     --rate) rate=${2:?--rate needs a value}; shift ;;
@@ -83,6 +89,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0 ;;
     --drop-caches) drop_caches=1 ;;
     --no-stargz) stargz=0 ;;
+    --shoal-no-background-fetch) shoal_bg=false ;;
     --keep) export E2E_KEEP=1 ;;
     -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "lazy-pull.sh: unknown argument $1" >&2; exit 2 ;;
@@ -349,6 +356,9 @@ server = "http://$REGISTRY"
 EOF
   cat >"$E2E_DIR/shoal.toml" <<EOF
 version = 1
+
+[remote]
+background_fetch = $shoal_bg
 
 [registry]
 config_path = "$CERTS_D"
@@ -745,6 +755,7 @@ if has stargz; then
 fi
 for sn in "${snapshotters[@]}"; do line+=" ${sn}_http_bytes=${med[${sn}_http]}"; done
 for sn in "${snapshotters[@]}"; do line+=" ${sn}_warm=${med[${sn}_warm]}s"; done
+has shoal && line+=" shoal_background_fetch=$shoal_bg"
 line+=" image_bytes=$IMAGE_BYTES layer_bytes=$LAYER_BYTES esgz_layer_bytes=$ESGZ_LAYER_BYTES runs=$runs"
 
 echo
