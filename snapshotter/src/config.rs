@@ -98,7 +98,7 @@ pub struct RegistrySection {
     pub request_timeout_secs: u64,
     /// Retries of a failed request, with backoff and jitter.
     pub retries: u32,
-    /// Concurrent requests per registry.
+    /// Concurrent registry requests, for the whole daemon.
     pub max_concurrent: usize,
     /// Docker config file with credentials; unset means
     /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
@@ -270,6 +270,19 @@ impl Config {
         if self.registry.request_timeout_secs == 0 {
             return Err(("registry.request_timeout_secs", "must be at least 1".into()));
         }
+        // EnvFilter reads an unknown bare word ("debgu") as a target name and
+        // silently logs nothing; only levels may stand alone here.
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        if let Some(bad) = self.log_level.split(',').map(str::trim).find(|d| {
+            !d.is_empty() && !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str())
+        }) {
+            return Err((
+                "log_level",
+                format!(
+                    "{bad:?} is not a level (trace, debug, info, warn, error, off) or TARGET=LEVEL"
+                ),
+            ));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return Err((
                 "log_level",
@@ -340,6 +353,11 @@ mod tests {
         assert!(e.contains("key `root`"), "{e}");
         let e = load_text("root = [\n").unwrap_err().to_string();
         assert!(e.contains("config.toml"), "{e}");
+        let e = load_text("log_level = \"debgu\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `log_level`") && e.contains("debgu"), "{e}");
+        assert!(load_text("log_level = \"info,shoal::grpc=debug\"\n").is_ok());
         let e = load_text("log_level = \"info,[\"\n")
             .unwrap_err()
             .to_string();

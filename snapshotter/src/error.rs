@@ -27,23 +27,24 @@ pub enum Error {
     #[error("metadata store: {0}")]
     Store(#[from] redb::Error),
     /// A stored record could not be decoded.
-    #[error("metadata record for {key:?} is corrupt: {source}")]
+    #[error("metadata record for {key:?} is corrupt: {cause}")]
     Corrupt {
         /// Snapshot key of the record.
         key: String,
-        /// Decoding error.
-        source: serde_json::Error,
+        /// Decoding error (in the message, not `source()`, so that error
+        /// chains print it once).
+        cause: serde_json::Error,
     },
     /// A remote layer could not be mounted.
     #[error("remote layer: {0}")]
     Remote(String),
     /// A filesystem operation failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Io {
         /// What was being done, with the path.
         context: String,
-        /// The underlying error.
-        source: io::Error,
+        /// The underlying error (in the message, not `source()`).
+        cause: io::Error,
     },
 }
 
@@ -52,10 +53,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// Wraps an I/O error with what was being done.
-    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+    pub fn io(context: impl Into<String>, cause: io::Error) -> Self {
         Error::Io {
             context: context.into(),
-            source,
+            cause,
         }
     }
 }

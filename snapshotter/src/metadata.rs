@@ -142,9 +142,9 @@ impl Record {
 }
 
 fn decode(key: &str, bytes: &[u8]) -> Result<Record> {
-    serde_json::from_slice(bytes).map_err(|source| Error::Corrupt {
+    serde_json::from_slice(bytes).map_err(|cause| Error::Corrupt {
         key: key.to_owned(),
-        source,
+        cause,
     })
 }
 

@@ -97,6 +97,9 @@ impl Snapshotter {
             remote,
             _lock: lock,
         };
+        if let Some(r) = &sn.remote {
+            r.recover();
+        }
         sn.remount_remotes()?;
         let removed = sn.cleanup()?;
         if !removed.is_empty() {
@@ -268,7 +271,7 @@ impl Snapshotter {
                 .resolve(&rref)
                 .and_then(|resolved| remote.mount(id, &name, &rref, &resolved, &mp));
             match result {
-                Ok(()) => remote.start_fetching(id),
+                Ok(()) => remote.start_background(id),
                 Err(e) => {
                     tracing::error!(snapshot = %name, id, layer = %rref.layer_digest, error = %e,
                         "cannot mount remote layer again; containers using it will fail to read")

@@ -1,6 +1,7 @@
 //! `shoal-snapshotter`: the node daemon containerd talks to through
 //! `[proxy_plugins.shoal]`.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -73,15 +74,29 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     debug_assert_eq!(DEFAULT_ROOT, Config::default().root.to_str().unwrap());
     debug_assert_eq!(DEFAULT_ADDRESS, Config::default().address.to_str().unwrap());
 
-    match run(config) {
+    // A registry setup error (e.g. an unreadable docker config) is a
+    // configuration error: exit 2, which the systemd unit does not restart.
+    let registry = if config.remote.enable {
+        match Registry::new(RegistryConfig::from_section(&config.registry)) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                error!("invalid configuration: [registry]: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        }
+    } else {
+        None
+    };
+
+    match run(config, registry) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
-            eprintln!("shoal-snapshotter: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -89,12 +104,10 @@ fn main() -> ExitCode {
 
 /// The remote-layer machinery: chunk store, fetcher, registry client. Touches
 /// no network: the daemon must start while registries are unreachable.
-fn remote_layers(config: &Config) -> anyhow::Result<RemoteLayers> {
+fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLayers> {
     let chunks = config.root.join("chunks");
     let store = ChunkStore::open(&chunks, config.remote.memory_cache_bytes)
         .with_context(|| format!("open chunk store {}", chunks.display()))?;
-    let registry = Registry::new(RegistryConfig::from_section(&config.registry))
-        .context("set up the registry client")?;
     let cfg = RemoteConfig {
         prefetch_timeout: std::time::Duration::from_secs(config.remote.prefetch_timeout_secs),
         background_fetch: config.remote.background_fetch,
@@ -111,7 +124,7 @@ fn remote_layers(config: &Config) -> anyhow::Result<RemoteLayers> {
     .with_context(|| format!("create {}", tocs.display()))
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, registry: Option<Registry>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("shoal")
@@ -120,8 +133,14 @@ fn run(config: Config) -> anyhow::Result<()> {
     rt.block_on(async move {
         let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-        let remote = if config.remote.enable {
-            Some(remote_layers(&config)?)
+        // The root is private: it holds image data and the metadata store.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.root)
+            .with_context(|| format!("create {}", config.root.display()))?;
+        let remote = if let Some(registry) = registry {
+            Some(remote_layers(&config, registry)?)
         } else {
             info!("remote layers disabled: every layer is pulled and unpacked by containerd");
             None

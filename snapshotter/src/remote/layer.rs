@@ -288,7 +288,10 @@ impl ChunkSource for LayerReader {
                 }
                 Err(e) => {
                     served.errors.fetch_add(1, Ordering::Relaxed);
-                    let file = toc.entries.get(data_id as usize).map_or("?", |e| e.name.as_str());
+                    let file = toc
+                        .entries
+                        .get(data_id as usize)
+                        .map_or("?", |e| e.name.as_str());
                     error!(layer = %layer, file, offset, error = %e, "read failed: EIO");
                     reply.error(libc::EIO);
                 }

@@ -155,7 +155,8 @@ impl RemoteLayers {
         rt: Handle,
         cfg: RemoteConfig,
     ) -> std::io::Result<RemoteLayers> {
-        fs::create_dir_all(&tocs_dir)?;
+        std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&tocs_dir)?;
         Ok(RemoteLayers {
             tocs_dir,
             blobs,
@@ -319,6 +320,23 @@ impl RemoteLayers {
         if self.cfg.background_fetch {
             reader.spawn_background();
         }
+    }
+
+    /// Starts only the background fetch of snapshot `id` (if enabled),
+    /// without waiting: for layers mounted again at start, which must not
+    /// hold up the daemon when the registry is unreachable.
+    pub fn start_background(&self, id: u64) {
+        if !self.cfg.background_fetch {
+            return;
+        }
+        if let Some(m) = self.mounted.lock().unwrap().get(&id) {
+            m.reader.spawn_background();
+        }
+    }
+
+    /// Crash recovery once the root lock is held.
+    pub fn recover(&self) {
+        self.fetcher.store().remove_stale_temp();
     }
 
     /// Unmounts snapshot `id` if it is mounted.

@@ -15,6 +15,7 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -59,14 +60,18 @@ pub struct ChunkStore {
 }
 
 impl ChunkStore {
-    /// Opens the store in `dir`, removing temp files a crash left behind.
+    /// Opens the store in `dir` (created private, mode 0700). Temp files a
+    /// crash left behind are removed by [`ChunkStore::remove_stale_temp`],
+    /// which the caller runs once it holds the root lock.
     ///
     /// # Errors
     /// The directories cannot be created.
     pub fn open(dir: &Path, memory_limit: u64) -> io::Result<ChunkStore> {
         let tmp = dir.join("tmp");
-        let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir_all(&tmp)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&tmp)?;
         Ok(ChunkStore {
             dir: dir.to_owned(),
             tmp,
@@ -78,6 +83,16 @@ impl ChunkStore {
             seq: AtomicU64::new(0),
             stats: StoreStats::default(),
         })
+    }
+
+    /// Removes partially written chunks left by a process that died. Only
+    /// call with the root lock held: a live daemon's writes are in there.
+    pub fn remove_stale_temp(&self) {
+        if let Ok(entries) = fs::read_dir(&self.tmp) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
     }
 
     fn path(&self, digest: &[u8; 32]) -> PathBuf {
