@@ -25,6 +25,9 @@ pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Default `remote.prefetch_timeout_secs`: how long Prepare waits for a
 /// layer's startup (prefetch) set.
 pub const DEFAULT_PREFETCH_TIMEOUT_SECS: u64 = 10;
+/// Default `remote.background_delay_secs`: seconds after a layer is mounted
+/// before the rest of it streams in (the container's startup reads go first).
+pub const DEFAULT_BACKGROUND_DELAY_SECS: u64 = 5;
 /// Default `remote.fuse_threads`.
 pub const DEFAULT_FUSE_THREADS: usize = 2;
 /// Default `remote.memory_cache_bytes`: verified chunks kept in memory.
@@ -70,6 +73,9 @@ pub struct RemoteSection {
     pub prefetch_timeout_secs: u64,
     /// Fetch the rest of each layer in the background after mounting.
     pub background_fetch: bool,
+    /// Seconds after mounting before the background fetch starts; it then
+    /// runs only while on-demand reads are quiet.
+    pub background_delay_secs: u64,
     /// FUSE worker threads per mounted layer.
     pub fuse_threads: usize,
     /// Bytes of verified chunks kept in memory.
@@ -82,6 +88,7 @@ impl Default for RemoteSection {
             enable: true,
             prefetch_timeout_secs: DEFAULT_PREFETCH_TIMEOUT_SECS,
             background_fetch: true,
+            background_delay_secs: DEFAULT_BACKGROUND_DELAY_SECS,
             fuse_threads: DEFAULT_FUSE_THREADS,
             memory_cache_bytes: DEFAULT_MEMORY_CACHE_BYTES,
         }

@@ -86,6 +86,7 @@ fn open(root: &Path, blob: Arc<Blob>, rt: &tokio::runtime::Runtime) -> Snapshott
         RemoteConfig {
             prefetch_timeout: Duration::from_secs(5),
             background_fetch: false,
+            background_delay: Duration::from_secs(0),
             fuse_threads: 2,
         },
     )

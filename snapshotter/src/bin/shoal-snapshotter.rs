@@ -111,6 +111,7 @@ fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLa
     let cfg = RemoteConfig {
         prefetch_timeout: std::time::Duration::from_secs(config.remote.prefetch_timeout_secs),
         background_fetch: config.remote.background_fetch,
+        background_delay: std::time::Duration::from_secs(config.remote.background_delay_secs),
         fuse_threads: config.remote.fuse_threads,
     };
     let tocs = config.root.join("tocs");

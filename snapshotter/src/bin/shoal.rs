@@ -191,9 +191,9 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
     }
     for l in &resp.layers {
         let pct = if l.bytes_total == 0 {
-            100.0
+            100
         } else {
-            100.0 * l.bytes_local as f64 / l.bytes_total as f64
+            (100 * l.bytes_local / l.bytes_total) as u32 // floor: 100% only when complete
         };
         println!(
             "{:<14} {:<14} {:<13} {:>15} {:>21} {:>6}  {}",
@@ -202,7 +202,7 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
             l.format,
             format!("{}/{}", l.chunks_local, l.chunks_total),
             format!(
-                "{}/{} {:>3.0}%",
+                "{}/{} {:>3}%",
                 human(l.bytes_local),
                 human(l.bytes_total),
                 pct

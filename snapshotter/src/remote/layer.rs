@@ -138,7 +138,12 @@ impl LayerReader {
     ///
     /// # Errors
     /// The first fetch error.
-    pub async fn fetch_all(&self, chunks: Vec<Chunk>, parallel: usize) -> Result<(), String> {
+    pub async fn fetch_all(
+        &self,
+        chunks: Vec<Chunk>,
+        parallel: usize,
+        background: bool,
+    ) -> Result<(), String> {
         let mut batches: Vec<Vec<Chunk>> = Vec::new();
         for c in chunks {
             if self.fetcher.store().contains(&c.digest) {
@@ -157,6 +162,10 @@ impl LayerReader {
         let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
         let mut set = tokio::task::JoinSet::new();
         for b in batches {
+            if background {
+                // On-demand reads pre-empt the background stream.
+                self.fetcher.wait_for_quiet().await;
+            }
             if self.stopped.load(Ordering::Relaxed) {
                 break;
             }
@@ -199,14 +208,17 @@ impl LayerReader {
         v
     }
 
-    /// Starts fetching the whole layer at low priority (one request at a
-    /// time, so on-demand reads keep the registry's other slots).
-    pub fn spawn_background(self: &Arc<Self>) {
+    /// Starts fetching the whole layer at low priority: after `delay`, one
+    /// request at a time, and only while on-demand reads are quiet (see
+    /// [`Fetcher::wait_for_quiet`]), so a starting container's reads never
+    /// queue behind it.
+    pub fn spawn_background(self: &Arc<Self>, delay: std::time::Duration) {
         let me = self.clone();
         self.rt.spawn(async move {
+            tokio::time::sleep(delay).await;
             let chunks = me.all_chunks();
             let started = std::time::Instant::now();
-            match me.fetch_all(chunks, 1).await {
+            match me.fetch_all(chunks, 1, true).await {
                 Ok(()) if !me.stopped.load(Ordering::Relaxed) => info!(
                     layer = %me.layer,
                     ms = started.elapsed().as_millis() as u64,
@@ -278,8 +290,11 @@ impl ChunkSource for LayerReader {
         );
         let served = self.served.clone();
         let toc = self.toc.clone();
+        self.fetcher.demand_start();
         self.rt.spawn(async move {
-            match fetcher.get(&*source, compression, &layer, &needed).await {
+            let result = fetcher.get(&*source, compression, &layer, &needed).await;
+            fetcher.demand_end();
+            match result {
                 Ok(bufs) => {
                     served
                         .after_fetch

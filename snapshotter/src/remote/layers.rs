@@ -57,6 +57,8 @@ pub struct RemoteConfig {
     pub background_fetch: bool,
     /// FUSE worker threads per mount.
     pub fuse_threads: usize,
+    /// Delay after mounting before the background fetch starts.
+    pub background_delay: Duration,
 }
 
 /// Counters for status and metrics.
@@ -305,7 +307,11 @@ impl RemoteLayers {
             let n = chunks.len();
             let started = std::time::Instant::now();
             let r = self.rt.block_on(async {
-                tokio::time::timeout(self.cfg.prefetch_timeout, reader.fetch_all(chunks, 4)).await
+                tokio::time::timeout(
+                    self.cfg.prefetch_timeout,
+                    reader.fetch_all(chunks, 4, false),
+                )
+                .await
             });
             match r {
                 Ok(Ok(())) => info!(layer = %reader.layer, chunks = n,
@@ -318,7 +324,7 @@ impl RemoteLayers {
             }
         }
         if self.cfg.background_fetch {
-            reader.spawn_background();
+            reader.spawn_background(self.cfg.background_delay);
         }
     }
 
@@ -330,7 +336,7 @@ impl RemoteLayers {
             return;
         }
         if let Some(m) = self.mounted.lock().unwrap().get(&id) {
-            m.reader.spawn_background();
+            m.reader.spawn_background(self.cfg.background_delay);
         }
     }
 

@@ -88,6 +88,7 @@ pub fn open_snapshotter(
         RemoteConfig {
             prefetch_timeout: Duration::from_secs(5),
             background_fetch: false,
+            background_delay: Duration::from_secs(0),
             fuse_threads: 2,
         },
     )
