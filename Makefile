@@ -6,7 +6,8 @@
 #   make unit         cargo test --workspace --release
 #   make conformance  containerd 1.6's snapshotter test suite against Shoal
 #   make e2e          real containerd + registry + images, Shoal vs overlayfs,
-#                     lazy pulls of eStargz/zstd:chunked images, shoal pull
+#                     lazy pulls of eStargz/zstd:chunked images, shoal pull,
+#                     faults injected by a proxy in front of the registry
 #   make bench        lazy-pull benchmark: Debian+python3 over a 100 Mbit/s link
 #                     (BENCH_ARGS="--rate 1gbit --runs 3" passes options)
 #   make deps         the Debian 12 packages the above need (root)
@@ -40,6 +41,7 @@ e2e: build
 	tests/e2e/run.sh --no-build
 	tests/e2e/lazy.sh --no-build
 	tests/e2e/pull.sh --no-build
+	tests/e2e/faults.sh --no-build
 
 test: deps build
 	$(CARGO) test --workspace --release
@@ -47,6 +49,7 @@ test: deps build
 	tests/e2e/run.sh --no-build
 	tests/e2e/lazy.sh --no-build
 	tests/e2e/pull.sh --no-build
+	tests/e2e/faults.sh --no-build
 
 demo:
 	scripts/demo.sh

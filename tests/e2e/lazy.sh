@@ -34,21 +34,7 @@ done
 # shellcheck source=tests/e2e/lib.sh
 source "$here/lib.sh"
 
-passed=0 failed=0 failed_names=() started=$SECONDS
-pass() { passed=$((passed + 1)); printf 'PASS  %s\n' "$1"; }
-fail() {
-  failed=$((failed + 1)); failed_names+=("$1")
-  printf 'FAIL  %s\n' "$1"
-  [ $# -lt 2 ] || printf '%s\n' "$2" | sed 's/^/      /'
-}
-summary() {
-  local status=$1
-  if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then fail "run aborted (exit $status)"; fi
-  echo
-  [ "$failed" -eq 0 ] || printf 'failed: %s\n' "${failed_names[*]}"
-  printf 'lazy: %d passed, %d failed (%ds)\n' "$passed" "$failed" "$((SECONDS - started))"
-  [ "$failed" -eq 0 ]
-}
+e2e_checks_begin lazy
 
 if [ "$build" = 1 ]; then
   export PATH="$HOME/.cargo/bin:$PATH"

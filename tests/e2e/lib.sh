@@ -363,3 +363,32 @@ e2e_tree_container() {
     "$2" "$3" /.e2e-tools/busybox sh -c 'cd / && exec /.e2e-tools/busybox sh /.e2e-tools/tree.sh' |
     e2e_tree_normalize
 }
+
+# ---------------------------------------------------------------------------
+# Reporting, shared by run.sh, lazy.sh, pull.sh and faults.sh.
+
+# e2e_checks_begin NAME: start counting; the summary line is
+# `NAME: N passed, M failed (Ts)`. `pass MSG`, `fail MSG [DETAIL]`, and
+# `summary STATUS` (also usable as E2E_EXIT_HOOK) report.
+e2e_checks_begin() {
+  E2E_REPORT=$1 passed=0 failed=0 failed_names=() started=$SECONDS
+}
+
+pass() { passed=$((passed + 1)); printf 'PASS  %s\n' "$1"; }
+
+fail() {
+  failed=$((failed + 1)); failed_names+=("$1")
+  printf 'FAIL  %s\n' "$1"
+  [ $# -lt 2 ] || printf '%s\n' "$2" | sed 's/^/      /'
+}
+
+summary() {
+  local status=$1
+  if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
+    fail "run aborted (exit $status)"
+  fi
+  echo
+  [ "$failed" -eq 0 ] || printf 'failed: %s\n' "${failed_names[*]}"
+  printf '%s: %d passed, %d failed (%ds)\n' "$E2E_REPORT" "$passed" "$failed" "$((SECONDS - started))"
+  [ "$failed" -eq 0 ]
+}

@@ -185,7 +185,7 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
     );
     if !resp.layers.is_empty() {
         println!(
-            "{:<14} {:<14} {:<13} {:>15} {:>21} {:>6}  IMAGE",
+            "{:<14} {:<14} {:<13} {:>13} {:>26} {:>6}  IMAGE",
             "SNAPSHOT", "LAYER", "FORMAT", "CHUNKS", "BYTES LOCAL", "ERRORS"
         );
     }
@@ -196,7 +196,7 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
             (100 * l.bytes_local / l.bytes_total) as u32 // floor: 100% only when complete
         };
         println!(
-            "{:<14} {:<14} {:<13} {:>15} {:>21} {:>6}  {}",
+            "{:<14} {:<14} {:<13} {:>13} {:>26} {:>6}  {}",
             short(&l.snapshot),
             short(&l.layer_digest),
             l.format,
