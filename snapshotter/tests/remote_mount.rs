@@ -9,61 +9,15 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use shoal::error::Error;
-use shoal::metadata::{Kind, RemoteRef};
+use shoal::metadata::Kind;
 use shoal::overlay::Snapshotter;
-use shoal::remote::fetch::{BoxFuture, Fetcher, RangeSource};
-use shoal::remote::layers::{Blobs, RemoteConfig, RemoteLayers};
-use shoal::remote::store::ChunkStore;
 
-struct Blob {
-    bytes: Vec<u8>,
-    lie: AtomicBool,
-    offline: AtomicBool,
-    requests: AtomicU64,
-}
-
-impl RangeSource for Blob {
-    fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, String>> {
-        Box::pin(async move {
-            self.requests.fetch_add(1, Ordering::SeqCst);
-            if self.offline.load(Ordering::SeqCst) {
-                return Err("connection refused (test: offline)".into());
-            }
-            let mut b = self.bytes[offset as usize..(offset + len) as usize].to_vec();
-            if self.lie.load(Ordering::SeqCst) {
-                let n = b.len();
-                b[n / 2] ^= 0x20;
-            }
-            Ok(Bytes::from(b))
-        })
-    }
-    fn name(&self) -> &str {
-        "test-blob"
-    }
-}
-
-struct TestBlobs(Arc<Blob>);
-
-impl Blobs for TestBlobs {
-    fn source(&self, _r: &RemoteRef) -> Arc<dyn RangeSource> {
-        self.0.clone()
-    }
-    fn size<'a>(&'a self, _r: &'a RemoteRef) -> BoxFuture<'a, Result<u64, String>> {
-        Box::pin(async move {
-            if self.0.offline.load(Ordering::SeqCst) {
-                return Err("offline".into());
-            }
-            Ok(self.0.bytes.len() as u64)
-        })
-    }
-}
+mod common;
+use common::{labels, open_snapshotter, MemBlob};
 
 fn fixture() -> (Vec<u8>, String) {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -74,42 +28,6 @@ fn fixture() -> (Vec<u8>, String) {
         .unwrap();
     let digest = std::fs::read_to_string(p.with_extension("esgz.toc-digest")).unwrap();
     (std::fs::read(&p).unwrap(), digest.trim().to_owned())
-}
-
-fn open(root: &Path, blob: Arc<Blob>, rt: &tokio::runtime::Runtime) -> Snapshotter {
-    let store = Arc::new(ChunkStore::open(&root.join("chunks"), 64 << 20).unwrap());
-    let remote = RemoteLayers::new(
-        root.join("tocs"),
-        Arc::new(TestBlobs(blob)),
-        Arc::new(Fetcher::new(store)),
-        rt.handle().clone(),
-        RemoteConfig {
-            prefetch_timeout: Duration::from_secs(5),
-            background_fetch: false,
-            background_delay: Duration::from_secs(0),
-            fuse_threads: 2,
-        },
-    )
-    .unwrap();
-    Snapshotter::open_with_remote(root, Some(remote)).unwrap()
-}
-
-fn labels(toc: &str, chain: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        ("containerd.io/snapshot.ref".to_owned(), chain.to_owned()),
-        (
-            "containerd.io/snapshot/stargz/toc.digest".into(),
-            toc.into(),
-        ),
-        (
-            "containerd.io/snapshot/cri.image-ref".into(),
-            "127.0.0.1:5000/fx:esgz".into(),
-        ),
-        (
-            "containerd.io/snapshot/cri.layer-digest".into(),
-            "sha256:test".into(),
-        ),
-    ])
 }
 
 /// Mounts the layer through Prepare and returns the directory it is served at.
@@ -140,13 +58,8 @@ fn a_remote_layer_serves_verified_bytes_through_fuse_and_survives_a_restart_offl
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (bytes, toc) = fixture();
-    let blob = Arc::new(Blob {
-        bytes,
-        lie: false.into(),
-        offline: false.into(),
-        requests: 0.into(),
-    });
-    let sn = open(dir.path(), blob.clone(), &rt);
+    let blob = MemBlob::new(bytes);
+    let sn = open_snapshotter(dir.path(), blob.clone(), &rt);
     let layer = prepare_remote(&sn, &toc);
 
     // A second Prepare of the same layer (another namespace) needs no work.
@@ -197,7 +110,7 @@ fn a_remote_layer_serves_verified_bytes_through_fuse_and_survives_a_restart_offl
     sn.remove("view-1").unwrap();
     drop(sn);
     blob.offline.store(true, Ordering::SeqCst);
-    let sn = open(dir.path(), blob.clone(), &rt);
+    let sn = open_snapshotter(dir.path(), blob.clone(), &rt);
     let m = sn
         .create(Kind::View, "view-2", Some("chain-1"), BTreeMap::new())
         .unwrap();
@@ -219,13 +132,8 @@ fn a_lying_source_gives_eio_never_wrong_bytes() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (bytes, toc) = fixture();
-    let blob = Arc::new(Blob {
-        bytes,
-        lie: false.into(),
-        offline: false.into(),
-        requests: 0.into(),
-    });
-    let sn = open(dir.path(), blob.clone(), &rt);
+    let blob = MemBlob::new(bytes);
+    let sn = open_snapshotter(dir.path(), blob.clone(), &rt);
     let layer = prepare_remote(&sn, &toc);
     blob.lie.store(true, Ordering::SeqCst);
     let err = std::fs::read(layer.join("data/big.bin")).unwrap_err();
@@ -243,13 +151,8 @@ fn a_toc_that_does_not_match_its_annotation_falls_back_to_a_normal_pull() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (bytes, _) = fixture();
-    let blob = Arc::new(Blob {
-        bytes,
-        lie: false.into(),
-        offline: false.into(),
-        requests: 0.into(),
-    });
-    let sn = open(dir.path(), blob, &rt);
+    let blob = MemBlob::new(bytes);
+    let sn = open_snapshotter(dir.path(), blob, &rt);
     let wrong = format!("sha256:{}", "1".repeat(64));
     let m = sn
         .create(Kind::Active, "extract-1", None, labels(&wrong, "chain-1"))

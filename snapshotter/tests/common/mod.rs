@@ -14,7 +14,7 @@ pub mod estargz;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +32,10 @@ pub struct MemBlob {
     pub bytes: Vec<u8>,
     /// Range requests served.
     pub requests: AtomicU64,
+    /// Flip a byte in the middle of every answer (a lying source).
+    pub lie: AtomicBool,
+    /// Refuse every request, size included (the registry unreachable).
+    pub offline: AtomicBool,
 }
 
 impl MemBlob {
@@ -40,6 +44,8 @@ impl MemBlob {
         Arc::new(MemBlob {
             bytes,
             requests: AtomicU64::new(0),
+            lie: AtomicBool::new(false),
+            offline: AtomicBool::new(false),
         })
     }
 }
@@ -48,13 +54,19 @@ impl RangeSource for MemBlob {
     fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, String>> {
         Box::pin(async move {
             self.requests.fetch_add(1, Ordering::SeqCst);
+            if self.offline.load(Ordering::SeqCst) {
+                return Err("connection refused (test: offline)".into());
+            }
             let end = offset
                 .checked_add(len)
                 .filter(|&e| e <= self.bytes.len() as u64)
                 .ok_or_else(|| format!("range {offset}+{len} not satisfiable"))?;
-            Ok(Bytes::copy_from_slice(
-                &self.bytes[offset as usize..end as usize],
-            ))
+            let mut b = self.bytes[offset as usize..end as usize].to_vec();
+            if self.lie.load(Ordering::SeqCst) && !b.is_empty() {
+                let mid = b.len() / 2;
+                b[mid] ^= 0x20;
+            }
+            Ok(Bytes::from(b))
         })
     }
     fn name(&self) -> &str {
@@ -69,7 +81,12 @@ impl Blobs for MemBlobs {
         self.0.clone()
     }
     fn size<'a>(&'a self, _r: &'a RemoteRef) -> BoxFuture<'a, Result<u64, String>> {
-        Box::pin(async move { Ok(self.0.bytes.len() as u64) })
+        Box::pin(async move {
+            if self.0.offline.load(Ordering::SeqCst) {
+                return Err("offline".into());
+            }
+            Ok(self.0.bytes.len() as u64)
+        })
     }
 }
 
