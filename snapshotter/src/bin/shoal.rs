@@ -190,11 +190,10 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
         );
     }
     for l in &resp.layers {
-        let pct = if l.bytes_total == 0 {
-            100
-        } else {
-            (100 * l.bytes_local / l.bytes_total) as u32 // floor: 100% only when complete
-        };
+        // Floor, so 100% means complete.
+        let pct = (100 * l.bytes_local)
+            .checked_div(l.bytes_total)
+            .unwrap_or(100);
         println!(
             "{:<14} {:<14} {:<13} {:>13} {:>26} {:>6}  {}",
             short(&l.snapshot),
