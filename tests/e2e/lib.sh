@@ -302,6 +302,9 @@ e2e_cleanup() {
   # Only if containerd is still ours and alive.
   if e2e_pid_of containerd >/dev/null; then e2e_stop_leftover_tasks; fi
   for name in containerd shoal registry; do e2e_stop_pid "$name"; done
+  # Anything else a script started with e2e_start (e.g. faults.sh's proxy).
+  local entry
+  for entry in "${E2E_PIDS[@]}"; do e2e_stop_pid "${entry%%:*}"; done
   e2e_unmount_all_under "$E2E_DIR"
   # What runc made for our namespace outside $E2E_DIR, if now empty.
   rmdir "/sys/fs/cgroup/$E2E_NS" "/run/containerd/runc/$E2E_NS" 2>/dev/null || true
