@@ -36,10 +36,7 @@ source "$here/lib.sh"
 
 e2e_checks_begin lazy
 
-if [ "$build" = 1 ]; then
-  export PATH="$HOME/.cargo/bin:$PATH"
-  (cd "$repo" && cargo build --release --bins) || { echo "build failed" >&2; exit 1; }
-fi
+[ "$build" = 0 ] || e2e_build
 command -v ctr-remote >/dev/null || {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stargz-snapshotter >/dev/null
 }

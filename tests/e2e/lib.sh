@@ -395,3 +395,16 @@ summary() {
   printf '%s: %d passed, %d failed (%ds)\n' "$E2E_REPORT" "$passed" "$failed" "$((SECONDS - started))"
   [ "$failed" -eq 0 ]
 }
+
+# e2e_build: cargo build --release --bins at the repository root, reported as
+# a check; on failure, print the summary and exit.
+e2e_build() {
+  export PATH="$HOME/.cargo/bin:$PATH"
+  if (cd "$E2E_REPO_ROOT" && cargo build --release --bins); then
+    pass "build: cargo build --release --bins"
+  else
+    fail "build: cargo build --release --bins"
+    summary 1
+    exit 1
+  fi
+}

@@ -39,16 +39,7 @@ source "$here/lib.sh"
 
 e2e_checks_begin pull
 
-if [ "$build" = 1 ]; then
-  export PATH="$HOME/.cargo/bin:$PATH"
-  if (cd "$repo" && cargo build --release --bins); then
-    pass "build: cargo build --release --bins"
-  else
-    fail "build: cargo build --release --bins"
-    summary 1
-    exit 1
-  fi
-fi
+[ "$build" = 0 ] || e2e_build
 
 cli="$repo/target/release/shoal"
 [ -x "$cli" ] || { fail "cli: $cli not built"; summary 1; exit 1; }
