@@ -395,49 +395,15 @@ restart_shoal() {
   e2e_wait_for shoal "containerd to reach it" shoal_ready
 }
 
-# start_containerd: as e2e_start_containerd, with a proxy plugin for each
-# remote snapshotter measured here.
+# start_containerd: e2e_start_containerd, plus a proxy plugin for
+# stargz-snapshotter when it is measured.
 start_containerd() {
-  mkdir -p "$E2E_DIR/containerd/root" "$E2E_DIR/containerd/state"
-  local proxies=
-  if [ -n "$E2E_SHOAL_BIN" ]; then
-    proxies+="[proxy_plugins.shoal]
-  type = \"snapshot\"
-  address = \"$E2E_DIR/shoal.sock\"
-"
-  fi
   if [ "$stargz" = 1 ]; then
-    proxies+="[proxy_plugins.stargz]
+    E2E_EXTRA_PROXY_PLUGINS="[proxy_plugins.stargz]
   type = \"snapshot\"
-  address = \"$E2E_DIR/stargz.sock\"
-"
+  address = \"$E2E_DIR/stargz.sock\""
   fi
-  cat >"$E2E_DIR/containerd/config.toml" <<EOF
-version = 2
-root = "$E2E_DIR/containerd/root"
-state = "$E2E_DIR/containerd/state"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.internal.v1.opt",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-
-[grpc]
-  address = "$E2E_DIR/containerd.sock"
-
-[debug]
-  level = "info"
-
-$proxies
-EOF
-  e2e_start containerd containerd --config "$E2E_DIR/containerd/config.toml"
-  e2e_wait_for containerd "its API on $E2E_DIR/containerd.sock" \
-    ctr --address "$E2E_DIR/containerd.sock" version
+  e2e_start_containerd
 }
 
 stargz_generation=0

@@ -19,6 +19,8 @@
 #   E2E_KEEP=1     keep $E2E_DIR after the run (processes are still stopped)
 #   E2E_QUIET=1    don't print log tails on failure
 #   E2E_TIMEOUT    seconds to wait for each daemon to come up (default 30)
+#   E2E_EXTRA_PROXY_PLUGINS  TOML appended to containerd's config (more
+#                  [proxy_plugins.NAME], e.g. the benchmark's stargz)
 #   E2E_EXIT_HOOK  name of a function the EXIT trap calls, with the exit
 #                  status, after cleanup (run.sh prints its summary there)
 
@@ -205,6 +207,7 @@ disabled_plugins = [
   level = "info"
 
 $proxy
+${E2E_EXTRA_PROXY_PLUGINS:-}
 EOF
   e2e_start containerd containerd --config "$E2E_DIR/containerd/config.toml"
   e2e_wait_for containerd "its API on $E2E_DIR/containerd.sock" \
