@@ -13,7 +13,8 @@
 //! - `tree.rs`: the compact immutable inode table [`Tree`] and its [`Node`] view.
 //! - `reply.rs`: the read contract, [`ChunkSource`] and [`ReadReply`], and [`Stats`].
 //! - `fs.rs`: the `fuser::Filesystem` implementation.
-//! - `lib.rs` (this file): [`mount`], [`MountOptions`], [`Mounted`].
+//! - `handover.rs`: [`resend`], for resuming a connection after a restart.
+//! - `lib.rs` (this file): [`mount`], [`attach`], [`MountOptions`], [`Mounted`].
 //! - `test_util.rs` (feature `test-util`): in-memory `ChunkSource` doubles.
 //!
 //! # Mounting
@@ -29,6 +30,16 @@
 //! panicking source answers the read with `EIO` (its dropped [`ReadReply`]
 //! does so), is counted in [`Stats::source_panics`], and the mount lives on.
 //!
+//! # Restarts
+//! Every worker thread reads the same open `/dev/fuse` file (no cloned fds).
+//! [`Mounted::fuse_fd`] duplicates it so the snapshotter can keep it outside
+//! the process; [`Mounted::hand_over`] leaves the mount in place when the
+//! process exits; [`attach`] serves a kept fd again in a new process without
+//! a FUSE handshake and asks the kernel to resend what the old process had
+//! read but not answered (see `handover.rs`). Inode numbers come from
+//! [`Tree::build`] (a breadth-first walk in name order) and file handles are
+//! always 0, so the same TOC gives the same ids the kernel has cached.
+//!
 //! # Unmounting
 //! [`Mounted::unmount`] (or drop) removes the mount point; a busy mount is
 //! detached lazily (`MNT_DETACH`). Either way the kernel keeps the FUSE
@@ -41,6 +52,7 @@
 mod builder;
 mod entry;
 mod fs;
+mod handover;
 mod reply;
 #[cfg(feature = "test-util")]
 pub mod test_util;
@@ -48,6 +60,7 @@ mod tree;
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -57,6 +70,7 @@ use std::time::Duration;
 
 pub use entry::{Entry, EntryKind, TreeError, NAME_MAX};
 pub use fs::TTL;
+pub use handover::resend;
 pub use reply::{ChunkSource, ReadReply, Stats, StatsSnapshot};
 pub use tree::{Node, NodeKind, Tree};
 
@@ -76,7 +90,7 @@ pub struct MountOptions {
     /// Let every user (not only the mounter) reach the mount. Modes are still
     /// enforced by the kernel (`default_permissions`).
     pub allow_other: bool,
-    /// FUSE worker threads (at least 1); each gets its own `/dev/fuse` clone.
+    /// FUSE worker threads (at least 1), all reading the same `/dev/fuse` fd.
     pub threads: usize,
 }
 
@@ -102,20 +116,9 @@ pub fn mount(
     mountpoint: &Path,
     opts: MountOptions,
 ) -> io::Result<Mounted> {
-    if opts.fsname.is_empty()
-        || opts
-            .fsname
-            .chars()
-            .any(|c| c == ',' || c == '\0' || c.is_whitespace())
-    {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("bad fsname {:?}", opts.fsname),
-        ));
-    }
+    check_fsname(&opts.fsname)?;
     let canonical = mountpoint.canonicalize()?;
-    let threads = opts.threads.max(1);
-    let mut config = fuser::Config::default();
+    let mut config = session_config(&opts);
     config.mount_options = vec![
         fuser::MountOption::FSName(opts.fsname),
         fuser::MountOption::RO,
@@ -124,20 +127,82 @@ pub fn mount(
         fuser::MountOption::NoAtime,
         fuser::MountOption::DefaultPermissions,
     ];
+    let stats = Arc::new(Stats::default());
+    let layer = fs::LayerFs::new(tree, source, stats.clone());
+    let mut session = fuser::Session::new(layer, &canonical, &config)?;
+    let unmounter = Unmounter::Session(session.unmount_callable());
+    let fd = session.as_fd().try_clone_to_owned()?;
+    spawn(session, fd, mountpoint, canonical, unmounter, stats)
+}
+
+/// Serves `tree` again on `fd`, a `/dev/fuse` connection that an earlier
+/// process mounted at `mountpoint` (with [`mount`]) and initialised, then
+/// asks the kernel to resend the requests that process had read but not
+/// answered. `tree` must be built from the same entries, so inode numbers
+/// match what the kernel has cached. Nothing is mounted; the mount point is
+/// not touched (a `stat` would wait for this very server).
+///
+/// # Errors
+/// Thread spawn. A kernel without `FUSE_NOTIFY_RESEND` is only logged: the
+/// connection is served, but requests in flight at the crash stay unanswered.
+pub fn attach(
+    tree: Tree,
+    source: Arc<dyn ChunkSource>,
+    fd: OwnedFd,
+    mountpoint: &Path,
+    opts: MountOptions,
+) -> io::Result<Mounted> {
+    let config = session_config(&opts);
+    let stats = Arc::new(Stats::default());
+    let layer = fs::LayerFs::new(tree, source, stats.clone());
+    let keep = fd.try_clone()?;
+    let session = fuser::Session::from_initialized_fd(layer, fd, config.acl, config);
+    if let Err(e) = resend(keep.as_fd()) {
+        tracing::warn!(mountpoint = %mountpoint.display(), cause = %e,
+            "FUSE_NOTIFY_RESEND failed (Linux 6.9+ needed); requests in flight at the restart stay unanswered");
+    }
+    let path = mountpoint.to_path_buf();
+    spawn(session, keep, mountpoint, path.clone(), Unmounter::Path(path), stats)
+}
+
+fn check_fsname(fsname: &str) -> io::Result<()> {
+    if fsname.is_empty()
+        || fsname
+            .chars()
+            .any(|c| c == ',' || c == '\0' || c.is_whitespace())
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad fsname {fsname:?}"),
+        ));
+    }
+    Ok(())
+}
+
+fn session_config(opts: &MountOptions) -> fuser::Config {
+    let mut config = fuser::Config::default();
     config.acl = if opts.allow_other {
         fuser::SessionACL::All
     } else {
         fuser::SessionACL::Owner
     };
-    config.n_threads = Some(threads);
-    config.clone_fd = threads > 1;
+    config.n_threads = Some(opts.threads.max(1));
+    // Never clone the fd: see the crate doc ("Restarts") and handover.rs.
+    config.clone_fd = false;
+    config
+}
 
-    let stats = Arc::new(Stats::default());
-    let layer = fs::LayerFs::new(tree, source, stats.clone());
-    let mut session = fuser::Session::new(layer, &canonical, &config)?;
-    let unmounter = session.unmount_callable();
+fn spawn(
+    session: fuser::Session<fs::LayerFs>,
+    fd: OwnedFd,
+    mountpoint: &Path,
+    canonical: PathBuf,
+    unmounter: Unmounter,
+    stats: Arc<Stats>,
+) -> io::Result<Mounted> {
     let (done_tx, done) = mpsc::channel();
-    // If spawning fails, the session is dropped with the closure and unmounts.
+    // If spawning fails, the session is dropped with the closure (a mounted
+    // one unmounts).
     let thread = std::thread::Builder::new()
         .name("shoal-fuse".to_owned())
         .spawn(move || {
@@ -152,7 +217,25 @@ pub fn mount(
         thread: Some(thread),
         done,
         stats,
+        fd,
     })
+}
+
+/// How a mount is removed: through fuser's mount handle (made by [`mount`]),
+/// or by path (resumed by [`attach`], whose mount an earlier process made).
+#[derive(Debug)]
+enum Unmounter {
+    Session(fuser::SessionUnmounter),
+    Path(PathBuf),
+}
+
+impl Unmounter {
+    fn unmount(&mut self) -> io::Result<()> {
+        match self {
+            Unmounter::Session(u) => u.unmount(),
+            Unmounter::Path(p) => umount(p, 0),
+        }
+    }
 }
 
 /// A mounted layer. Dropping it unmounts (see [`Mounted::unmount`]).
@@ -160,14 +243,36 @@ pub fn mount(
 pub struct Mounted {
     mountpoint: PathBuf,
     canonical: PathBuf,
-    unmounter: Option<fuser::SessionUnmounter>,
+    unmounter: Option<Unmounter>,
     thread: Option<JoinHandle<io::Result<()>>>,
     /// Signalled (or disconnected) when the session thread ends.
     done: Receiver<()>,
     stats: Arc<Stats>,
+    /// The connection's `/dev/fuse` file (shared with the workers).
+    fd: OwnedFd,
 }
 
 impl Mounted {
+    /// A duplicate of the mount's `/dev/fuse` fd, to keep outside the
+    /// process (systemd's fd store, the fd holder) for [`attach`] after a
+    /// restart. While any duplicate is open the connection survives this
+    /// process; close them all and the kernel aborts it.
+    ///
+    /// # Errors
+    /// `dup(2)`.
+    pub fn fuse_fd(&self) -> io::Result<OwnedFd> {
+        self.fd.try_clone()
+    }
+
+    /// Leaves the layer mounted for the next process (which resumes it with
+    /// [`attach`]): nothing is unmounted, and the workers serve on until this
+    /// process exits. Call it only when a duplicate of [`Mounted::fuse_fd`]
+    /// is kept elsewhere, or the kernel aborts the connection at exit.
+    pub fn hand_over(mut self) {
+        self.unmounter = None;
+        self.thread = None;
+    }
+
     /// The mount point as given to [`mount`].
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
@@ -195,7 +300,7 @@ impl Mounted {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 tracing::info!(mountpoint = %self.canonical.display(), "layer mount busy; detaching lazily");
-                lazy_unmount(&self.canonical)?;
+                umount(&self.canonical, libc::MNT_DETACH)?;
             }
             Err(e) => return Err(e),
         }
@@ -229,11 +334,11 @@ impl Drop for Mounted {
     }
 }
 
-fn lazy_unmount(path: &Path) -> io::Result<()> {
+fn umount(path: &Path, flags: libc::c_int) -> io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
