@@ -25,6 +25,7 @@ pub mod config;
 pub mod error;
 pub mod filter;
 pub mod grpc;
+pub mod handover;
 pub mod metadata;
 pub mod overlay;
 pub mod pull;

@@ -250,22 +250,47 @@ impl Snapshotter {
         }
     }
 
-    /// Mounts every remote snapshot again after a restart, first detaching
-    /// whatever a previous process left on its mount point.
+    /// Serves every remote snapshot again after a restart: resumes the
+    /// FUSE connection an earlier process kept in the fd store if its mount
+    /// is still there, else detaches whatever is left on the mount point
+    /// and mounts it afresh. Needs no network when the TOC is kept locally.
     fn remount_remotes(&self) -> Result<()> {
         let remotes = self.store.remotes()?;
-        if remotes.is_empty() {
-            return Ok(());
-        }
         let Some(remote) = &self.remote else {
-            warn!(
-                count = remotes.len(),
-                "remote layers recorded but remote support is off; they will read empty"
-            );
+            if !remotes.is_empty() {
+                warn!(
+                    count = remotes.len(),
+                    "remote layers recorded but remote support is off; they will read empty"
+                );
+            }
             return Ok(());
         };
+        // mountinfo names canonical paths; the snapshots directory is local
+        // disk, so canonicalizing it never waits on a FUSE server.
+        let snapshots = self
+            .snapshots_dir()
+            .canonicalize()
+            .unwrap_or_else(|_| self.snapshots_dir());
         for (name, id, rref) in remotes {
             let mp = self.upper_path(id);
+            if let Some(fd) = remote.take_kept(id) {
+                let canonical = snapshots.join(id.to_string()).join("fs");
+                if crate::handover::shoal_fuse_mounted_at(&canonical) {
+                    let resumed = remote
+                        .resolve(&rref)
+                        .and_then(|r| remote.resume(id, &name, &rref, &r, &canonical, fd));
+                    match resumed {
+                        Ok(()) => {
+                            remote.start_background(id);
+                            continue;
+                        }
+                        Err(e) => warn!(snapshot = %name, id, error = %e,
+                            "cannot resume the kept FUSE connection; mounting again"),
+                    }
+                } else {
+                    remote.discard_kept(id, fd);
+                }
+            }
             detach(&mp);
             let result = remote
                 .resolve(&rref)
@@ -278,6 +303,7 @@ impl Snapshotter {
                 }
             }
         }
+        remote.discard_unclaimed();
         Ok(())
     }
 

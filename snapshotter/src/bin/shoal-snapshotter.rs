@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use shoal::handover::FdStore;
 use shoal::config::{Config, DEFAULT_ADDRESS, DEFAULT_CONFIG, DEFAULT_LOG_LEVEL, DEFAULT_ROOT};
 use shoal::overlay::Snapshotter;
 use shoal::registry::{Registry, RegistryConfig};
@@ -17,7 +18,7 @@ use shoal::remote::registry_blobs::RegistryBlobs;
 use shoal::remote::store::ChunkStore;
 use shoal::server;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Exit status for a bad config file or bad flags.
 const EXIT_USAGE: u8 = 2;
@@ -115,14 +116,23 @@ fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLa
         fuse_threads: config.remote.fuse_threads,
     };
     let tocs = config.root.join("tocs");
-    RemoteLayers::new(
+    let layers = RemoteLayers::new(
         tocs.clone(),
         Arc::new(RegistryBlobs::new(registry)),
         Arc::new(Fetcher::new(Arc::new(store))),
         tokio::runtime::Handle::current(),
         cfg,
     )
-    .with_context(|| format!("create {}", tocs.display()))
+    .with_context(|| format!("create {}", tocs.display()))?;
+    // Without a store the daemon still works, but a restart breaks the
+    // readers of lazy layers, as it would without this feature.
+    match FdStore::open(&config.root) {
+        Ok((store, kept)) => Ok(layers.with_fd_store(store, kept)),
+        Err(e) => {
+            warn!(error = %e, "no fd store: lazy layers will not survive a restart of this daemon");
+            Ok(layers)
+        }
+    }
 }
 
 fn run(config: Config, registry: Option<Registry>) -> anyhow::Result<()> {
@@ -166,6 +176,14 @@ fn run(config: Config, registry: Option<Registry>) -> anyhow::Result<()> {
             }
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         };
-        server::serve(Arc::new(sn), listener, &config.address, shutdown).await
+        let sn = Arc::new(sn);
+        server::serve(sn.clone(), listener, &config.address, shutdown).await?;
+        // Leave lazy layers mounted for the next daemon, and exit without
+        // dropping anything: a dropped pending read would answer EIO, while
+        // an unanswered one is resent to the next daemon.
+        if sn.remote().is_some_and(|r| r.hand_over()) {
+            std::process::exit(0);
+        }
+        Ok(())
     })
 }

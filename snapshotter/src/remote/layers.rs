@@ -24,6 +24,8 @@ use super::layer::{compression_name, entries, LayerReader};
 use super::toc::{parse_digest, parse_footer, Footer, Toc, FOOTER_FETCH};
 use crate::metadata::{RemoteRef, Usage};
 
+mod handover;
+
 /// Label containerd's unpacker sets to the layer's chain ID: the name the
 /// committed snapshot must have.
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
@@ -78,6 +80,10 @@ pub struct RemoteLayers {
     rt: Handle,
     cfg: RemoteConfig,
     mounted: Mutex<HashMap<u64, MountedLayer>>,
+    /// Keeps each mount's `/dev/fuse` fd across restarts (see `handover`).
+    fd_store: Option<crate::handover::FdStore>,
+    /// Fds taken back from the store at start, not yet resumed or dropped.
+    kept: Mutex<HashMap<String, std::os::fd::OwnedFd>>,
     /// Counters.
     pub stats: RemoteStats,
 }
@@ -166,6 +172,8 @@ impl RemoteLayers {
             rt,
             cfg,
             mounted: Mutex::new(HashMap::new()),
+            fd_store: None,
+            kept: Mutex::new(HashMap::new()),
             stats: RemoteStats::default(),
         })
     }
@@ -259,6 +267,20 @@ impl RemoteLayers {
         resolved: &Resolved,
         mountpoint: &Path,
     ) -> Result<(), String> {
+        self.serve(id, name, r, resolved, mountpoint, None)
+    }
+
+    /// Mounts (`fd` None) or resumes (`fd` kept by an earlier process) a layer.
+    fn serve(
+        &self,
+        id: u64,
+        name: &str,
+        r: &RemoteRef,
+        resolved: &Resolved,
+        mountpoint: &Path,
+        fd: Option<std::os::fd::OwnedFd>,
+    ) -> Result<(), String> {
+        let resumed = fd.is_some();
         let tree = shoal_fuse::Tree::build(entries(&resolved.toc).map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
         let reader = Arc::new(LayerReader::new(
@@ -273,8 +295,15 @@ impl RemoteLayers {
             allow_other: true,
             threads: self.cfg.fuse_threads,
         };
-        let mount = shoal_fuse::mount(tree, reader.clone(), mountpoint, opts)
-            .map_err(|e| format!("FUSE mount at {}: {e}", mountpoint.display()))?;
+        let mount = match fd {
+            Some(fd) => shoal_fuse::attach(tree, reader.clone(), fd, mountpoint, opts)
+                .map_err(|e| format!("FUSE resume at {}: {e}", mountpoint.display()))?,
+            None => shoal_fuse::mount(tree, reader.clone(), mountpoint, opts)
+                .map_err(|e| format!("FUSE mount at {}: {e}", mountpoint.display()))?,
+        };
+        if !resumed {
+            self.keep_fd(id, &mount);
+        }
         self.mounted.lock().unwrap().insert(
             id,
             MountedLayer {
@@ -286,7 +315,7 @@ impl RemoteLayers {
         );
         self.stats.mounted.fetch_add(1, Ordering::Relaxed);
         info!(id, layer = %r.layer_digest, format = compression_name(resolved.toc.compression),
-              files = resolved.toc.entries.len(), "layer mounted lazily");
+              files = resolved.toc.entries.len(), resumed, "layer mounted lazily");
         Ok(())
     }
 
@@ -348,6 +377,7 @@ impl RemoteLayers {
     /// Unmounts snapshot `id` if it is mounted.
     pub fn unmount(&self, id: u64) {
         if let Some(m) = self.mounted.lock().unwrap().remove(&id) {
+            self.forget_fd(id);
             m.reader.stop();
             if let Err(e) = m.mount.unmount() {
                 warn!(id, error = %e, "unmount failed");

@@ -1,0 +1,109 @@
+//! `shoal-fdholder SOCKET PIDFILE`: keeps the `/dev/fuse` fds of Shoal's lazy
+//! layers while `shoal-snapshotter` restarts, when systemd's fd store is not
+//! available. `shoal-snapshotter` starts it on first need; it does nothing
+//! but keep fds, so it has nothing that can crash.
+//!
+//! It serves `SOCKET` (a `SOCK_SEQPACKET` Unix socket, mode 0600) one
+//! connection at a time, with the requests of `shoal::handover::wire` (compiled in from the same file), and
+//! writes its pid to `PIDFILE`. It ignores SIGHUP, SIGINT and SIGPIPE; stop
+//! it with SIGTERM (or SIGKILL), which closes every kept fd: the kernel then
+//! aborts the FUSE connections whose mounts no daemon serves.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use nix::sys::socket::{accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+// The wire format is shared with the daemon as source, not through the
+// `shoal` library: the holder links only std, libc and nix.
+#[path = "../handover/wire.rs"]
+mod wire;
+
+fn main() -> ExitCode {
+    let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
+    let [sock, pidfile] = args.as_slice() else {
+        eprintln!("usage: shoal-fdholder SOCKET PIDFILE");
+        return ExitCode::from(2);
+    };
+    // SAFETY: installing SIG_IGN for these signals has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    match run(sock, pidfile) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shoal-fdholder: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(sock: &PathBuf, pidfile: &PathBuf) -> io::Result<()> {
+    let listener = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
+    let addr = UnixAddr::new(sock.as_path())?;
+    if let Err(e) = bind(listener.as_raw_fd(), &addr) {
+        if e != nix::errno::Errno::EADDRINUSE {
+            return Err(e.into());
+        }
+        // A live holder answers; a stale socket file is replaced.
+        let probe = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
+        if nix::sys::socket::connect(probe.as_raw_fd(), &addr).is_ok() {
+            return Ok(());
+        }
+        std::fs::remove_file(sock)?;
+        bind(listener.as_raw_fd(), &addr)?;
+    }
+    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600))?;
+    listen(&listener, Backlog::new(16)?)?;
+    std::fs::write(pidfile, format!("{}\n", std::process::id()))?;
+    let mut kept: HashMap<String, OwnedFd> = HashMap::new();
+    loop {
+        let conn = match accept(listener.as_raw_fd()) {
+            // SAFETY: accept returned a new fd that nothing else owns.
+            Ok(fd) => unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let conn = UnixStream::from(conn);
+        // A client that stops talking must not block the others for long.
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+        serve(conn.as_fd(), &mut kept);
+    }
+}
+
+/// Answers the requests of one connection until it ends or misbehaves.
+fn serve(conn: std::os::fd::BorrowedFd<'_>, kept: &mut HashMap<String, OwnedFd>) {
+    while let Ok(Some((text, fd))) = wire::recv(conn) {
+        let (verb, name) = text.split_once(' ').unwrap_or((text.as_str(), ""));
+        let answer = match (verb, fd) {
+            ("STORE", Some(fd)) if wire::valid_name(name) => {
+                kept.insert(name.to_owned(), fd);
+                "OK".to_owned()
+            }
+            ("REMOVE", None) if wire::valid_name(name) => {
+                kept.remove(name);
+                "OK".to_owned()
+            }
+            ("LIST", None) if name.is_empty() => {
+                for (n, fd) in kept.iter() {
+                    if wire::send(conn, &format!("FD {n}"), Some(fd.as_fd())).is_err() {
+                        return;
+                    }
+                }
+                "END".to_owned()
+            }
+            _ => format!("ERR bad request {:?}", text.chars().take(64).collect::<String>()),
+        };
+        if wire::send(conn, &answer, None).is_err() {
+            return;
+        }
+    }
+}
