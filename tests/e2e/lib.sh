@@ -254,6 +254,24 @@ e2e_stop_pid() {
   E2E_PIDS=("${kept[@]}")
 }
 
+# e2e_stop_fdholder: end the shoal-fdholder that our shoal-snapshotter
+# started under $E2E_DIR/shoal (it outlives the daemon by design), by the pid
+# it wrote, only if that pid is a shoal-fdholder. Its kept FUSE fds close, so
+# the mounts they served can then be unmounted.
+e2e_stop_fdholder() {
+  local pidfile="$E2E_DIR/shoal/fdholder.pid" pid
+  [ -f "$pidfile" ] || return 0
+  pid=$(cat "$pidfile" 2>/dev/null) || return 0
+  case $(cat "/proc/$pid/comm" 2>/dev/null) in shoal-fdholder) ;; *) return 0 ;; esac
+  kill -TERM "$pid" 2>/dev/null || true
+  local i
+  for i in $(seq 1 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  rm -f "$pidfile"
+}
+
 # e2e_mounts_under DIR: mount points at or below DIR, deepest first.
 e2e_mounts_under() {
   local mp
@@ -305,6 +323,7 @@ e2e_cleanup() {
   # Only if containerd is still ours and alive.
   if e2e_pid_of containerd >/dev/null; then e2e_stop_leftover_tasks; fi
   for name in containerd shoal registry; do e2e_stop_pid "$name"; done
+  e2e_stop_fdholder
   # Anything else a script started with e2e_start (e.g. faults.sh's proxy).
   local entry
   for entry in "${E2E_PIDS[@]}"; do e2e_stop_pid "${entry%%:*}"; done

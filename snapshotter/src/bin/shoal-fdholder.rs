@@ -5,9 +5,11 @@
 //!
 //! It serves `SOCKET` (a `SOCK_SEQPACKET` Unix socket, mode 0600) one
 //! connection at a time, with the requests of `shoal::handover::wire` (compiled in from the same file), and
-//! writes its pid to `PIDFILE`. It ignores SIGHUP, SIGINT and SIGPIPE; stop
-//! it with SIGTERM (or SIGKILL), which closes every kept fd: the kernel then
-//! aborts the FUSE connections whose mounts no daemon serves.
+//! writes its pid to `PIDFILE`. Once a REMOVE leaves it keeping nothing, it
+//! removes the socket and pid file, answers, and exits (the daemon starts a
+//! new one when it next stores a fd). It ignores SIGHUP, SIGINT and SIGPIPE;
+//! SIGTERM or SIGKILL end it and close every kept fd: the kernel then aborts
+//! the FUSE connections whose mounts no daemon serves.
 
 use std::collections::HashMap;
 use std::io;
@@ -75,12 +77,25 @@ fn run(sock: &PathBuf, pidfile: &PathBuf) -> io::Result<()> {
         // A client that stops talking must not block the others for long.
         let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
         let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
-        serve(conn.as_fd(), &mut kept);
+        if serve(conn.as_fd(), &mut kept, sock, pidfile) == Done::Exit {
+            return Ok(());
+        }
     }
 }
 
+#[derive(PartialEq)]
+enum Done {
+    Connection,
+    Exit,
+}
+
 /// Answers the requests of one connection until it ends or misbehaves.
-fn serve(conn: std::os::fd::BorrowedFd<'_>, kept: &mut HashMap<String, OwnedFd>) {
+fn serve(
+    conn: std::os::fd::BorrowedFd<'_>,
+    kept: &mut HashMap<String, OwnedFd>,
+    sock: &PathBuf,
+    pidfile: &PathBuf,
+) -> Done {
     while let Ok(Some((text, fd))) = wire::recv(conn) {
         let (verb, name) = text.split_once(' ').unwrap_or((text.as_str(), ""));
         let answer = match (verb, fd) {
@@ -90,12 +105,20 @@ fn serve(conn: std::os::fd::BorrowedFd<'_>, kept: &mut HashMap<String, OwnedFd>)
             }
             ("REMOVE", None) if wire::valid_name(name) => {
                 kept.remove(name);
+                if kept.is_empty() {
+                    // Gone before the answer, so the daemon's next STORE
+                    // finds no socket and starts a new holder.
+                    let _ = std::fs::remove_file(sock);
+                    let _ = std::fs::remove_file(pidfile);
+                    let _ = wire::send(conn, "OK", None);
+                    return Done::Exit;
+                }
                 "OK".to_owned()
             }
             ("LIST", None) if name.is_empty() => {
                 for (n, fd) in kept.iter() {
                     if wire::send(conn, &format!("FD {n}"), Some(fd.as_fd())).is_err() {
-                        return;
+                        return Done::Connection;
                     }
                 }
                 "END".to_owned()
@@ -103,7 +126,8 @@ fn serve(conn: std::os::fd::BorrowedFd<'_>, kept: &mut HashMap<String, OwnedFd>)
             _ => format!("ERR bad request {:?}", text.chars().take(64).collect::<String>()),
         };
         if wire::send(conn, &answer, None).is_err() {
-            return;
+            return Done::Connection;
         }
     }
+    Done::Connection
 }

@@ -8,9 +8,11 @@
 //!   `FDSTORE=1` + `FDNAME=shoal-ID` keeps a fd, `FDSTOREREMOVE=1` drops it,
 //!   and systemd passes the kept fds back at start (`LISTEN_FDS`,
 //!   `LISTEN_FDNAMES`).
-//! - **`shoal-fdholder`** otherwise: a tiny process, started detached
-//!   (`setsid`) from the daemon's directory on first need, that keeps fds
-//!   sent over `ROOT/fdholder.sock` and does nothing else (see `wire.rs`).
+//! - **`shoal-fdholder`** otherwise: a tiny process that keeps fds sent over
+//!   `ROOT/fdholder.sock` and does nothing else (see `wire.rs`). The daemon
+//!   starts it detached (`setsid`), from its own directory, when it first
+//!   stores a fd; it exits once it keeps none, so a daemon without lazy
+//!   layers never leaves one behind.
 //!
 //! Invariant: a name is stored at most once. Storing first removes any fd
 //! kept under the same name (systemd would otherwise keep both).
@@ -48,27 +50,28 @@ pub fn fd_name(id: u64) -> String {
 pub enum FdStore {
     /// systemd's fd store.
     Systemd,
-    /// `shoal-fdholder`, at this socket.
-    Holder(PathBuf),
+    /// `shoal-fdholder`, serving `ROOT/fdholder.sock`.
+    Holder {
+        /// The daemon's root.
+        root: PathBuf,
+    },
 }
 
 impl FdStore {
-    /// Picks the keeper (see the module doc), starting the holder if needed,
-    /// and takes back every fd it kept, by name.
+    /// Picks the keeper (see the module doc) and takes back every fd it
+    /// kept, by name. A holder that does not run keeps nothing.
     ///
     /// # Errors
-    /// The holder cannot be reached or started.
+    /// The keeper answered wrongly.
     pub fn open(root: &Path) -> io::Result<(FdStore, HashMap<String, OwnedFd>)> {
         if std::env::var_os("NOTIFY_SOCKET").is_some() {
             let kept = systemd_take()?;
             info!(count = kept.len(), "fd store: systemd");
             return Ok((FdStore::Systemd, kept));
         }
-        let sock = root.join(HOLDER_SOCKET);
-        if holder_connect(&sock).is_err() {
-            start_holder(root, &sock)?;
-        }
-        let store = FdStore::Holder(sock);
+        let store = FdStore::Holder {
+            root: root.to_owned(),
+        };
         let kept = store.holder_list()?;
         info!(count = kept.len(), "fd store: shoal-fdholder");
         Ok((store, kept))
@@ -84,7 +87,13 @@ impl FdStore {
                 self.remove(name)?;
                 systemd_store(name, fd)
             }
-            FdStore::Holder(sock) => holder_call(sock, &format!("STORE {name}"), Some(fd)),
+            FdStore::Holder { root } => {
+                let sock = root.join(HOLDER_SOCKET);
+                if holder_connect(&sock).is_err() {
+                    start_holder(root, &sock)?;
+                }
+                holder_call(&sock, &format!("STORE {name}"), Some(fd))
+            }
         }
     }
 
@@ -98,15 +107,27 @@ impl FdStore {
                 sd_notify::NotifyState::Custom("FDSTOREREMOVE=1"),
                 sd_notify::NotifyState::Custom(&format!("FDNAME={name}")),
             ]),
-            FdStore::Holder(sock) => holder_call(sock, &format!("REMOVE {name}"), None),
+            FdStore::Holder { root } => {
+                match holder_call(&root.join(HOLDER_SOCKET), &format!("REMOVE {name}"), None) {
+                    // No holder: it keeps nothing.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ECONNREFUSED)) => Ok(()),
+                    other => other,
+                }
+            }
         }
     }
 
     fn holder_list(&self) -> io::Result<HashMap<String, OwnedFd>> {
-        let FdStore::Holder(sock) = self else {
+        let FdStore::Holder { root } = self else {
             return Ok(HashMap::new());
         };
-        let conn = holder_connect(sock)?;
+        let conn = match holder_connect(&root.join(HOLDER_SOCKET)) {
+            Ok(c) => c,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ECONNREFUSED)) => {
+                return Ok(HashMap::new())
+            }
+            Err(e) => return Err(e),
+        };
         wire::send(conn.as_fd(), "LIST", None)?;
         let mut kept = HashMap::new();
         loop {
