@@ -563,7 +563,13 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
                             req.reply::<ReplyEmpty>().ok();
                             return Ok(());
                         } else {
-                            req.dispatch(self)
+                            // SHOAL PATCH (see PATCHES.md): a panicking handler
+                            // costs one request (its dropped reply answers EIO),
+                            // not this worker thread.
+                            let dispatch = std::panic::AssertUnwindSafe(|| req.dispatch(self));
+                            if std::panic::catch_unwind(dispatch).is_err() {
+                                error!("{}: filesystem handler panicked", self.thread_name);
+                            }
                         }
                     }
                     // Quit loop on illegal request
