@@ -46,6 +46,10 @@ need '^Type=notify$'
 need '^Before=containerd\.service$'
 need '^WantedBy=.*containerd\.service'
 need '^RuntimeDirectoryPreserve=yes$'
+# FUSE session handover (docs/operations.md, "Restarts and upgrades").
+need '^FileDescriptorStoreMax=[1-9]'
+need '^Restart=always$'
+need '^KillMode=mixed$'
 refuse '^[^#]*network-online\.target'
 refuse '^(MountFlags|PrivateMounts|ProtectSystem|ProtectHome|PrivateTmp|PrivateDevices|ReadWritePaths|ReadOnlyPaths|DeviceAllow|Delegate)='
 
