@@ -381,6 +381,7 @@ shoal_ready() {
 restart_shoal() {
   e2e_stop_pid shoal
   if [ -n "$SHOAL_ROOT" ]; then
+    e2e_stop_fdholder "$SHOAL_ROOT" # the stopped daemon left its mounts to it
     e2e_unmount_all_under "$SHOAL_ROOT"
     rm -rf --one-file-system "$SHOAL_ROOT" 2>/dev/null || true
   fi

@@ -254,22 +254,25 @@ e2e_stop_pid() {
   E2E_PIDS=("${kept[@]}")
 }
 
-# e2e_stop_fdholder: end the shoal-fdholder that our shoal-snapshotter
-# started under $E2E_DIR/shoal (it outlives the daemon by design), by the pid
-# it wrote, only if that pid is a shoal-fdholder. Its kept FUSE fds close, so
-# the mounts they served can then be unmounted.
+# e2e_stop_fdholder [ROOT]: end the shoal-fdholder that our shoal-snapshotter
+# started for ROOT (default: every root directly under $E2E_DIR; it outlives
+# the daemon by design), by the pid it wrote, only if that pid is a
+# shoal-fdholder. Its kept FUSE fds close, so the mounts they served can then
+# be unmounted.
 e2e_stop_fdholder() {
-  local pidfile="$E2E_DIR/shoal/fdholder.pid" pid
-  [ -f "$pidfile" ] || return 0
-  pid=$(cat "$pidfile" 2>/dev/null) || return 0
-  case $(cat "/proc/$pid/comm" 2>/dev/null) in shoal-fdholder) ;; *) return 0 ;; esac
-  kill -TERM "$pid" 2>/dev/null || true
-  local i
-  for i in $(seq 1 50); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
+  local pidfile pid i pidfiles
+  if [ $# -gt 0 ]; then pidfiles=("$1/fdholder.pid"); else pidfiles=("$E2E_DIR"/*/fdholder.pid); fi
+  for pidfile in "${pidfiles[@]}"; do
+    [ -f "$pidfile" ] || continue
+    pid=$(cat "$pidfile" 2>/dev/null) || continue
+    case $(cat "/proc/$pid/comm" 2>/dev/null) in shoal-fdholder) ;; *) continue ;; esac
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 50); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    rm -f "$pidfile"
   done
-  rm -f "$pidfile"
 }
 
 # e2e_mounts_under DIR: mount points at or below DIR, deepest first.
