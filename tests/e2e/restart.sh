@@ -16,6 +16,9 @@
 #   - kill -9 and restart, N times (default 10): the same FUSE mounts stay
 #     (mount ids unchanged, and the daemon logs resumed=true for all 3
 #     layers, never a fresh mount) and the loop goes on;
+#   - a read the daemon had taken but not answered (registry paused with
+#     SIGSTOP) when it was killed is answered by the next daemon
+#     (FUSE_NOTIFY_RESEND);
 #   - graceful restart (SIGTERM) 3 times: the daemon leaves the mounts to the
 #     next one; an "upgrade" to a copy of the binary at another path, and back;
 #   - the loop saw no I/O error and no wrong checksum; its task still runs;
@@ -33,7 +36,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --no-build) build=0 ;;
     --kills) kills=${2:?--kills N}; shift ;;
-    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "restart.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -202,6 +205,29 @@ if [ ${#bad[@]} -eq 0 ]; then
   pass "kill -9: $kills restarts, mounts resumed each time, loop went on (serving again after ${times[*]} s)"
 else
   fail "kill -9 restarts" "$(printf '%s\n' "${bad[@]}")"
+fi
+
+# --- a read in flight at the kill ---------------------------------------------------
+# Pause the registry so the loop's next uncached read stays in the daemon's
+# hands (read from /dev/fuse, fetch under way), kill -9 the daemon, start a
+# new one, resume the registry. Only FUSE_NOTIFY_RESEND gets that request to
+# the new daemon; without it the read would hang for good.
+reg=$(e2e_pid_of registry)
+kill -STOP "$reg"
+last=$(progress) still=0
+for i in $(seq 1 100); do
+  sleep 0.2
+  p=$(progress)
+  if [ "$p" = "$last" ]; then still=$((still + 1)); else still=0 last=$p; fi
+  [ "$still" -ge 8 ] && break
+done
+kill9_shoal
+start_shoal "$shoal_bin"
+kill -CONT "$reg"
+if [ "$still" -ge 8 ] && wait_progress 5 && [ "$(how_mounted)" = "3 resumed, 0 mounted" ]; then
+  pass "in flight: a read stuck at read $last (registry paused) when the daemon was killed was answered by the next one"
+else
+  fail "in flight: read resent after kill -9" "stalled=$still reads=$(progress) $(how_mounted)"
 fi
 
 # --- SIGTERM -------------------------------------------------------------------
