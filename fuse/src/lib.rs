@@ -29,6 +29,9 @@
 //! [`ChunkSource::read`] and returns. That call runs inside `catch_unwind`: a
 //! panicking source answers the read with `EIO` (its dropped [`ReadReply`]
 //! does so), is counted in [`Stats::source_panics`], and the mount lives on.
+//! A panic in any other handler is caught by the vendored fuser's worker
+//! loop (`fuse/vendor/fuser/PATCHES.md`): that request is answered `EIO`
+//! and the worker goes on.
 //!
 //! # Restarts
 //! Every worker thread reads the same open `/dev/fuse` file (no cloned fds).
