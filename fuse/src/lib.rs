@@ -165,7 +165,14 @@ pub fn attach(
             "FUSE_NOTIFY_RESEND failed (Linux 6.9+ needed); requests in flight at the restart stay unanswered");
     }
     let path = mountpoint.to_path_buf();
-    spawn(session, keep, mountpoint, path.clone(), Unmounter::Path(path), stats)
+    spawn(
+        session,
+        keep,
+        mountpoint,
+        path.clone(),
+        Unmounter::Path(path),
+        stats,
+    )
 }
 
 fn check_fsname(fsname: &str) -> io::Result<()> {

@@ -8,10 +8,21 @@ use common::{dir, file};
 use shoal_fuse::{Entry, Tree};
 
 fn paths() -> Vec<Entry> {
-    let mut v = vec![dir("etc", 0o755), dir("usr/bin", 0o755), dir("a/b/c", 0o700)];
-    for (i, p) in ["etc/passwd", "usr/bin/sh", "a/b/c/d", "a/z", "usr/lib/x.so", "top"]
-        .into_iter()
-        .enumerate()
+    let mut v = vec![
+        dir("etc", 0o755),
+        dir("usr/bin", 0o755),
+        dir("a/b/c", 0o700),
+    ];
+    for (i, p) in [
+        "etc/passwd",
+        "usr/bin/sh",
+        "a/b/c/d",
+        "a/z",
+        "usr/lib/x.so",
+        "top",
+    ]
+    .into_iter()
+    .enumerate()
     {
         v.push(file(p, 0o644, 10 + i as u64, i as u64));
     }
@@ -20,11 +31,27 @@ fn paths() -> Vec<Entry> {
 
 fn inos(t: &Tree) -> Vec<(String, u64)> {
     let all = [
-        "etc", "usr", "usr/bin", "usr/lib", "a", "a/b", "a/b/c", "etc/passwd", "usr/bin/sh",
-        "a/b/c/d", "a/z", "usr/lib/x.so", "top",
+        "etc",
+        "usr",
+        "usr/bin",
+        "usr/lib",
+        "a",
+        "a/b",
+        "a/b/c",
+        "etc/passwd",
+        "usr/bin/sh",
+        "a/b/c/d",
+        "a/z",
+        "usr/lib/x.so",
+        "top",
     ];
     all.iter()
-        .map(|p| (p.to_string(), t.lookup_path(p).unwrap_or_else(|| panic!("{p}")).ino()))
+        .map(|p| {
+            (
+                p.to_string(),
+                t.lookup_path(p).unwrap_or_else(|| panic!("{p}")).ino(),
+            )
+        })
         .collect()
 }
 

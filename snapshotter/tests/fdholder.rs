@@ -17,7 +17,10 @@ fn pipe() -> (std::fs::File, std::fs::File) {
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < Duration::from_secs(5), "timed out waiting for {what}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -64,9 +67,14 @@ fn holder_keeps_returns_and_drops_fds() {
     assert!(store.store("bad name", w1.as_fd()).is_err());
 
     store.remove("shoal-1").unwrap();
-    assert!(holder.try_wait().unwrap().is_none(), "holder exited while keeping shoal-2");
+    assert!(
+        holder.try_wait().unwrap().is_none(),
+        "holder exited while keeping shoal-2"
+    );
     store.remove("shoal-2").unwrap();
-    wait_for("the empty holder to exit", || holder.try_wait().unwrap().is_some());
+    wait_for("the empty holder to exit", || {
+        holder.try_wait().unwrap().is_some()
+    });
     assert!(holder.wait().unwrap().success());
     assert!(!sock.exists() && !root.path().join(HOLDER_PID).exists());
     // No holder: nothing kept, and removing is a no-op.

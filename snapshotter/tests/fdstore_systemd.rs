@@ -15,8 +15,13 @@ fn recv(sock: &UnixDatagram) -> (String, Vec<OwnedFd>) {
     let mut buf = [0u8; 512];
     let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 2]);
     let mut iov = [IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<UnixAddr>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
-        .unwrap();
+    let msg = recvmsg::<UnixAddr>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .unwrap();
     let mut fds = Vec::new();
     for c in msg.cmsgs().unwrap() {
         if let ControlMessageOwned::ScmRights(r) = c {
@@ -51,7 +56,9 @@ fn store_and_remove_messages() {
     // The fd systemd got is the same pipe.
     std::fs::File::from(w).write_all(b"fuse").unwrap();
     let mut b = [0u8; 4];
-    std::fs::File::from(fds.remove(0)).read_exact(&mut b).unwrap();
+    std::fs::File::from(fds.remove(0))
+        .read_exact(&mut b)
+        .unwrap();
     assert_eq!(&b, b"fuse");
 
     store.remove("shoal-7").unwrap();

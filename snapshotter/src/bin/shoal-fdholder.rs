@@ -20,7 +20,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use nix::sys::socket::{accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{
+    accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+};
 // The wire format is shared with the daemon as source, not through the
 // `shoal` library: the holder links only std, libc and nix.
 #[path = "../handover/wire.rs"]
@@ -48,14 +50,24 @@ fn main() -> ExitCode {
 }
 
 fn run(sock: &PathBuf, pidfile: &PathBuf) -> io::Result<()> {
-    let listener = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
+    let listener = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     let addr = UnixAddr::new(sock.as_path())?;
     if let Err(e) = bind(listener.as_raw_fd(), &addr) {
         if e != nix::errno::Errno::EADDRINUSE {
             return Err(e.into());
         }
         // A live holder answers; a stale socket file is replaced.
-        let probe = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
+        let probe = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
         if nix::sys::socket::connect(probe.as_raw_fd(), &addr).is_ok() {
             return Ok(());
         }
@@ -123,7 +135,10 @@ fn serve(
                 }
                 "END".to_owned()
             }
-            _ => format!("ERR bad request {:?}", text.chars().take(64).collect::<String>()),
+            _ => format!(
+                "ERR bad request {:?}",
+                text.chars().take(64).collect::<String>()
+            ),
         };
         if wire::send(conn, &answer, None).is_err() {
             return Done::Connection;

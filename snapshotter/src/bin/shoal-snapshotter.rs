@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use shoal::handover::FdStore;
 use shoal::config::{Config, DEFAULT_ADDRESS, DEFAULT_CONFIG, DEFAULT_LOG_LEVEL, DEFAULT_ROOT};
+use shoal::handover::FdStore;
 use shoal::overlay::Snapshotter;
 use shoal::registry::{Registry, RegistryConfig};
 use shoal::remote::fetch::Fetcher;

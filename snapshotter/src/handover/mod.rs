@@ -110,7 +110,11 @@ impl FdStore {
             FdStore::Holder { root } => {
                 match holder_call(&root.join(HOLDER_SOCKET), &format!("REMOVE {name}"), None) {
                     // No holder: it keeps nothing.
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ECONNREFUSED)) => Ok(()),
+                    Err(e)
+                        if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ECONNREFUSED)) =>
+                    {
+                        Ok(())
+                    }
                     other => other,
                 }
             }
@@ -136,7 +140,9 @@ impl FdStore {
                 Some((t, Some(fd))) if t.starts_with("FD ") => {
                     kept.insert(t[3..].to_owned(), fd);
                 }
-                Some((t, _)) => return Err(io::Error::other(format!("fd holder: unexpected {t:?}"))),
+                Some((t, _)) => {
+                    return Err(io::Error::other(format!("fd holder: unexpected {t:?}")))
+                }
                 None => return Err(io::Error::other("fd holder closed the connection")),
             }
         }
@@ -251,10 +257,17 @@ fn start_holder(root: &Path, sock: &Path) -> io::Result<()> {
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
-            return Err(io::Error::other(format!("{} exited: {status}", bin.display())));
+            return Err(io::Error::other(format!(
+                "{} exited: {status}",
+                bin.display()
+            )));
         }
         if started.elapsed() > HOLDER_START {
-            return Err(io::Error::other(format!("{} did not open {}", bin.display(), sock.display())));
+            return Err(io::Error::other(format!(
+                "{} did not open {}",
+                bin.display(),
+                sock.display()
+            )));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -293,8 +306,13 @@ fn unescape(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = b[i + 1..i + 4].iter().fold(0u16, |v, c| v * 8 + u16::from(c - b'0'));
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = b[i + 1..i + 4]
+                .iter()
+                .fold(0u16, |v, c| v * 8 + u16::from(c - b'0'));
             out.push(v as u8);
             i += 4;
         } else {

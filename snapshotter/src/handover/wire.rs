@@ -66,14 +66,19 @@ pub fn recv(sock: BorrowedFd<'_>) -> io::Result<Option<(String, Option<OwnedFd>)
                 fds.extend(r.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
             }
         }
-        let truncated = msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+        let truncated = msg
+            .flags
+            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
         (msg.bytes, truncated, fds)
     };
     if n == 0 && fds.is_empty() {
         return Ok(None);
     }
     if truncated {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "message truncated"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "message truncated",
+        ));
     }
     let text = std::str::from_utf8(&buf[..n])
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "message is not UTF-8"))?;

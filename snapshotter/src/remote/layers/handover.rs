@@ -29,7 +29,10 @@ impl RemoteLayers {
 
     pub(super) fn keep_fd(&self, id: u64, mount: &shoal_fuse::Mounted) {
         let Some(store) = &self.fd_store else { return };
-        if let Err(e) = mount.fuse_fd().and_then(|fd| store.store(&fd_name(id), fd.as_fd())) {
+        if let Err(e) = mount
+            .fuse_fd()
+            .and_then(|fd| store.store(&fd_name(id), fd.as_fd()))
+        {
             warn!(id, error = %e, "cannot keep the layer's FUSE fd; a restart will remount it, breaking its readers");
         }
     }
