@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
+use super::cache::Cache;
 use super::fetch::{BoxFuture, Fetcher, RangeSource};
 use super::layer::{compression_name, entries, LayerReader};
 use super::toc::{parse_digest, parse_footer, Footer, Toc, FOOTER_FETCH};
@@ -68,6 +69,19 @@ pub struct RemoteStats {
     pub mounted: AtomicU64,
     /// Layers that fell back to a normal pull.
     pub fallbacks: AtomicU64,
+    /// Of which: the TOC could not be fetched or verified.
+    pub fallbacks_toc: AtomicU64,
+    /// Of which: the layer could not be mounted.
+    pub fallbacks_mount: AtomicU64,
+}
+
+/// Why a layer fell back to a normal pull (a metrics label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FallbackReason {
+    /// The TOC could not be fetched or did not verify.
+    Toc,
+    /// The FUSE mount or the metadata write failed.
+    Mount,
 }
 
 /// The remote-layer half of the snapshotter.
@@ -77,6 +91,7 @@ pub struct RemoteLayers {
     fetcher: Arc<Fetcher>,
     rt: Handle,
     cfg: RemoteConfig,
+    cache: Arc<Cache>,
     mounted: Mutex<HashMap<u64, MountedLayer>>,
     /// Counters.
     pub stats: RemoteStats,
@@ -116,6 +131,8 @@ pub struct LayerStatus {
     pub served_after_fetch: u64,
     /// Reads answered with EIO.
     pub read_errors: u64,
+    /// Pinned (the layer or its image): GC keeps its chunks.
+    pub pinned: bool,
 }
 
 /// A resolved layer, ready to mount.
@@ -159,9 +176,11 @@ impl RemoteLayers {
     ) -> std::io::Result<RemoteLayers> {
         std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
             .create(&tocs_dir)?;
+        let cache = Arc::new(Cache::new(fetcher.store().clone(), blobs.clone()));
         Ok(RemoteLayers {
             tocs_dir,
             blobs,
+            cache,
             fetcher,
             rt,
             cfg,
@@ -275,6 +294,7 @@ impl RemoteLayers {
         };
         let mount = shoal_fuse::mount(tree, reader.clone(), mountpoint, opts)
             .map_err(|e| format!("FUSE mount at {}: {e}", mountpoint.display()))?;
+        self.cache.register(id, r.clone(), reader.clone());
         self.mounted.lock().unwrap().insert(
             id,
             MountedLayer {
@@ -340,14 +360,32 @@ impl RemoteLayers {
         }
     }
 
-    /// Crash recovery once the root lock is held.
-    pub fn recover(&self) {
-        self.fetcher.store().remove_stale_temp();
+    /// Crash recovery once the root lock is held: drops partial chunk
+    /// files, rebuilds the chunk index in `db` from the files, and starts
+    /// the cache's GC loop.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn recover(&self, db: Arc<redb::Database>) -> Result<(), redb::Error> {
+        let store = self.fetcher.store();
+        store.remove_stale_temp();
+        let started = std::time::Instant::now();
+        store.attach_index(db)?;
+        info!(chunks = store.index().len(), bytes = store.index().used(),
+              ms = started.elapsed().as_millis() as u64, "chunk store indexed");
+        self.cache.spawn(&self.rt);
+        Ok(())
+    }
+
+    /// The chunk cache (GC, pins).
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
     }
 
     /// Unmounts snapshot `id` if it is mounted.
     pub fn unmount(&self, id: u64) {
         if let Some(m) = self.mounted.lock().unwrap().remove(&id) {
+            self.cache.unregister(id);
             m.reader.stop();
             if let Err(e) = m.mount.unmount() {
                 warn!(id, error = %e, "unmount failed");
@@ -365,9 +403,11 @@ impl RemoteLayers {
             .map(|(id, m)| (*id, m.name.clone(), m.remote.clone(), m.reader.clone()))
             .collect();
         let store = self.fetcher.store();
+        let pins = self.cache.pins();
         let mut out: Vec<LayerStatus> = layers
             .into_iter()
             .map(|(id, name, remote, reader)| {
+                let pinned = Cache::is_pinned(&pins, &remote);
                 let chunks = reader.all_chunks();
                 let local: Vec<_> = chunks
                     .iter()
@@ -386,6 +426,7 @@ impl RemoteLayers {
                     served_from_cache: reader.served.from_cache.load(Ordering::Relaxed),
                     served_after_fetch: reader.served.after_fetch.load(Ordering::Relaxed),
                     read_errors: reader.served.errors.load(Ordering::Relaxed),
+                    pinned,
                 }
             })
             .collect();
@@ -399,8 +440,13 @@ impl RemoteLayers {
     }
 
     /// Notes a fallback to a normal pull.
-    pub fn fallback(&self, layer: &str, reason: &str) {
+    pub fn fallback(&self, layer: &str, why: FallbackReason, reason: &str) {
         self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+        match why {
+            FallbackReason::Toc => &self.stats.fallbacks_toc,
+            FallbackReason::Mount => &self.stats.fallbacks_mount,
+        }
+        .fetch_add(1, Ordering::Relaxed);
         warn!(
             layer,
             reason, "cannot mount layer lazily; falling back to a normal pull"
