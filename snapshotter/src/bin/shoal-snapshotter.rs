@@ -12,6 +12,7 @@ use shoal::config::{Config, DEFAULT_ADDRESS, DEFAULT_CONFIG, DEFAULT_LOG_LEVEL, 
 use shoal::overlay::Snapshotter;
 use shoal::registry::{Registry, RegistryConfig};
 use shoal::remote::fetch::Fetcher;
+use shoal::remote::gc::CacheConfig;
 use shoal::remote::layers::{RemoteConfig, RemoteLayers};
 use shoal::remote::registry_blobs::RegistryBlobs;
 use shoal::remote::store::ChunkStore;
@@ -115,14 +116,21 @@ fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLa
         fuse_threads: config.remote.fuse_threads,
     };
     let tocs = config.root.join("tocs");
-    RemoteLayers::new(
+    let layers = RemoteLayers::new(
         tocs.clone(),
         Arc::new(RegistryBlobs::new(registry)),
         Arc::new(Fetcher::new(Arc::new(store))),
         tokio::runtime::Handle::current(),
         cfg,
     )
-    .with_context(|| format!("create {}", tocs.display()))
+    .with_context(|| format!("create {}", tocs.display()))?;
+    let c = &config.cache;
+    layers.cache().configure(CacheConfig {
+        limits: CacheConfig::limits(c.max_bytes, c.high_watermark_percent, c.low_watermark_percent),
+        ttl_secs: c.unreferenced_ttl_secs,
+        interval: std::time::Duration::from_secs(c.gc_interval_secs),
+    });
+    Ok(layers)
 }
 
 fn run(config: Config, registry: Option<Registry>) -> anyhow::Result<()> {
@@ -151,6 +159,11 @@ fn run(config: Config, registry: Option<Registry>) -> anyhow::Result<()> {
             .await?
             .with_context(|| format!("open snapshotter root {}", config.root.display()))?;
         let listener = server::bind(&config.address)?;
+        let sn = Arc::new(sn);
+        if let Some(addr) = &config.metrics.address {
+            // validate() checked that it parses.
+            shoal::metrics::serve(addr.parse()?, sn.clone()).await?;
+        }
         info!(
             version = env!("CARGO_PKG_VERSION"),
             root = %config.root.display(),
@@ -166,6 +179,6 @@ fn run(config: Config, registry: Option<Registry>) -> anyhow::Result<()> {
             }
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         };
-        server::serve(Arc::new(sn), listener, &config.address, shutdown).await
+        server::serve(sn, listener, &config.address, shutdown).await
     })
 }

@@ -377,6 +377,11 @@ impl RemoteLayers {
         Ok(())
     }
 
+    /// Layers mounted now.
+    pub fn mounted_count(&self) -> usize {
+        self.mounted.lock().unwrap().len()
+    }
+
     /// The chunk cache (GC, pins).
     pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
