@@ -44,9 +44,10 @@ fn overlay_supports_index() -> bool {
 /// An overlayfs snapshotter rooted at one directory.
 pub struct Snapshotter {
     root: PathBuf,
+    // Dropped before `store`: it flushes the chunk index into its database.
+    remote: Option<RemoteLayers>,
     store: MetaStore,
     index_off: bool,
-    remote: Option<RemoteLayers>,
     _lock: Flock<File>,
 }
 

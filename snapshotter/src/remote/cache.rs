@@ -346,18 +346,24 @@ impl Cache {
     /// Starts the background loop: GC every interval and whenever the store
     /// says usage crossed the high watermark; access times flushed every
     /// [`FLUSH_INTERVAL`].
+    /// Ends when the cache is dropped.
     pub fn spawn(self: &Arc<Self>, rt: &Handle) {
-        let me = self.clone();
+        let weak = Arc::downgrade(self);
+        let mut next_gc = Instant::now() + self.config().interval;
         rt.spawn(async move {
-            let mut next_gc = Instant::now() + me.config().interval;
             loop {
+                let Some(me) = weak.upgrade() else { return };
                 let wait = next_gc
                     .saturating_duration_since(Instant::now())
                     .min(FLUSH_INTERVAL);
+                let store = me.store.clone();
+                drop(me);
                 let trigger = tokio::select! {
                     () = tokio::time::sleep(wait) => None,
-                    () = me.store.gc_wake.notified() => Some("watermark"),
+                    () = store.gc_wake.notified() => Some("watermark"),
                 };
+                drop(store);
+                let Some(me) = weak.upgrade() else { return };
                 let store = me.store.clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     if let Err(e) = store.index().flush() {

@@ -13,7 +13,7 @@
 //! - `used` is the sum of `size` over the map, under the same lock.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -41,7 +41,8 @@ struct State {
 /// See the module doc.
 #[derive(Default)]
 pub struct ChunkIndex {
-    db: OnceLock<Arc<Database>>,
+    /// Weak: the database lives as long as the snapshots' store, not longer.
+    db: OnceLock<Weak<Database>>,
     state: Mutex<State>,
 }
 
@@ -154,7 +155,7 @@ impl ChunkIndex {
                 }
             }
         }
-        let _ = self.db.set(db);
+        let _ = self.db.set(Arc::downgrade(&db));
         self.flush()
     }
 
@@ -164,7 +165,7 @@ impl ChunkIndex {
     /// # Errors
     /// The database failed; the entries stay dirty.
     pub fn flush(&self) -> Result<(), redb::Error> {
-        let Some(db) = self.db.get() else {
+        let Some(db) = self.db.get().and_then(Weak::upgrade) else {
             return Ok(());
         };
         let batch: Vec<([u8; 32], Option<Entry>)> = {
@@ -203,9 +204,9 @@ impl ChunkIndex {
         res
     }
 
-    fn db(&self) -> Result<&Arc<Database>, redb::Error> {
-        self.db.get().ok_or_else(|| {
-            redb::Error::Io(std::io::Error::other("chunk index is not attached yet"))
+    fn db(&self) -> Result<Arc<Database>, redb::Error> {
+        self.db.get().and_then(Weak::upgrade).ok_or_else(|| {
+            redb::Error::Io(std::io::Error::other("chunk index is not attached"))
         })
     }
 
@@ -237,7 +238,7 @@ impl ChunkIndex {
     /// # Errors
     /// The database failed.
     pub fn pins(&self) -> Result<HashSet<String>, redb::Error> {
-        let Some(db) = self.db.get() else {
+        let Some(db) = self.db.get().and_then(Weak::upgrade) else {
             return Ok(HashSet::new());
         };
         let txn = db.begin_read()?;
@@ -265,7 +266,7 @@ impl ChunkIndex {
     /// # Errors
     /// The database failed.
     pub fn last_gc(&self) -> Result<Option<Vec<u8>>, redb::Error> {
-        let Some(db) = self.db.get() else {
+        let Some(db) = self.db.get().and_then(Weak::upgrade) else {
             return Ok(None);
         };
         let txn = db.begin_read()?;
@@ -295,7 +296,7 @@ mod tests {
         // c's file is unknown to the index (crash before the flush of its put).
         let c = [3u8; 32];
         let j = ChunkIndex::default();
-        j.attach(db, vec![(a, 10), (c, 5)], 900).unwrap();
+        j.attach(db.clone(), vec![(a, 10), (c, 5)], 900).unwrap();
         let mut e = j.snapshot();
         e.sort_by_key(|(d, _)| *d);
         assert_eq!(

@@ -465,5 +465,8 @@ impl Drop for RemoteLayers {
         for id in ids {
             self.unmount(id);
         }
+        if let Err(e) = self.fetcher.store().index().flush() {
+            warn!(error = %e, "cannot write the chunk index");
+        }
     }
 }
