@@ -41,14 +41,15 @@ fn counter(
     values: &[(&str, &str, u64)],
 ) -> Result<(), std::fmt::Error> {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (k, v, n) in values {
-        if k.is_empty() {
-            ConstCounter::new(*n).encode(m.encode_family(&Vec::<(String, String)>::new())?)?;
-        } else {
-            ConstCounter::new(*n).encode(m.encode_family(&[(*k, *v)])?)?;
+    match values {
+        [("", _, n)] => ConstCounter::new(*n).encode(m),
+        _ => {
+            for (k, v, n) in values {
+                ConstCounter::new(*n).encode(m.encode_family(&[(*k, *v)])?)?;
+            }
+            Ok(())
         }
     }
-    Ok(())
 }
 
 fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, n: u64) -> Result<(), std::fmt::Error> {
