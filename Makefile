@@ -10,6 +10,8 @@
 #                     faults injected by a proxy in front of the registry
 #   make bench        lazy-pull benchmark: Debian+python3 over a 100 Mbit/s link
 #                     (BENCH_ARGS="--rate 1gbit --runs 3" passes options)
+#   make bench-read   read throughput through FUSE vs an unpacked layer
+#                     (cold/warm ratios) and the daemon's RSS
 #   make deps         the Debian 12 packages the above need (root)
 #
 # Everything except `build` and `unit` runs as root on Debian 12.
@@ -21,7 +23,7 @@ CARGO ?= cargo
 SNAPSHOTTER := target/release/shoal-snapshotter
 
 .PHONY: all build unit test conformance e2e demo deps clean
-.PHONY: bench
+.PHONY: bench bench-read
 
 all: build
 
@@ -42,6 +44,7 @@ e2e: build
 	tests/e2e/lazy.sh --no-build
 	tests/e2e/pull.sh --no-build
 	tests/e2e/faults.sh --no-build
+	tests/e2e/cache.sh --no-build
 
 test: deps build
 	$(CARGO) test --workspace --release
@@ -50,12 +53,16 @@ test: deps build
 	tests/e2e/lazy.sh --no-build
 	tests/e2e/pull.sh --no-build
 	tests/e2e/faults.sh --no-build
+	tests/e2e/cache.sh --no-build
 
 demo:
 	scripts/demo.sh
 
 bench: build
 	tests/bench/lazy-pull.sh --no-build $(BENCH_ARGS)
+
+bench-read: build
+	tests/bench/read.sh --no-build $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

@@ -21,8 +21,9 @@
 #   - full disk: the chunk store on an 8 MiB tmpfs; a container still starts
 #     and both images read correctly; the log and the metric show it.
 #
-# Needs /var/cache/shoal-bench/rootfs-bookworm-python3 (tests/bench/lazy-pull.sh
-# builds it; so does `make bench`) and the Debian mirror for one package.
+# Builds images from /var/cache/shoal-bench/rootfs-bookworm-python3
+# (tests/e2e/rootfs.sh makes it once with debootstrap) and downloads one
+# package from the Debian mirror.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -41,9 +42,8 @@ source "$here/lib.sh"
 
 e2e_checks_begin cache
 [ "$build" = 0 ] || e2e_build
-ROOTFS=${SHOAL_BENCH_CACHE:-/var/cache/shoal-bench}/rootfs-bookworm-python3
-[ -f "${ROOTFS%/*}/rootfs.done" ] && [ -x "$ROOTFS/usr/bin/python3" ] || {
-  fail "setup: $ROOTFS missing (run tests/bench/lazy-pull.sh once to build it)"
+ROOTFS=$("$here/rootfs.sh") || {
+  fail "setup: the python3 root filesystem (tests/e2e/rootfs.sh)"
   summary 1
   exit 1
 }
