@@ -248,3 +248,70 @@ fn chunks_of_a_layer_whose_registry_is_unreachable_are_kept_over_the_limit() {
         assert_eq!(read_uncached(&root.join(name)).unwrap(), *want);
     }
 }
+
+/// A layer blob as a source, counting requests, slow enough for overlap.
+struct SlowBlob {
+    blob: Vec<u8>,
+    requests: AtomicU64,
+}
+
+impl shoal::remote::fetch::RangeSource for SlowBlob {
+    fn fetch(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> shoal::remote::fetch::BoxFuture<'_, Result<bytes::Bytes, String>> {
+        Box::pin(async move {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            Ok(bytes::Bytes::copy_from_slice(&self.blob[offset as usize..(offset + len) as usize]))
+        })
+    }
+    fn name(&self) -> &str {
+        "slow-blob"
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunk_shared_by_two_layers_is_fetched_once_when_both_read_it_at_once() {
+    use shoal::remote::toc::{parse_footer, Toc, FOOTER_FETCH};
+    let shared = noise(3 * CHUNK, 42);
+    // Two different layers (different blobs, other files) holding the same file.
+    let blobs: Vec<(Vec<u8>, Toc)> = (0..2u64)
+        .map(|i| {
+            let entries = [
+                Entry::file(&format!("only-in-{i}"), noise(CHUNK, 100 + i)),
+                Entry::file("shared.bin", shared.clone()),
+            ];
+            let (blob, digest) = Layer::new(Format::Estargz, CHUNK, &entries).blob();
+            let size = blob.len() as u64;
+            let footer = parse_footer(&blob[(size - FOOTER_FETCH) as usize..], size).unwrap();
+            let toc_bytes = &blob[footer.toc_offset as usize..(footer.toc_offset + footer.toc_len) as usize];
+            let toc = Toc::parse(toc_bytes, &footer, &digest).unwrap();
+            (blob, toc)
+        })
+        .collect();
+    assert_ne!(blobs[0].0, blobs[1].0);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(shoal::remote::store::ChunkStore::open(dir.path(), 64 << 20).unwrap());
+    let fetcher = Arc::new(shoal::remote::fetch::Fetcher::new(store));
+    let mut tasks = Vec::new();
+    let mut sources = Vec::new();
+    for (blob, toc) in &blobs {
+        let src = Arc::new(SlowBlob { blob: blob.clone(), requests: AtomicU64::new(0) });
+        sources.push(src.clone());
+        let i = toc.entries.iter().position(|e| e.name == "shared.bin").unwrap();
+        let chunks = toc.files[i].clone();
+        assert_eq!(chunks.len(), 3);
+        for _ in 0..4 {
+            let (f, src, chunks, c) = (fetcher.clone(), src.clone(), chunks.clone(), toc.compression);
+            tasks.push(tokio::spawn(async move { f.get(&*src, c, "layer", &chunks).await }));
+        }
+    }
+    for t in tasks {
+        let bufs = t.await.unwrap().unwrap();
+        assert_eq!(bufs.concat(), shared);
+    }
+    let total: u64 = sources.iter().map(|s| s.requests.load(Ordering::SeqCst)).sum();
+    assert_eq!(total, 1, "eight readers over two layers: one merged request in all");
+}
