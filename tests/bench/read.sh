@@ -116,9 +116,11 @@ read_mbps() {
   awk -v b=$((size_mib << 20)) -v t0="$t0" -v t1="$t1" 'BEGIN {printf "%.0f", b / (t1 - t0) / 1e6}'
 }
 median() { tr ' ' '\n' | sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
-# measure NAME LOWER [restart]: cold and warm MB/s through an overlay on LOWER.
+# measure LOWER [restart]: cold and warm MB/s through an overlay on LOWER, into
+# COLD, WARM (medians) and ALL (every run). No subshell: daemons restarted
+# here must stay known to this shell.
 measure() {
-  local name=$1 lower=$2 restart=${3:-0} cold=() warm=() i
+  local lower=$1 restart=${2:-0} cold=() warm=() i
   for i in $(seq 1 "$runs"); do
     if [ "$restart" = 1 ]; then
       e2e_stop_pid shoal
@@ -134,19 +136,20 @@ measure() {
     warm+=("$(read_mbps "$ov")")
     umount "$ov"
   done
-  echo "$name $(echo "${cold[@]}" | median) $(echo "${warm[@]}" | median) cold:${cold[*]} warm:${warm[*]}"
+  COLD=$(echo "${cold[@]}" | median) WARM=$(echo "${warm[@]}" | median)
+  ALL="cold ${cold[*]}, warm ${warm[*]}"
 }
-native=$(measure native "$E2E_DIR/bundle-big/rootfs")
-shoal=$(measure shoal "$(mnt "$big_layer")" 1)
-read -r _ nc nw nall <<<"$native"
-read -r _ sc sw sall <<<"$shoal"
+measure "$E2E_DIR/bundle-big/rootfs"
+nc=$COLD nw=$WARM nall=$ALL
+measure "$(mnt "$big_layer")" 1
+sc=$COLD sw=$WARM sall=$ALL
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
 echo
 echo "Read throughput, $size_mib MiB file, through a read-only overlayfs, median of $runs (MB/s)"
 printf '%-8s %10s %10s %8s\n' "" native shoal ratio
 printf '%-8s %10s %10s %8s   target >= 0.5x\n' cold "$nc" "$sc" "$(ratio "$sc" "$nc")"
 printf '%-8s %10s %10s %8s   target >= 0.9x\n' warm "$nw" "$sw" "$(ratio "$sw" "$nw")"
-echo "runs: native $nall; shoal $sall"
+echo "runs (MB/s): native: $nall; shoal: $sall"
 
 # --- memory --------------------------------------------------------------------
 e2e_stop_pid shoal
