@@ -86,13 +86,25 @@ fn main() {
     }
     let crc = t.elapsed().as_secs_f64();
     println!("\n# verifying a chunk read from disk (in memory, one core)");
-    println!("sha256 re-hash : {:>6.2} GB/s  ({:.0} ms for the set)", gbps(total, sha), sha * 1e3);
-    println!("crc32 checksum : {:>6.2} GB/s  ({:.0} ms for the set)", gbps(total, crc), crc * 1e3);
-    println!("ratio sha256/crc32 time: {:.1}x   (checksum bits {x}{y})", sha / crc);
+    println!(
+        "sha256 re-hash : {:>6.2} GB/s  ({:.0} ms for the set)",
+        gbps(total, sha),
+        sha * 1e3
+    );
+    println!(
+        "crc32 checksum : {:>6.2} GB/s  ({:.0} ms for the set)",
+        gbps(total, crc),
+        crc * 1e3
+    );
+    println!(
+        "ratio sha256/crc32 time: {:.1}x   (checksum bits {x}{y})",
+        sha / crc
+    );
 
     // 2. Writing the set as one file per chunk, reading it back cold-ish.
-    let store = tempfile::tempdir_in(std::env::var_os("MEASURE_DIR").unwrap_or_else(|| "/var/tmp".into()))
-        .expect("temp dir");
+    let store =
+        tempfile::tempdir_in(std::env::var_os("MEASURE_DIR").unwrap_or_else(|| "/var/tmp".into()))
+            .expect("temp dir");
     let t = Instant::now();
     for (i, c) in chunks.iter().enumerate() {
         let mut f = std::fs::File::create(store.path().join(i.to_string())).unwrap();
@@ -112,7 +124,10 @@ fn main() {
             small_blocks += md.blocks() * 512;
         }
     }
-    println!("\n# one file per chunk (on the filesystem of {})", store.path().display());
+    println!(
+        "\n# one file per chunk (on the filesystem of {})",
+        store.path().display()
+    );
     println!(
         "write (no fsync): {:.2} GB/s; allocated {:.1} MiB for {:.1} MiB of data ({:.1}% overhead)",
         gbps(total, write),
@@ -152,7 +167,10 @@ fn main() {
         let dec = t.elapsed().as_secs_f64();
         assert_eq!(n, total);
         // Space on disk: files are allocated in 4 KiB blocks.
-        let alloc: u64 = packed.iter().map(|c| (c.len() as u64).div_ceil(4096) * 4096).sum();
+        let alloc: u64 = packed
+            .iter()
+            .map(|c| (c.len() as u64).div_ceil(4096) * 4096)
+            .sum();
         println!(
             "level {level}: {:.1} MiB -> {:.1} MiB ({:.2}x; {:.1} MiB allocated in 4 KiB blocks vs {:.1} MiB raw), compress {:.2} GB/s, decompress {:.2} GB/s",
             total as f64 / (1 << 20) as f64,

@@ -48,12 +48,16 @@ fn ratio(part: u64, whole: u64) -> Option<f64> {
 
 /// Whether a layer is covered by one of `pins`.
 pub fn pinned(pins: &[String], l: &LayerStatus) -> bool {
-    pins.iter().any(|p| *p == l.layer_digest || *p == l.image_ref)
+    pins.iter()
+        .any(|p| *p == l.layer_digest || *p == l.image_ref)
 }
 
 /// Fraction of a layer's bytes served from the local store.
 pub fn layer_hit_rate(l: &LayerStatus) -> Option<f64> {
-    ratio(l.served_from_cache, l.served_from_cache + l.served_after_fetch)
+    ratio(
+        l.served_from_cache,
+        l.served_from_cache + l.served_after_fetch,
+    )
 }
 
 /// `shoal gc [--dry-run] [--json]`.
@@ -107,8 +111,15 @@ pub fn pin(address: &Path, target: &str, unpin: bool) -> anyhow::Result<()> {
         let req = PinRequest {
             target: target.to_owned(),
         };
-        let r = if unpin { c.unpin(req).await } else { c.pin(req).await };
-        anyhow::Ok(r.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner())
+        let r = if unpin {
+            c.unpin(req).await
+        } else {
+            c.pin(req).await
+        };
+        anyhow::Ok(
+            r.map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner(),
+        )
     })?;
     let what = match (unpin, r.changed) {
         (false, true) => "pinned",
@@ -116,7 +127,10 @@ pub fn pin(address: &Path, target: &str, unpin: bool) -> anyhow::Result<()> {
         (true, true) => "unpinned",
         (true, false) => "was not pinned",
     };
-    println!("{target}: {what} (covers {} mounted layer(s) now)", r.layers);
+    println!(
+        "{target}: {what} (covers {} mounted layer(s) now)",
+        r.layers
+    );
     Ok(())
 }
 

@@ -452,10 +452,17 @@ mod tests {
         .unwrap();
         assert_eq!(c.cache.max_bytes, 1000);
         assert_eq!(c.metrics.address.as_deref(), Some("127.0.0.1:9464"));
-        assert!(Config::default().metrics.address.is_none(), "metrics are off by default");
-        let e = load_text("[cache]\nlow_watermark_percent = 95\n").unwrap_err().to_string();
+        assert!(
+            Config::default().metrics.address.is_none(),
+            "metrics are off by default"
+        );
+        let e = load_text("[cache]\nlow_watermark_percent = 95\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("key `cache.low_watermark_percent`"), "{e}");
-        let e = load_text("[metrics]\naddress = \"localhost\"\n").unwrap_err().to_string();
+        let e = load_text("[metrics]\naddress = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("key `metrics.address`"), "{e}");
     }
 }

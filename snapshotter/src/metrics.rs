@@ -52,7 +52,12 @@ fn counter(
     }
 }
 
-fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, n: u64) -> Result<(), std::fmt::Error> {
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    n: u64,
+) -> Result<(), std::fmt::Error> {
     let m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
     ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)).encode(m)
 }
@@ -89,7 +94,12 @@ fn encode_remote(r: &RemoteLayers, mut enc: DescriptorEncoder) -> Result<(), std
         "Range requests that failed.",
         &[("", "", load(&f.source_errors))],
     )?;
-    gauge(&mut enc, "shoal_fetches_in_flight", "Range requests under way.", load(&f.in_flight))?;
+    gauge(
+        &mut enc,
+        "shoal_fetches_in_flight",
+        "Range requests under way.",
+        load(&f.in_flight),
+    )?;
     counter(
         &mut enc,
         "shoal_verify_failures",
@@ -121,13 +131,48 @@ fn encode_remote(r: &RemoteLayers, mut enc: DescriptorEncoder) -> Result<(), std
             ("result", "miss", load(&s.misses)),
         ],
     )?;
-    counter(&mut enc, "shoal_gc_runs", "GC runs (dry runs excluded).", &[("", "", load(&c.stats.runs))])?;
-    counter(&mut enc, "shoal_gc_evictions", "Chunks evicted by GC.", &[("", "", load(&s.evicted))])?;
-    counter(&mut enc, "shoal_gc_freed_bytes", "Bytes freed by GC.", &[("", "", load(&s.evicted_bytes))])?;
-    gauge(&mut enc, "shoal_cache_bytes", "Bytes in the chunk store.", store.index().used())?;
-    gauge(&mut enc, "shoal_cache_chunks", "Chunks in the chunk store.", store.index().len() as u64)?;
-    gauge(&mut enc, "shoal_cache_max_bytes", "cache.max_bytes (0: no limit).", store.limits().max_bytes)?;
-    gauge(&mut enc, "shoal_layers_mounted", "Layers mounted lazily now.", r.mounted_count() as u64)?;
+    counter(
+        &mut enc,
+        "shoal_gc_runs",
+        "GC runs (dry runs excluded).",
+        &[("", "", load(&c.stats.runs))],
+    )?;
+    counter(
+        &mut enc,
+        "shoal_gc_evictions",
+        "Chunks evicted by GC.",
+        &[("", "", load(&s.evicted))],
+    )?;
+    counter(
+        &mut enc,
+        "shoal_gc_freed_bytes",
+        "Bytes freed by GC.",
+        &[("", "", load(&s.evicted_bytes))],
+    )?;
+    gauge(
+        &mut enc,
+        "shoal_cache_bytes",
+        "Bytes in the chunk store.",
+        store.index().used(),
+    )?;
+    gauge(
+        &mut enc,
+        "shoal_cache_chunks",
+        "Chunks in the chunk store.",
+        store.index().len() as u64,
+    )?;
+    gauge(
+        &mut enc,
+        "shoal_cache_max_bytes",
+        "cache.max_bytes (0: no limit).",
+        store.limits().max_bytes,
+    )?;
+    gauge(
+        &mut enc,
+        "shoal_layers_mounted",
+        "Layers mounted lazily now.",
+        r.mounted_count() as u64,
+    )?;
     Ok(())
 }
 

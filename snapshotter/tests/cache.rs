@@ -39,22 +39,44 @@ fn noise(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// A layer of FILES files of FILE_BYTES distinct bytes, CHUNK-sized chunks.
-fn layer(seed: u64) -> (Vec<u8>, String, Vec<(String, Vec<u8>)>) {
-    let files: Vec<(String, Vec<u8>)> = (0..FILES)
-        .map(|i| (format!("f{i:02}"), noise(FILE_BYTES, seed * 1000 + i as u64)))
+/// File names and contents.
+type Files = Vec<(String, Vec<u8>)>;
+
+/// A layer of FILES files of FILE_BYTES distinct bytes, CHUNK-sized chunks:
+/// blob, TOC digest, files.
+fn layer(seed: u64) -> (Vec<u8>, String, Files) {
+    let files: Files = (0..FILES)
+        .map(|i| {
+            (
+                format!("f{i:02}"),
+                noise(FILE_BYTES, seed * 1000 + i as u64),
+            )
+        })
         .collect();
-    let entries: Vec<Entry> = files.iter().map(|(n, d)| Entry::file(n, d.clone())).collect();
+    let entries: Vec<Entry> = files
+        .iter()
+        .map(|(n, d)| Entry::file(n, d.clone()))
+        .collect();
     let (blob, toc) = Layer::new(Format::Estargz, CHUNK, &entries).blob();
     (blob, toc, files)
 }
 
 fn prepare(sn: &Snapshotter, toc: &str, n: u32) -> PathBuf {
     let chain = format!("chain-{n}");
-    let r = sn.create(Kind::Active, &format!("extract-{n}"), None, labels(toc, &chain));
+    let r = sn.create(
+        Kind::Active,
+        &format!("extract-{n}"),
+        None,
+        labels(toc, &chain),
+    );
     assert!(matches!(r, Err(Error::AlreadyExists(_))), "{r:?}");
     let m = sn
-        .create(Kind::View, &format!("view-{n}"), Some(&chain), BTreeMap::new())
+        .create(
+            Kind::View,
+            &format!("view-{n}"),
+            Some(&chain),
+            BTreeMap::new(),
+        )
         .unwrap();
     PathBuf::from(&m[0].source)
 }
@@ -98,7 +120,8 @@ fn gc_with_a_tiny_max_bytes_under_hammering_readers_never_gives_wrong_data_or_er
     let files = Arc::new(files);
     let readers: Vec<_> = (0..4)
         .map(|t| {
-            let (stop, reads, files, root) = (stop.clone(), reads.clone(), files.clone(), root.clone());
+            let (stop, reads, files, root) =
+                (stop.clone(), reads.clone(), files.clone(), root.clone());
             std::thread::spawn(move || {
                 let mut problems = Vec::new();
                 let mut i = t * 5;
@@ -106,7 +129,9 @@ fn gc_with_a_tiny_max_bytes_under_hammering_readers_never_gives_wrong_data_or_er
                     let (name, want) = &files[i % files.len()];
                     match read_uncached(&root.join(name)) {
                         Ok(got) if got == *want => {}
-                        Ok(got) => problems.push(format!("{name}: wrong bytes ({} read)", got.len())),
+                        Ok(got) => {
+                            problems.push(format!("{name}: wrong bytes ({} read)", got.len()))
+                        }
                         Err(e) => problems.push(format!("{name}: {e}")),
                     }
                     reads.fetch_add(1, Ordering::Relaxed);
@@ -127,17 +152,28 @@ fn gc_with_a_tiny_max_bytes_under_hammering_readers_never_gives_wrong_data_or_er
         std::thread::sleep(Duration::from_millis(5));
     }
     stop.store(true, Ordering::Relaxed);
-    let problems: Vec<String> = readers.into_iter().flat_map(|h| h.join().unwrap()).collect();
-    assert!(problems.is_empty(), "readers saw: {:?}", &problems[..problems.len().min(10)]);
+    let problems: Vec<String> = readers
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "readers saw: {:?}",
+        &problems[..problems.len().min(10)]
+    );
     let reads = reads.load(Ordering::Relaxed);
     let f = &remote.fetcher().stats;
-    let served = f.served_from_cache.load(Ordering::Relaxed) + f.served_after_fetch.load(Ordering::Relaxed);
+    let served =
+        f.served_from_cache.load(Ordering::Relaxed) + f.served_after_fetch.load(Ordering::Relaxed);
     eprintln!(
         "{reads} file reads ({served} bytes through FUSE), {runs} GC runs evicted {evicted} chunks, \
          {busy} skipped while being read, {} range requests",
         blob.requests.load(Ordering::SeqCst)
     );
-    assert!(reads >= 100, "readers made too few reads to mean anything: {reads}");
+    assert!(
+        reads >= 100,
+        "readers made too few reads to mean anything: {reads}"
+    );
     assert!(
         served >= 50 * FILE_BYTES as u64,
         "reads did not go through FUSE (page cache?): {served} bytes"
@@ -149,7 +185,11 @@ fn gc_with_a_tiny_max_bytes_under_hammering_readers_never_gives_wrong_data_or_er
         "evicted chunks were never fetched again"
     );
     let store = remote.fetcher().store();
-    assert!(store.index().used() <= max, "{} > max_bytes {max}", store.index().used());
+    assert!(
+        store.index().used() <= max,
+        "{} > max_bytes {max}",
+        store.index().used()
+    );
     assert_eq!(store.stats.corrupt_on_disk.load(Ordering::Relaxed), 0);
 }
 
@@ -187,7 +227,10 @@ fn pins_keep_chunks_the_ttl_expires_unreferenced_ones_and_both_survive_a_restart
     assert!(dry.evicted_lru > 0 && dry.used_after <= all / 8, "{dry:?}");
     assert_eq!(store.index().used(), all);
     let r = rt.block_on(cache.gc(false, "test"));
-    assert_eq!((r.evicted_lru, r.freed_bytes), (dry.evicted_lru, dry.freed_bytes));
+    assert_eq!(
+        (r.evicted_lru, r.freed_bytes),
+        (dry.evicted_lru, dry.freed_bytes)
+    );
     assert!(store.index().used() <= all / 8);
     // The layer is still served: the evicted chunks come back from the source.
     for (name, want) in files.iter() {
@@ -264,7 +307,9 @@ impl shoal::remote::fetch::RangeSource for SlowBlob {
         Box::pin(async move {
             self.requests.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(30)).await;
-            Ok(bytes::Bytes::copy_from_slice(&self.blob[offset as usize..(offset + len) as usize]))
+            Ok(bytes::Bytes::copy_from_slice(
+                &self.blob[offset as usize..(offset + len) as usize],
+            ))
         })
     }
     fn name(&self) -> &str {
@@ -286,7 +331,8 @@ async fn a_chunk_shared_by_two_layers_is_fetched_once_when_both_read_it_at_once(
             let (blob, digest) = Layer::new(Format::Estargz, CHUNK, &entries).blob();
             let size = blob.len() as u64;
             let footer = parse_footer(&blob[(size - FOOTER_FETCH) as usize..], size).unwrap();
-            let toc_bytes = &blob[footer.toc_offset as usize..(footer.toc_offset + footer.toc_len) as usize];
+            let toc_bytes =
+                &blob[footer.toc_offset as usize..(footer.toc_offset + footer.toc_len) as usize];
             let toc = Toc::parse(toc_bytes, &footer, &digest).unwrap();
             (blob, toc)
         })
@@ -298,20 +344,40 @@ async fn a_chunk_shared_by_two_layers_is_fetched_once_when_both_read_it_at_once(
     let mut tasks = Vec::new();
     let mut sources = Vec::new();
     for (blob, toc) in &blobs {
-        let src = Arc::new(SlowBlob { blob: blob.clone(), requests: AtomicU64::new(0) });
+        let src = Arc::new(SlowBlob {
+            blob: blob.clone(),
+            requests: AtomicU64::new(0),
+        });
         sources.push(src.clone());
-        let i = toc.entries.iter().position(|e| e.name == "shared.bin").unwrap();
+        let i = toc
+            .entries
+            .iter()
+            .position(|e| e.name == "shared.bin")
+            .unwrap();
         let chunks = toc.files[i].clone();
         assert_eq!(chunks.len(), 3);
         for _ in 0..4 {
-            let (f, src, chunks, c) = (fetcher.clone(), src.clone(), chunks.clone(), toc.compression);
-            tasks.push(tokio::spawn(async move { f.get(&*src, c, "layer", &chunks).await }));
+            let (f, src, chunks, c) = (
+                fetcher.clone(),
+                src.clone(),
+                chunks.clone(),
+                toc.compression,
+            );
+            tasks.push(tokio::spawn(async move {
+                f.get(&*src, c, "layer", &chunks).await
+            }));
         }
     }
     for t in tasks {
         let bufs = t.await.unwrap().unwrap();
         assert_eq!(bufs.concat(), shared);
     }
-    let total: u64 = sources.iter().map(|s| s.requests.load(Ordering::SeqCst)).sum();
-    assert_eq!(total, 1, "eight readers over two layers: one merged request in all");
+    let total: u64 = sources
+        .iter()
+        .map(|s| s.requests.load(Ordering::SeqCst))
+        .sum();
+    assert_eq!(
+        total, 1,
+        "eight readers over two layers: one merged request in all"
+    );
 }

@@ -126,7 +126,11 @@ fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLa
     .with_context(|| format!("create {}", tocs.display()))?;
     let c = &config.cache;
     layers.cache().configure(CacheConfig {
-        limits: CacheConfig::limits(c.max_bytes, c.high_watermark_percent, c.low_watermark_percent),
+        limits: CacheConfig::limits(
+            c.max_bytes,
+            c.high_watermark_percent,
+            c.low_watermark_percent,
+        ),
         ttl_secs: c.unreferenced_ttl_secs,
         interval: std::time::Duration::from_secs(c.gc_interval_secs),
     });

@@ -70,10 +70,16 @@ pub struct PinOutcome {
 /// A message saying what is wrong with it.
 pub fn check_pin_target(target: &str) -> Result<(), String> {
     if let Some(hex) = target.strip_prefix("sha256:") {
-        if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        if hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
             return Ok(());
         }
-        return Err(format!("{target:?} is not a sha256 digest (sha256: and 64 lowercase hex digits)"));
+        return Err(format!(
+            "{target:?} is not a sha256 digest (sha256: and 64 lowercase hex digits)"
+        ));
     }
     target
         .parse::<Reference>()
@@ -312,9 +318,12 @@ impl Cache {
                    "DISK FULL: evicted chunks of layers whose registry is unreachable; \
                     reads of those chunks fail until it is back");
         } else if disk_full && p.used_after > cfg.limits.low_bytes {
-            error!(used = p.used_after, pinned = p.pinned_bytes,
-                   "DISK FULL and nothing more can be evicted (pinned or unfetchable); \
-                    reads are served uncached");
+            error!(
+                used = p.used_after,
+                pinned = p.pinned_bytes,
+                "DISK FULL and nothing more can be evicted (pinned or unfetchable); \
+                    reads are served uncached"
+            );
         } else if cfg.limits.high_bytes > 0 && p.used_after > cfg.limits.high_bytes {
             warn!(used = p.used_after, high = cfg.limits.high_bytes,
                   pinned = p.pinned_bytes, unfetchable = p.kept_unfetchable_bytes,
@@ -322,11 +331,22 @@ impl Cache {
         }
         if !dry_run {
             if report.evicted_chunks > 0 {
-                info!(trigger, freed = report.freed_bytes, chunks = report.evicted_chunks,
-                      expired = report.evicted_expired, lru = report.evicted_lru,
-                      used = report.used_after, ms = report.duration_ms, "chunk GC");
+                info!(
+                    trigger,
+                    freed = report.freed_bytes,
+                    chunks = report.evicted_chunks,
+                    expired = report.evicted_expired,
+                    lru = report.evicted_lru,
+                    used = report.used_after,
+                    ms = report.duration_ms,
+                    "chunk GC"
+                );
             } else {
-                debug!(trigger, used = report.used_after, "chunk GC: nothing to evict");
+                debug!(
+                    trigger,
+                    used = report.used_after,
+                    "chunk GC: nothing to evict"
+                );
             }
             if let Err(e) = self.store.index().flush() {
                 error!(error = %e, "cannot write the chunk index");

@@ -281,7 +281,10 @@ mod tests {
         let layers = [];
         let c = cfg(0);
         assert!(plan(&entries, &layers, &c, 1099, false).victims.is_empty());
-        assert_eq!(digests(&plan(&entries, &layers, &c, 1100, false)), [(1, Why::Expired)]);
+        assert_eq!(
+            digests(&plan(&entries, &layers, &c, 1100, false)),
+            [(1, Why::Expired)]
+        );
         let p = plan(&entries, &layers, &c, 1150, false);
         assert_eq!(p.victims.len(), 2);
         assert_eq!(p.used_after, 0);
@@ -295,27 +298,42 @@ mod tests {
         // 10 chunks of 10 bytes: 100 bytes; max 100 → high 90, low 50.
         let entries: Vec<_> = (1..=10u8).map(|i| ([i; 32], e(10, u64::from(i)))).collect();
         let layers = [
-            layer(&[1, 2], true, true),   // pinned: never
-            layer(&[3], false, false),    // unfetchable: not unless disk full
+            layer(&[1, 2], true, true), // pinned: never
+            layer(&[3], false, false),  // unfetchable: not unless disk full
             layer(&[4, 5, 6, 7, 8, 9, 10], false, true),
         ];
         let c = cfg(100);
         let p = plan(&entries, &layers, &c, 50, false);
         assert_eq!(
             digests(&p),
-            [(4, Why::Lru), (5, Why::Lru), (6, Why::Lru), (7, Why::Lru), (8, Why::Lru)]
+            [
+                (4, Why::Lru),
+                (5, Why::Lru),
+                (6, Why::Lru),
+                (7, Why::Lru),
+                (8, Why::Lru)
+            ]
         );
         assert_eq!(p.used_after, 50);
         assert_eq!(p.pinned_bytes, 20);
         assert_eq!(p.kept_unfetchable_bytes, 10);
         // Below the high watermark nothing referenced goes.
-        assert!(plan(&entries[..9], &layers, &c, 50, false).victims.is_empty());
+        assert!(plan(&entries[..9], &layers, &c, 50, false)
+            .victims
+            .is_empty());
         // Truly full disk, pins and only unfetchable data left: unfetchable goes too.
-        let layers = [layer(&[1, 2, 4, 5, 6, 7, 8], true, true), layer(&[3, 9, 10], false, false)];
+        let layers = [
+            layer(&[1, 2, 4, 5, 6, 7, 8], true, true),
+            layer(&[3, 9, 10], false, false),
+        ];
         let p = plan(&entries, &layers, &c, 50, true);
         assert_eq!(
             digests(&p),
-            [(3, Why::Unfetchable), (9, Why::Unfetchable), (10, Why::Unfetchable)]
+            [
+                (3, Why::Unfetchable),
+                (9, Why::Unfetchable),
+                (10, Why::Unfetchable)
+            ]
         );
         let p = plan(&entries, &layers, &c, 50, false);
         assert!(p.victims.is_empty());

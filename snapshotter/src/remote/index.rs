@@ -135,13 +135,14 @@ impl ChunkIndex {
             m
         };
         {
-            let mut s = self.state.lock().unwrap();
+            let mut guard = self.state.lock().unwrap();
+            let s = &mut *guard;
             let mut on_disk_set = HashSet::new();
             for (d, size) in on_disk {
                 let last_access = known.get(d.as_slice()).map_or(now, |&(_, a)| a);
                 // Entries written by this process before attach win.
-                if !s.entries.contains_key(&d) {
-                    s.entries.insert(d, Entry { size, last_access });
+                if let std::collections::hash_map::Entry::Vacant(v) = s.entries.entry(d) {
+                    v.insert(Entry { size, last_access });
                     s.used += size;
                     s.dirty.insert(d);
                 }
@@ -205,9 +206,10 @@ impl ChunkIndex {
     }
 
     fn db(&self) -> Result<Arc<Database>, redb::Error> {
-        self.db.get().and_then(Weak::upgrade).ok_or_else(|| {
-            redb::Error::Io(std::io::Error::other("chunk index is not attached"))
-        })
+        self.db
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| redb::Error::Io(std::io::Error::other("chunk index is not attached")))
     }
 
     /// Pins `target` (an image reference or a layer digest); returns false if
@@ -302,8 +304,20 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                (a, Entry { size: 10, last_access: 500 }),
-                (c, Entry { size: 5, last_access: 900 }),
+                (
+                    a,
+                    Entry {
+                        size: 10,
+                        last_access: 500
+                    }
+                ),
+                (
+                    c,
+                    Entry {
+                        size: 5,
+                        last_access: 900
+                    }
+                ),
             ]
         );
         assert_eq!(j.used(), 15);

@@ -371,8 +371,12 @@ impl RemoteLayers {
         store.remove_stale_temp();
         let started = std::time::Instant::now();
         store.attach_index(db)?;
-        info!(chunks = store.index().len(), bytes = store.index().used(),
-              ms = started.elapsed().as_millis() as u64, "chunk store indexed");
+        info!(
+            chunks = store.index().len(),
+            bytes = store.index().used(),
+            ms = started.elapsed().as_millis() as u64,
+            "chunk store indexed"
+        );
         self.cache.spawn(&self.rt);
         Ok(())
     }

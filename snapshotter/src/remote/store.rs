@@ -447,7 +447,9 @@ impl ChunkStore {
         match (size, removed) {
             (Some(e), _) => {
                 self.stats.evicted.fetch_add(1, Ordering::Relaxed);
-                self.stats.evicted_bytes.fetch_add(e.size, Ordering::Relaxed);
+                self.stats
+                    .evicted_bytes
+                    .fetch_add(e.size, Ordering::Relaxed);
                 Evicted::Freed(e.size)
             }
             (None, true) => Evicted::Freed(0),

@@ -108,8 +108,7 @@ pub fn open_snapshotter_with(
     memory: u64,
     clock: Arc<dyn Clock>,
 ) -> Snapshotter {
-    let store =
-        Arc::new(ChunkStore::open_with_clock(&root.join("chunks"), memory, clock).unwrap());
+    let store = Arc::new(ChunkStore::open_with_clock(&root.join("chunks"), memory, clock).unwrap());
     let remote = RemoteLayers::new(
         root.join("tocs"),
         Arc::new(MemBlobs(blob)),
