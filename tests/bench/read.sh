@@ -49,6 +49,11 @@ start_shoal() {
   rm -f "$sock"
   e2e_start shoal "$E2E_SHOAL_BIN" --root "$root" --address "$sock" --config "$config" --log-level info
   e2e_wait_for shoal "its socket" e2e_sock_ready "$sock"
+  # containerd's proxy client reconnects by itself.
+  for _ in $(seq 1 50); do
+    e2e_ctr snapshots --snapshotter shoal ls >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
 }
 e2e_stop_pid shoal
 start_shoal
