@@ -11,6 +11,8 @@
 #                     lazy layers surviving daemon restarts
 #   make bench        lazy-pull benchmark: Debian+python3 over a 100 Mbit/s link
 #                     (BENCH_ARGS="--rate 1gbit --runs 3" passes options)
+#   make bench-read   read throughput through FUSE vs an unpacked layer
+#                     (cold/warm ratios) and the daemon's RSS
 #   make deps         the Debian 12 packages the above need (root)
 #
 # Everything except `build` and `unit` runs as root on Debian 12.
@@ -22,7 +24,7 @@ CARGO ?= cargo
 SNAPSHOTTER := target/release/shoal-snapshotter
 
 .PHONY: all build unit test conformance e2e demo deps clean
-.PHONY: bench
+.PHONY: bench bench-read
 
 all: build
 
@@ -44,6 +46,7 @@ e2e: build
 	tests/e2e/pull.sh --no-build
 	tests/e2e/faults.sh --no-build
 	tests/e2e/restart.sh --no-build
+	tests/e2e/cache.sh --no-build
 
 test: deps build
 	$(CARGO) test --workspace --release
@@ -54,12 +57,16 @@ test: deps build
 	tests/e2e/faults.sh --no-build
 	tests/e2e/restart.sh --no-build
 	tests/systemd/verify.sh $(SNAPSHOTTER)
+	tests/e2e/cache.sh --no-build
 
 demo:
 	scripts/demo.sh
 
 bench: build
 	tests/bench/lazy-pull.sh --no-build $(BENCH_ARGS)
+
+bench-read: build
+	tests/bench/read.sh --no-build $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

@@ -60,6 +60,10 @@ pub struct Config {
     pub remote: RemoteSection,
     /// Registry access for lazily pulled layers.
     pub registry: RegistrySection,
+    /// The chunk cache's capacity and GC.
+    pub cache: CacheSection,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsSection,
 }
 
 /// `[remote]`: lazily pulled layers.
@@ -153,8 +157,67 @@ impl Default for Config {
             log_level: DEFAULT_LOG_LEVEL.into(),
             remote: RemoteSection::default(),
             registry: RegistrySection::default(),
+            cache: CacheSection::default(),
+            metrics: MetricsSection::default(),
         }
     }
+}
+
+/// `[cache]`: capacity and garbage collection of the chunk store
+/// (`ROOT/chunks`); defaults in [`crate::remote::gc`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSection {
+    /// Most bytes the chunk store may hold (0: no limit).
+    pub max_bytes: u64,
+    /// GC starts when usage passes this percentage of `max_bytes`.
+    pub high_watermark_percent: u8,
+    /// GC evicts down to this percentage of `max_bytes`.
+    pub low_watermark_percent: u8,
+    /// Seconds a chunk that no mounted layer references is kept after its
+    /// last access.
+    pub unreferenced_ttl_secs: u64,
+    /// Seconds between periodic GC runs.
+    pub gc_interval_secs: u64,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        use crate::remote::gc::*;
+        CacheSection {
+            max_bytes: DEFAULT_MAX_BYTES,
+            high_watermark_percent: DEFAULT_HIGH_WATERMARK_PERCENT,
+            low_watermark_percent: DEFAULT_LOW_WATERMARK_PERCENT,
+            unreferenced_ttl_secs: DEFAULT_UNREFERENCED_TTL_SECS,
+            gc_interval_secs: DEFAULT_GC_INTERVAL_SECS,
+        }
+    }
+}
+
+impl CacheSection {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.high_watermark_percent == 0 || self.high_watermark_percent > 100 {
+            return Err(("cache.high_watermark_percent", "must be 1 to 100".into()));
+        }
+        if self.low_watermark_percent >= self.high_watermark_percent {
+            return Err((
+                "cache.low_watermark_percent",
+                "must be below cache.high_watermark_percent".into(),
+            ));
+        }
+        if self.gc_interval_secs == 0 {
+            return Err(("cache.gc_interval_secs", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// `[metrics]`: the Prometheus `/metrics` endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// `host:port` to serve `/metrics` on over plain HTTP; unset: off.
+    pub address: Option<String>,
 }
 
 /// Why a config file was refused. Each message names the file, and where it
@@ -271,6 +334,15 @@ impl Config {
         if self.remote.fuse_threads == 0 {
             return Err(("remote.fuse_threads", "must be at least 1".into()));
         }
+        self.cache.validate()?;
+        if let Some(a) = &self.metrics.address {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                return Err((
+                    "metrics.address",
+                    format!("{a:?} is not an IP address and port, e.g. 127.0.0.1:9464"),
+                ));
+            }
+        }
         if self.registry.max_concurrent == 0 {
             return Err(("registry.max_concurrent", "must be at least 1".into()));
         }
@@ -369,5 +441,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("key `log_level`"), "{e}");
+    }
+
+    #[test]
+    fn cache_and_metrics_sections() {
+        let c = load_text(
+            "[cache]\nmax_bytes = 1000\nhigh_watermark_percent = 80\nlow_watermark_percent = 60\n\
+             unreferenced_ttl_secs = 5\ngc_interval_secs = 7\n[metrics]\naddress = \"127.0.0.1:9464\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.cache.max_bytes, 1000);
+        assert_eq!(c.metrics.address.as_deref(), Some("127.0.0.1:9464"));
+        assert!(
+            Config::default().metrics.address.is_none(),
+            "metrics are off by default"
+        );
+        let e = load_text("[cache]\nlow_watermark_percent = 95\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `cache.low_watermark_percent`"), "{e}");
+        let e = load_text("[metrics]\naddress = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `metrics.address`"), "{e}");
     }
 }

@@ -14,12 +14,17 @@
 //! - [`grpc`]: the `containerd.services.snapshots.v1.Snapshots` service.
 //! - [`server`]: the Unix socket and the server's lifetime.
 //! - [`status`]: Shoal's own read-only status service.
+//! - [`cache_cli`]: `shoal gc`, `pin`, `unpin` and the cache part of `shoal status`.
+//! - [`cache_service`]: Shoal's chunk cache service (GC, pins, usage).
+//! - [`metrics`]: the Prometheus `/metrics` endpoint.
 //! - [`client`]: a client for the daemon's socket (CLI, tests).
 //! - [`error`]: the error type and its mapping onto gRPC codes.
 //!
 //! Dependencies point one way: this crate uses `shoal-proto` and `shoal-fuse`;
 //! neither knows about it.
 
+pub mod cache_cli;
+pub mod cache_service;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -27,6 +32,7 @@ pub mod filter;
 pub mod grpc;
 pub mod handover;
 pub mod metadata;
+pub mod metrics;
 pub mod overlay;
 pub mod pull;
 pub mod registry;

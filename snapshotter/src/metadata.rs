@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use redb::{
@@ -229,7 +230,7 @@ fn insert_new(
 
 /// The metadata store.
 pub struct MetaStore {
-    db: Database,
+    db: Arc<Database>,
 }
 
 impl MetaStore {
@@ -244,7 +245,13 @@ impl MetaStore {
         txn.open_multimap_table(CHILDREN)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(MetaStore { db })
+        Ok(MetaStore { db: Arc::new(db) })
+    }
+
+    /// The database, shared with the chunk index (`remote::index`), whose
+    /// tables live in the same file.
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
     }
 
     fn write<T>(&self, f: impl FnOnce(&WriteTransaction) -> Result<T>) -> Result<T> {

@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::filter::Filter;
 use crate::metadata::{Info, Kind, MetaStore, Snapshot, Usage};
-use crate::remote::layers::{detect, RemoteLayers};
+use crate::remote::layers::{detect, FallbackReason, RemoteLayers};
 use crate::usage::disk_usage;
 
 /// Whether the running kernel's overlayfs has the `index` feature; if so,
@@ -44,9 +44,10 @@ fn overlay_supports_index() -> bool {
 /// An overlayfs snapshotter rooted at one directory.
 pub struct Snapshotter {
     root: PathBuf,
+    // Dropped before `store`: it flushes the chunk index into its database.
+    remote: Option<RemoteLayers>,
     store: MetaStore,
     index_off: bool,
-    remote: Option<RemoteLayers>,
     _lock: Flock<File>,
 }
 
@@ -98,7 +99,7 @@ impl Snapshotter {
             _lock: lock,
         };
         if let Some(r) = &sn.remote {
-            r.recover();
+            r.recover(sn.store.database())?;
         }
         sn.remount_remotes()?;
         let removed = sn.cleanup()?;
@@ -212,7 +213,7 @@ impl Snapshotter {
         let resolved = match remote.resolve(&rref) {
             Ok(r) => r,
             Err(reason) => {
-                remote.fallback(&rref.layer_digest, &reason);
+                remote.fallback(&rref.layer_digest, FallbackReason::Toc, &reason);
                 return Ok(None);
             }
         };
@@ -244,7 +245,7 @@ impl Snapshotter {
                 if let Some(id) = mounted.get() {
                     remote.unmount(id);
                 }
-                remote.fallback(&rref.layer_digest, &e.to_string());
+                remote.fallback(&rref.layer_digest, FallbackReason::Mount, &e.to_string());
                 Ok(None)
             }
         }

@@ -13,12 +13,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use shoal_proto::cache::cache_server::CacheServer;
 use shoal_proto::snapshots::snapshots_server::SnapshotsServer;
 use shoal_proto::status::status_server::StatusServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
+use crate::cache_service::CacheService;
 use crate::grpc::Service;
 use crate::overlay::Snapshotter;
 use crate::status::StatusService;
@@ -73,7 +75,8 @@ pub async fn serve(
     let ino = std::fs::metadata(address).map(|m| m.ino()).ok();
     let result = tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(Service::new(sn.clone())))
-        .add_service(StatusServer::new(StatusService::new(sn)))
+        .add_service(StatusServer::new(StatusService::new(sn.clone())))
+        .add_service(CacheServer::new(CacheService::new(sn)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .context("gRPC server");

@@ -13,6 +13,7 @@ use shoal::handover::FdStore;
 use shoal::overlay::Snapshotter;
 use shoal::registry::{Registry, RegistryConfig};
 use shoal::remote::fetch::Fetcher;
+use shoal::remote::gc::CacheConfig;
 use shoal::remote::layers::{RemoteConfig, RemoteLayers};
 use shoal::remote::registry_blobs::RegistryBlobs;
 use shoal::remote::store::ChunkStore;
@@ -124,6 +125,16 @@ fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLa
         cfg,
     )
     .with_context(|| format!("create {}", tocs.display()))?;
+    let c = &config.cache;
+    layers.cache().configure(CacheConfig {
+        limits: CacheConfig::limits(
+            c.max_bytes,
+            c.high_watermark_percent,
+            c.low_watermark_percent,
+        ),
+        ttl_secs: c.unreferenced_ttl_secs,
+        interval: std::time::Duration::from_secs(c.gc_interval_secs),
+    });
     // Without a store the daemon still works, but a restart breaks the
     // readers of lazy layers, as it would without this feature.
     match FdStore::open(&config.root) {
@@ -161,6 +172,11 @@ fn run(config: Config, registry: Option<Registry>) -> anyhow::Result<()> {
             .await?
             .with_context(|| format!("open snapshotter root {}", config.root.display()))?;
         let listener = server::bind(&config.address)?;
+        let sn = Arc::new(sn);
+        if let Some(addr) = &config.metrics.address {
+            // validate() checked that it parses.
+            shoal::metrics::serve(addr.parse()?, sn.clone()).await?;
+        }
         info!(
             version = env!("CARGO_PKG_VERSION"),
             root = %config.root.display(),
@@ -176,7 +192,6 @@ fn run(config: Config, registry: Option<Registry>) -> anyhow::Result<()> {
             }
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         };
-        let sn = Arc::new(sn);
         server::serve(sn.clone(), listener, &config.address, shutdown).await?;
         // Leave lazy layers mounted for the next daemon, and exit without
         // dropping anything: a dropped pending read would answer EIO, while

@@ -57,6 +57,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run chunk-cache garbage collection now and show what was freed.
+    Gc {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// Only show what would be freed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pin an image reference or a layer digest: GC keeps its chunks.
+    Pin {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// Image reference (as pulled, e.g. 127.0.0.1:5000/app:1) or layer
+        /// digest (sha256:...).
+        target: String,
+    },
+    /// Remove a pin.
+    Unpin {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// As given to `shoal pin`.
+        target: String,
+    },
     /// Pull an image into containerd through Shoal, lazily where the layers
     /// allow (eStargz, zstd:chunked); other layers are unpacked normally.
     #[command(
@@ -98,6 +124,13 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Status { daemon, json } => status(&daemon, json),
+        Command::Gc {
+            daemon,
+            dry_run,
+            json,
+        } => shoal::cache_cli::gc(&daemon.address, dry_run, json),
+        Command::Pin { daemon, target } => shoal::cache_cli::pin(&daemon.address, &target, false),
+        Command::Unpin { daemon, target } => shoal::cache_cli::pin(&daemon.address, &target, true),
         Command::Pull {
             containerd,
             snapshotter,
@@ -131,7 +164,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
-    let resp: LayersResponse = runtime()?.block_on(async {
+    let (resp, cache): (LayersResponse, _) = runtime()?.block_on(async {
         let channel = shoal::client::channel(&daemon.address)
             .await
             .with_context(|| {
@@ -140,12 +173,13 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
                     daemon.address.display()
                 )
             })?;
-        let r = StatusClient::new(channel)
+        let r = StatusClient::new(channel.clone())
             .layers(LayersRequest {})
             .await
             .context("status request")?;
-        anyhow::Ok(r.into_inner())
+        anyhow::Ok((r.into_inner(), shoal::cache_cli::usage(channel).await))
     })?;
+    let pins = cache.as_ref().map(|u| u.pins.clone()).unwrap_or_default();
     let c = resp.counters.unwrap_or_default();
     if json {
         let layers: Vec<serde_json::Value> = resp
@@ -160,6 +194,8 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
                     "bytes_total": l.bytes_total, "bytes_local": l.bytes_local,
                     "served_from_cache": l.served_from_cache,
                     "served_after_fetch": l.served_after_fetch, "read_errors": l.read_errors,
+                    "hit_rate": shoal::cache_cli::layer_hit_rate(l),
+                    "pinned": shoal::cache_cli::pinned(&pins, l),
                 })
             })
             .collect();
@@ -173,7 +209,9 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
                 "fallbacks": c.fallbacks, "mounted": c.mounted,
                 "store_memory_hits": c.store_memory_hits, "store_disk_hits": c.store_disk_hits,
                 "store_misses": c.store_misses, "store_corrupt": c.store_corrupt,
-            }
+            },
+            "images": shoal::cache_cli::images_json(&resp.layers, &pins),
+            "cache": cache.as_ref().map(shoal::cache_cli::usage_json),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -221,6 +259,9 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
         c.fallbacks,
         c.not_cached
     );
+    if let Some(u) = &cache {
+        shoal::cache_cli::print_text(&resp.layers, u);
+    }
     Ok(())
 }
 

@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 use tracing::{debug, error, warn};
@@ -72,8 +74,16 @@ pub enum FetchError {
     Abandoned(String),
 }
 
+/// Fetch latency histograms, labelled by source.
+pub type LatencyFamily = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~33 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
 /// Counters for status and metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FetchStats {
     /// Compressed bytes received from sources.
     pub bytes_fetched: AtomicU64,
@@ -87,6 +97,28 @@ pub struct FetchStats {
     pub not_cached: AtomicU64,
     /// Fetches in flight now.
     pub in_flight: AtomicU64,
+    /// Bytes served to FUSE readers straight from the store.
+    pub served_from_cache: AtomicU64,
+    /// Bytes served to FUSE readers after a fetch from a source.
+    pub served_after_fetch: AtomicU64,
+    /// Seconds per Range request, by source.
+    pub latency: Arc<LatencyFamily>,
+}
+
+impl Default for FetchStats {
+    fn default() -> Self {
+        FetchStats {
+            bytes_fetched: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            verify_failures: AtomicU64::new(0),
+            source_errors: AtomicU64::new(0),
+            not_cached: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            served_from_cache: AtomicU64::new(0),
+            served_after_fetch: AtomicU64::new(0),
+            latency: Arc::new(Family::new_with_constructor(latency_histogram)),
+        }
+    }
 }
 
 /// What a waiter sees: nothing yet, then the leader's result.
@@ -347,8 +379,7 @@ impl Fetcher {
             if let Ok(b) = &r {
                 if let Err(e) = self.store.put(c.digest, b.clone()) {
                     self.stats.not_cached.fetch_add(1, Ordering::Relaxed);
-                    error!(layer, chunk = %hex::encode(c.digest), error = %e,
-                           "cannot write chunk to the cache (disk full?); serving it uncached");
+                    self.store.log_not_cached(layer, &c.digest, &e);
                 }
             }
             results.push(r);
@@ -367,6 +398,10 @@ impl Fetcher {
         let started = std::time::Instant::now();
         let r = source.fetch(offset, len).await;
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .latency
+            .get_or_create(&vec![("source".to_owned(), source.name().to_owned())])
+            .observe(started.elapsed().as_secs_f64());
         match r {
             Ok(b) if b.len() as u64 == len => {
                 self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);

@@ -252,6 +252,10 @@ impl ChunkSource for LayerReader {
             self.served
                 .from_cache
                 .fetch_add(end - start, Ordering::Relaxed);
+            self.fetcher
+                .stats
+                .served_from_cache
+                .fetch_add(end - start, Ordering::Relaxed);
             return reply.data(&f.json[start as usize..end as usize]);
         }
         let Some(chunks) = self.toc.files.get(data_id as usize) else {
@@ -273,6 +277,10 @@ impl ChunkSource for LayerReader {
         {
             self.served
                 .from_cache
+                .fetch_add(end - offset, Ordering::Relaxed);
+            self.fetcher
+                .stats
+                .served_from_cache
                 .fetch_add(end - offset, Ordering::Relaxed);
             return match (needed, &bufs[..]) {
                 // One chunk: reply straight from its buffer, no copy.
@@ -298,6 +306,10 @@ impl ChunkSource for LayerReader {
                 Ok(bufs) => {
                     served
                         .after_fetch
+                        .fetch_add(end - offset, Ordering::Relaxed);
+                    fetcher
+                        .stats
+                        .served_after_fetch
                         .fetch_add(end - offset, Ordering::Relaxed);
                     reply.data(&assemble(&needed, &bufs, offset, end));
                 }

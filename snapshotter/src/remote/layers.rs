@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
+use super::cache::Cache;
 use super::fetch::{BoxFuture, Fetcher, RangeSource};
 use super::layer::{compression_name, entries, LayerReader};
 use super::toc::{parse_digest, parse_footer, Footer, Toc, FOOTER_FETCH};
@@ -70,6 +71,19 @@ pub struct RemoteStats {
     pub mounted: AtomicU64,
     /// Layers that fell back to a normal pull.
     pub fallbacks: AtomicU64,
+    /// Of which: the TOC could not be fetched or verified.
+    pub fallbacks_toc: AtomicU64,
+    /// Of which: the layer could not be mounted.
+    pub fallbacks_mount: AtomicU64,
+}
+
+/// Why a layer fell back to a normal pull (a metrics label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FallbackReason {
+    /// The TOC could not be fetched or did not verify.
+    Toc,
+    /// The FUSE mount or the metadata write failed.
+    Mount,
 }
 
 /// The remote-layer half of the snapshotter.
@@ -79,6 +93,7 @@ pub struct RemoteLayers {
     fetcher: Arc<Fetcher>,
     rt: Handle,
     cfg: RemoteConfig,
+    cache: Arc<Cache>,
     mounted: Mutex<HashMap<u64, MountedLayer>>,
     /// Keeps each mount's `/dev/fuse` fd across restarts (see `handover`).
     fd_store: Option<crate::handover::FdStore>,
@@ -122,6 +137,8 @@ pub struct LayerStatus {
     pub served_after_fetch: u64,
     /// Reads answered with EIO.
     pub read_errors: u64,
+    /// Pinned (the layer or its image): GC keeps its chunks.
+    pub pinned: bool,
 }
 
 /// A resolved layer, ready to mount.
@@ -165,9 +182,11 @@ impl RemoteLayers {
     ) -> std::io::Result<RemoteLayers> {
         std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
             .create(&tocs_dir)?;
+        let cache = Arc::new(Cache::new(fetcher.store().clone(), blobs.clone()));
         Ok(RemoteLayers {
             tocs_dir,
             blobs,
+            cache,
             fetcher,
             rt,
             cfg,
@@ -304,6 +323,7 @@ impl RemoteLayers {
         if !resumed {
             self.keep_fd(id, &mount);
         }
+        self.cache.register(id, r.clone(), reader.clone());
         self.mounted.lock().unwrap().insert(
             id,
             MountedLayer {
@@ -369,15 +389,42 @@ impl RemoteLayers {
         }
     }
 
-    /// Crash recovery once the root lock is held.
-    pub fn recover(&self) {
-        self.fetcher.store().remove_stale_temp();
+    /// Crash recovery once the root lock is held: drops partial chunk
+    /// files, rebuilds the chunk index in `db` from the files, and starts
+    /// the cache's GC loop.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn recover(&self, db: Arc<redb::Database>) -> Result<(), redb::Error> {
+        let store = self.fetcher.store();
+        store.remove_stale_temp();
+        let started = std::time::Instant::now();
+        store.attach_index(db)?;
+        info!(
+            chunks = store.index().len(),
+            bytes = store.index().used(),
+            ms = started.elapsed().as_millis() as u64,
+            "chunk store indexed"
+        );
+        self.cache.spawn(&self.rt);
+        Ok(())
+    }
+
+    /// Layers mounted now.
+    pub fn mounted_count(&self) -> usize {
+        self.mounted.lock().unwrap().len()
+    }
+
+    /// The chunk cache (GC, pins).
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
     }
 
     /// Unmounts snapshot `id` if it is mounted.
     pub fn unmount(&self, id: u64) {
         if let Some(m) = self.mounted.lock().unwrap().remove(&id) {
             self.forget_fd(id);
+            self.cache.unregister(id);
             m.reader.stop();
             if let Err(e) = m.mount.unmount() {
                 warn!(id, error = %e, "unmount failed");
@@ -395,9 +442,11 @@ impl RemoteLayers {
             .map(|(id, m)| (*id, m.name.clone(), m.remote.clone(), m.reader.clone()))
             .collect();
         let store = self.fetcher.store();
+        let pins = self.cache.pins();
         let mut out: Vec<LayerStatus> = layers
             .into_iter()
             .map(|(id, name, remote, reader)| {
+                let pinned = Cache::is_pinned(&pins, &remote);
                 let chunks = reader.all_chunks();
                 let local: Vec<_> = chunks
                     .iter()
@@ -416,6 +465,7 @@ impl RemoteLayers {
                     served_from_cache: reader.served.from_cache.load(Ordering::Relaxed),
                     served_after_fetch: reader.served.after_fetch.load(Ordering::Relaxed),
                     read_errors: reader.served.errors.load(Ordering::Relaxed),
+                    pinned,
                 }
             })
             .collect();
@@ -429,8 +479,13 @@ impl RemoteLayers {
     }
 
     /// Notes a fallback to a normal pull.
-    pub fn fallback(&self, layer: &str, reason: &str) {
+    pub fn fallback(&self, layer: &str, why: FallbackReason, reason: &str) {
         self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+        match why {
+            FallbackReason::Toc => &self.stats.fallbacks_toc,
+            FallbackReason::Mount => &self.stats.fallbacks_mount,
+        }
+        .fetch_add(1, Ordering::Relaxed);
         warn!(
             layer,
             reason, "cannot mount layer lazily; falling back to a normal pull"
@@ -443,6 +498,9 @@ impl Drop for RemoteLayers {
         let ids: Vec<u64> = self.mounted.lock().unwrap().keys().copied().collect();
         for id in ids {
             self.unmount(id);
+        }
+        if let Err(e) = self.fetcher.store().index().flush() {
+            warn!(error = %e, "cannot write the chunk index");
         }
     }
 }

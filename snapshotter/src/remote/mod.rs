@@ -4,6 +4,10 @@
 //! - [`toc`]: eStargz / zstd:chunked footers and TOCs, verified against the
 //!   manifest's TOC digest, and the chunk table.
 //! - [`store`]: the content-addressed store of verified chunks.
+//! - [`index`]: the store's index in redb: sizes, last access, pins.
+//! - [`cache`]: references, pins, probes; runs GC.
+//! - [`gc`]: garbage collection: TTL for unreferenced chunks, then LRU.
+//! - [`clock`]: wall-clock time, injectable for tests.
 //! - [`layers`]: detection in Prepare labels, TOC resolution, mounts,
 //!   prefetch and background fetch.
 //! - [`registry_blobs`]: layer blobs from registries.
@@ -11,7 +15,11 @@
 //! - [`fetch`]: merged Range fetches, decompression, verification, single
 //!   flight.
 
+pub mod cache;
+pub mod clock;
 pub mod fetch;
+pub mod gc;
+pub mod index;
 pub mod layer;
 pub mod layers;
 pub mod registry_blobs;

@@ -1,32 +1,50 @@
 //! The local chunk store: verified, uncompressed chunks keyed by their
-//! sha256, on disk under `ROOT/chunks/` with a bounded in-memory LRU in front.
+//! sha256, on disk under `ROOT/chunks/` with a bounded in-memory LRU in front,
+//! and an index (size, last access, pins) in the snapshots' redb database
+//! ([`super::index`]).
 //!
 //! Invariants:
 //! - Only bytes whose sha256 equals their key are ever inserted; callers
 //!   verify before [`ChunkStore::put`], and `put` re-checks nothing (hashing
 //!   twice costs a full pass).
-//! - A chunk becomes visible on disk only by `rename` of a fully written temp
-//!   file, so readers never see a partial file under a final name.
-//! - [`ChunkStore::get`] re-hashes what it reads from disk (not from memory):
-//!   a torn write after a power cut, or bit rot, turns into a miss and the
-//!   chunk is fetched again. Unverified bytes never leave this module.
-//! - A full disk is not an error for readers: `put` reports it, the chunk is
-//!   still served from memory, and the caller logs and counts it.
+//! - A chunk becomes visible on disk only by `rename` of a fully written and
+//!   fsync'd temp file, so readers never see a partial file under a final
+//!   name.
+//! - Each file is a 16-byte header (`SHC1`, crc32 of the data, data length)
+//!   and the data. [`ChunkStore::get`] checks length and crc32 of what it
+//!   reads from disk (not from memory): a torn write after a power cut, or bit
+//!   rot, turns into a miss and the chunk is fetched again. A file without
+//!   the header (written by an older version) is checked by its sha256.
+//!   docs/ARCHITECTURE.md gives the measurements behind this choice.
+//! - A full disk (or a cache at `max_bytes`) is not an error for readers:
+//!   `put` reports it, the chunk is still served from memory, and the caller
+//!   counts it; the store logs it loudly at most every [`FULL_LOG_EVERY`].
+//! - [`ChunkStore::evict`] never removes a chunk while a reader is reading its
+//!   file (the `busy` guard).
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use lru::LruCache;
 use sha2::{Digest as _, Sha256};
-use tracing::warn;
+use tracing::{error, warn};
+
+use super::clock::{Clock, SystemClock};
+use super::index::ChunkIndex;
 
 /// Default byte budget of the in-memory chunk cache.
 pub const DEFAULT_MEMORY_BYTES: u64 = 256 << 20;
+/// Bytes of the header in front of each chunk file.
+pub const HEADER_LEN: usize = 16;
+const MAGIC: &[u8; 4] = b"SHC1";
+/// Shortest interval between two "cannot cache" log lines.
+pub const FULL_LOG_EVERY: u64 = 10;
 
 /// Counters, readable at any time.
 #[derive(Debug, Default)]
@@ -39,8 +57,37 @@ pub struct StoreStats {
     pub misses: AtomicU64,
     /// Disk files that failed re-verification and were dropped.
     pub corrupt_on_disk: AtomicU64,
-    /// Chunks that could not be written (e.g. disk full).
+    /// Chunks that could not be written (I/O error, e.g. disk full).
     pub write_failures: AtomicU64,
+    /// Chunks not written because the cache was at `max_bytes`.
+    pub at_limit: AtomicU64,
+    /// Chunks removed by GC.
+    pub evicted: AtomicU64,
+    /// Bytes removed by GC.
+    pub evicted_bytes: AtomicU64,
+}
+
+/// Capacity limits in bytes; `max_bytes == 0` means no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// The cache never grows past this: chunks beyond it are served
+    /// uncached.
+    pub max_bytes: u64,
+    /// Crossing this wakes GC.
+    pub high_bytes: u64,
+    /// GC evicts down to this.
+    pub low_bytes: u64,
+}
+
+/// What [`ChunkStore::evict`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Evicted {
+    /// Removed; this many bytes freed.
+    Freed(u64),
+    /// A reader is reading it; left alone.
+    Busy,
+    /// Not stored.
+    Missing,
 }
 
 struct Memory {
@@ -55,8 +102,59 @@ pub struct ChunkStore {
     memory: Mutex<Memory>,
     memory_limit: u64,
     seq: AtomicU64,
+    index: ChunkIndex,
+    clock: Arc<dyn Clock>,
+    limits: Mutex<Limits>,
+    /// Readers per chunk currently reading its file.
+    busy: Mutex<HashMap<[u8; 32], u32>>,
+    /// When the cache was last found full (disk ENOSPC or `max_bytes`).
+    last_full: AtomicU64,
+    /// When a write last failed with ENOSPC (the disk truly full).
+    last_enospc: AtomicU64,
+    last_full_log: AtomicU64,
+    /// Woken when usage crosses the high watermark or the disk is full.
+    pub gc_wake: tokio::sync::Notify,
     /// Counters.
     pub stats: StoreStats,
+}
+
+/// Decrements a chunk's reader count when the read is over.
+struct ReadGuard<'a> {
+    store: &'a ChunkStore,
+    digest: [u8; 32],
+}
+
+impl Drop for ReadGuard<'_> {
+    fn drop(&mut self) {
+        let mut b = self.store.busy.lock().unwrap();
+        if let Some(n) = b.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                b.remove(&self.digest);
+            }
+        }
+    }
+}
+
+/// The chunk in a file's bytes, if they check out against `digest`.
+fn verify_file(data: Vec<u8>, digest: &[u8; 32]) -> Option<Bytes> {
+    if data.len() >= HEADER_LEN && &data[..4] == MAGIC {
+        let crc = u32::from_le_bytes(data[4..8].try_into().unwrap());
+        let len = u64::from_le_bytes(data[8..16].try_into().unwrap());
+        if len == (data.len() - HEADER_LEN) as u64 && crc32fast::hash(&data[HEADER_LEN..]) == crc {
+            return Some(Bytes::from(data).slice(HEADER_LEN..));
+        }
+    }
+    // No valid header: a chunk from before the header, checked in full.
+    (Sha256::digest(&data).as_slice() == digest).then(|| Bytes::from(data))
+}
+
+fn header(data: &[u8]) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(MAGIC);
+    h[4..8].copy_from_slice(&crc32fast::hash(data).to_le_bytes());
+    h[8..].copy_from_slice(&(data.len() as u64).to_le_bytes());
+    h
 }
 
 impl ChunkStore {
@@ -67,6 +165,18 @@ impl ChunkStore {
     /// # Errors
     /// The directories cannot be created.
     pub fn open(dir: &Path, memory_limit: u64) -> io::Result<ChunkStore> {
+        Self::open_with_clock(dir, memory_limit, Arc::new(SystemClock))
+    }
+
+    /// [`ChunkStore::open`] with the clock that stamps accesses.
+    ///
+    /// # Errors
+    /// The directories cannot be created.
+    pub fn open_with_clock(
+        dir: &Path,
+        memory_limit: u64,
+        clock: Arc<dyn Clock>,
+    ) -> io::Result<ChunkStore> {
         let tmp = dir.join("tmp");
         fs::DirBuilder::new()
             .recursive(true)
@@ -81,8 +191,47 @@ impl ChunkStore {
             }),
             memory_limit,
             seq: AtomicU64::new(0),
+            index: ChunkIndex::default(),
+            clock,
+            limits: Mutex::new(Limits::default()),
+            busy: Mutex::new(HashMap::new()),
+            last_full: AtomicU64::new(0),
+            last_enospc: AtomicU64::new(0),
+            last_full_log: AtomicU64::new(0),
+            gc_wake: tokio::sync::Notify::new(),
             stats: StoreStats::default(),
         })
+    }
+
+    /// Sets the capacity limits.
+    pub fn set_limits(&self, limits: Limits) {
+        *self.limits.lock().unwrap() = limits;
+    }
+
+    /// The capacity limits.
+    pub fn limits(&self) -> Limits {
+        *self.limits.lock().unwrap()
+    }
+
+    /// The index (sizes, access times, pins).
+    pub fn index(&self) -> &ChunkIndex {
+        &self.index
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// When the cache was last found full (seconds since the epoch; 0:
+    /// never).
+    pub fn last_full(&self) -> u64 {
+        self.last_full.load(Ordering::Relaxed)
+    }
+
+    /// When a write last failed because the disk was full (0: never).
+    pub fn last_enospc(&self) -> u64 {
+        self.last_enospc.load(Ordering::Relaxed)
     }
 
     /// Removes partially written chunks left by a process that died. Only
@@ -95,6 +244,47 @@ impl ChunkStore {
         }
     }
 
+    /// Every chunk file on disk: digest and file size. Names that are not a
+    /// digest in the right directory are ignored.
+    pub fn scan(&self) -> Vec<([u8; 32], u64)> {
+        let mut out = Vec::new();
+        let Ok(dirs) = fs::read_dir(&self.dir) else {
+            return out;
+        };
+        for d in dirs.flatten() {
+            let name = d.file_name();
+            let Some(prefix) = name.to_str().filter(|n| n.len() == 2) else {
+                continue;
+            };
+            let Ok(files) = fs::read_dir(d.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let Some(hex) = f.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                let mut digest = [0u8; 32];
+                if !hex.starts_with(prefix) || hex::decode_to_slice(&hex, &mut digest).is_err() {
+                    continue;
+                }
+                if let Ok(md) = f.metadata() {
+                    out.push((digest, md.len()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Scans the disk and attaches the index to `db` (once, at start, with
+    /// the root lock held).
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn attach_index(&self, db: Arc<redb::Database>) -> Result<(), redb::Error> {
+        let on_disk = self.scan();
+        self.index.attach(db, on_disk, self.clock.now())
+    }
+
     fn path(&self, digest: &[u8; 32]) -> PathBuf {
         let hex = hex::encode(digest);
         self.dir.join(&hex[..2]).join(hex)
@@ -104,21 +294,32 @@ impl ChunkStore {
     pub fn get(&self, digest: &[u8; 32]) -> Option<Bytes> {
         if let Some(b) = self.memory.lock().unwrap().lru.get(digest) {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
-            return Some(b.clone());
+            let b = b.clone();
+            self.index.touch(digest, self.clock.now());
+            return Some(b);
         }
         let path = self.path(digest);
-        match fs::read(&path) {
-            Ok(data) if Sha256::digest(&data).as_slice() == digest => {
+        let read = {
+            *self.busy.lock().unwrap().entry(*digest).or_insert(0) += 1;
+            let _guard = ReadGuard {
+                store: self,
+                digest: *digest,
+            };
+            fs::read(&path)
+        };
+        match read.map(|data| verify_file(data, digest)) {
+            Ok(Some(b)) => {
                 self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-                let b = Bytes::from(data);
+                self.index.touch(digest, self.clock.now());
                 self.remember(*digest, b.clone());
                 Some(b)
             }
-            Ok(_) => {
+            Ok(None) => {
                 self.stats.corrupt_on_disk.fetch_add(1, Ordering::Relaxed);
                 warn!(chunk = %hex::encode(digest), path = %path.display(),
                       "cached chunk failed verification; dropping it");
                 let _ = fs::remove_file(&path);
+                self.index.remove(digest);
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 None
             }
@@ -129,22 +330,44 @@ impl ChunkStore {
         }
     }
 
-    /// Whether `digest` is on disk (without reading it).
+    /// Whether `digest` is stored (without reading it).
     pub fn contains(&self, digest: &[u8; 32]) -> bool {
-        self.memory.lock().unwrap().lru.contains(digest) || self.path(digest).exists()
+        self.memory.lock().unwrap().lru.contains(digest) || self.on_disk(digest)
+    }
+
+    /// Whether `digest` is stored on disk (not just in memory).
+    pub fn on_disk(&self, digest: &[u8; 32]) -> bool {
+        self.index.contains(digest) || self.path(digest).exists()
     }
 
     /// Stores a chunk the caller has verified. It is always kept in memory;
-    /// the disk write may fail (full disk), which is returned for the caller
-    /// to log and count, and leaves no partial file behind.
+    /// the disk write may be refused (cache at `max_bytes`) or fail (disk
+    /// full), which is returned for the caller to count; no partial file is
+    /// left behind, and GC is woken.
     ///
     /// # Errors
-    /// The disk write failed.
+    /// The chunk was not written to disk.
     pub fn put(&self, digest: [u8; 32], data: Bytes) -> io::Result<()> {
         self.remember(digest, data.clone());
-        let path = self.path(&digest);
-        if path.exists() {
+        let now = self.clock.now();
+        if self.index.contains(&digest) {
+            self.index.touch(&digest, now);
             return Ok(());
+        }
+        let path = self.path(&digest);
+        if let Ok(md) = fs::metadata(&path) {
+            self.index.insert(digest, md.len(), now);
+            return Ok(());
+        }
+        let size = (HEADER_LEN + data.len()) as u64;
+        let limits = self.limits();
+        if limits.max_bytes > 0 && self.index.used().saturating_add(size) > limits.max_bytes {
+            self.stats.at_limit.fetch_add(1, Ordering::Relaxed);
+            self.note_full(now);
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!("chunk cache is at max_bytes ({})", limits.max_bytes),
+            ));
         }
         let tmp = self.tmp.join(format!(
             "{}-{}",
@@ -153,16 +376,85 @@ impl ChunkStore {
         ));
         let res = (|| {
             let mut f = fs::File::create(&tmp)?;
+            f.write_all(&header(&data))?;
             f.write_all(&data)?;
             f.sync_data()?;
             fs::create_dir_all(path.parent().unwrap())?;
             fs::rename(&tmp, &path)
         })();
-        if res.is_err() {
-            let _ = fs::remove_file(&tmp);
-            self.stats.write_failures.fetch_add(1, Ordering::Relaxed);
+        match &res {
+            Ok(()) => {
+                self.index.insert(digest, size, now);
+                if limits.high_bytes > 0 && self.index.used() > limits.high_bytes {
+                    self.gc_wake.notify_one();
+                }
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                self.stats.write_failures.fetch_add(1, Ordering::Relaxed);
+                if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
+                {
+                    self.last_enospc.store(now, Ordering::Relaxed);
+                    self.note_full(now);
+                }
+            }
         }
         res
+    }
+
+    fn note_full(&self, now: u64) {
+        self.last_full.store(now, Ordering::Relaxed);
+        self.gc_wake.notify_one();
+    }
+
+    /// Logs that a verified chunk is served without being cached; at most
+    /// once every [`FULL_LOG_EVERY`] seconds, with the count since.
+    pub fn log_not_cached(&self, layer: &str, digest: &[u8; 32], err: &io::Error) {
+        let now = self.clock.now();
+        let last = self.last_full_log.load(Ordering::Relaxed);
+        if now >= last + FULL_LOG_EVERY
+            && self
+                .last_full_log
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let s = &self.stats;
+            error!(layer, chunk = %hex::encode(digest), error = %err,
+                   used_bytes = self.index.used(),
+                   at_limit_total = s.at_limit.load(Ordering::Relaxed),
+                   write_failures_total = s.write_failures.load(Ordering::Relaxed),
+                   "CHUNK CACHE FULL: serving verified chunks without caching them");
+        }
+    }
+
+    /// Removes chunk `digest` from disk and memory, unless a reader is
+    /// reading its file.
+    pub fn evict(&self, digest: &[u8; 32]) -> Evicted {
+        let busy = self.busy.lock().unwrap();
+        if busy.contains_key(digest) {
+            return Evicted::Busy;
+        }
+        let path = self.path(digest);
+        let size = self.index.remove(digest);
+        let removed = fs::remove_file(&path).is_ok();
+        drop(busy);
+        {
+            let mut m = self.memory.lock().unwrap();
+            if let Some(b) = m.lru.pop(digest) {
+                m.bytes -= b.len() as u64;
+            }
+        }
+        match (size, removed) {
+            (Some(e), _) => {
+                self.stats.evicted.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .evicted_bytes
+                    .fetch_add(e.size, Ordering::Relaxed);
+                Evicted::Freed(e.size)
+            }
+            (None, true) => Evicted::Freed(0),
+            (None, false) => Evicted::Missing,
+        }
     }
 
     fn remember(&self, digest: [u8; 32], data: Bytes) {
@@ -221,5 +513,65 @@ mod tests {
             s.put(digest(&data), data).unwrap();
         }
         assert!(s.memory.lock().unwrap().bytes <= 100);
+    }
+
+    #[test]
+    fn torn_or_rotted_files_are_misses_and_old_headerless_files_still_serve() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ChunkStore::open(dir.path(), 0).unwrap();
+        let data = Bytes::from(vec![7u8; 10000]);
+        let d = digest(&data);
+        s.put(d, data.clone()).unwrap();
+        let on_disk = fs::read(s.path(&d)).unwrap();
+        assert_eq!(on_disk.len(), HEADER_LEN + 10000);
+        // Torn: only part of the file made it.
+        fs::write(s.path(&d), &on_disk[..5000]).unwrap();
+        assert!(s.get(&d).is_none());
+        assert!(!s.path(&d).exists(), "a bad file is dropped");
+        // Rot: one bit flipped in the data.
+        let mut rotted = on_disk.clone();
+        rotted[HEADER_LEN + 1234] ^= 1;
+        fs::create_dir_all(s.path(&d).parent().unwrap()).unwrap();
+        fs::write(s.path(&d), &rotted).unwrap();
+        assert!(s.get(&d).is_none());
+        assert_eq!(s.stats.corrupt_on_disk.load(Ordering::Relaxed), 2);
+        // Headerless (written before the header existed): checked by sha256.
+        fs::write(s.path(&d), &data).unwrap();
+        assert_eq!(s.get(&d).unwrap(), data);
+        // Stale temp files of a dead process go away.
+        fs::write(s.tmp.join("x-1"), b"partial").unwrap();
+        s.remove_stale_temp();
+        assert_eq!(fs::read_dir(&s.tmp).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn max_bytes_refuses_writes_and_evict_respects_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ChunkStore::open(dir.path(), 1 << 20).unwrap();
+        let one = (HEADER_LEN + 100) as u64;
+        s.set_limits(Limits {
+            max_bytes: 2 * one,
+            high_bytes: one,
+            low_bytes: 0,
+        });
+        let chunks: Vec<Bytes> = (0..3u8).map(|i| Bytes::from(vec![i; 100])).collect();
+        s.put(digest(&chunks[0]), chunks[0].clone()).unwrap();
+        s.put(digest(&chunks[1]), chunks[1].clone()).unwrap();
+        let e = s.put(digest(&chunks[2]), chunks[2].clone()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::StorageFull);
+        assert!(s.last_full() > 0);
+        assert_eq!(s.index().used(), 2 * one);
+        // Still served (from memory), never from a partial file.
+        assert_eq!(s.get(&digest(&chunks[2])).unwrap(), chunks[2]);
+        assert!(!s.on_disk(&digest(&chunks[2])));
+        // A chunk being read is not evicted.
+        let d0 = digest(&chunks[0]);
+        s.busy.lock().unwrap().insert(d0, 1);
+        assert_eq!(s.evict(&d0), Evicted::Busy);
+        s.busy.lock().unwrap().clear();
+        assert_eq!(s.evict(&d0), Evicted::Freed(one));
+        assert_eq!(s.evict(&d0), Evicted::Missing);
+        assert_eq!(s.index().used(), one);
+        assert!(s.get(&d0).is_none());
     }
 }

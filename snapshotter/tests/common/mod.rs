@@ -21,6 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use shoal::metadata::RemoteRef;
 use shoal::overlay::Snapshotter;
+use shoal::remote::clock::{Clock, SystemClock};
 use shoal::remote::fetch::{BoxFuture, Fetcher, RangeSource};
 use shoal::remote::layers::{Blobs, RemoteConfig, RemoteLayers};
 use shoal::remote::store::ChunkStore;
@@ -96,7 +97,18 @@ pub fn open_snapshotter(
     blob: Arc<MemBlob>,
     rt: &tokio::runtime::Runtime,
 ) -> Snapshotter {
-    let store = Arc::new(ChunkStore::open(&root.join("chunks"), 64 << 20).unwrap());
+    open_snapshotter_with(root, blob, rt, 64 << 20, Arc::new(SystemClock))
+}
+
+/// [`open_snapshotter`] with a memory cache of `memory` bytes and `clock`.
+pub fn open_snapshotter_with(
+    root: &Path,
+    blob: Arc<MemBlob>,
+    rt: &tokio::runtime::Runtime,
+    memory: u64,
+    clock: Arc<dyn Clock>,
+) -> Snapshotter {
+    let store = Arc::new(ChunkStore::open_with_clock(&root.join("chunks"), memory, clock).unwrap());
     let remote = RemoteLayers::new(
         root.join("tocs"),
         Arc::new(MemBlobs(blob)),

@@ -1,0 +1,406 @@
+//! The chunk cache's control half: which mounted layers reference which
+//! chunks, pins, "can this layer be fetched again?" probes, and running GC
+//! ([`super::gc`] decides, this applies) periodically, when usage crosses
+//! the high watermark, and on `shoal gc`.
+//!
+//! Invariants:
+//! - One GC run at a time (`running`).
+//! - Access times reach redb at most every [`FLUSH_INTERVAL`], and after
+//!   each GC run.
+//! - A layer counts as fetchable only if its blob's size was read from its
+//!   source within [`PROBE_TTL`]; a probe that fails or times out makes it
+//!   unfetchable, so GC keeps its chunks.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Handle;
+use tracing::{debug, error, info, warn};
+
+use super::gc::{plan, CacheConfig, GcReport, LayerRefs, Why, FLUSH_INTERVAL, PROBE_TTL};
+use super::layer::LayerReader;
+use super::layers::Blobs;
+use super::store::{ChunkStore, Evicted};
+use crate::metadata::RemoteRef;
+use crate::registry::Reference;
+
+/// How long one fetchability probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct GcStats {
+    /// GC runs that removed (or could have removed) something, dry runs
+    /// excluded.
+    pub runs: AtomicU64,
+}
+
+struct Mounted {
+    remote: RemoteRef,
+    reader: Arc<LayerReader>,
+}
+
+/// See the module doc.
+pub struct Cache {
+    store: Arc<ChunkStore>,
+    blobs: Arc<dyn Blobs>,
+    cfg: Mutex<CacheConfig>,
+    layers: Mutex<HashMap<u64, Mounted>>,
+    probes: Mutex<HashMap<String, (Instant, bool)>>,
+    last: Mutex<Option<GcReport>>,
+    running: tokio::sync::Mutex<()>,
+    /// Counters.
+    pub stats: GcStats,
+}
+
+/// What `shoal pin` / `unpin` changed.
+#[derive(Clone, Debug)]
+pub struct PinOutcome {
+    /// The pin was added (pin) or removed (unpin); false: nothing changed.
+    pub changed: bool,
+    /// Mounted layers it covers now.
+    pub layers: u64,
+}
+
+/// A pin target must be a layer digest or an image reference.
+///
+/// # Errors
+/// A message saying what is wrong with it.
+pub fn check_pin_target(target: &str) -> Result<(), String> {
+    if let Some(hex) = target.strip_prefix("sha256:") {
+        if hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
+            return Ok(());
+        }
+        return Err(format!(
+            "{target:?} is not a sha256 digest (sha256: and 64 lowercase hex digits)"
+        ));
+    }
+    target
+        .parse::<Reference>()
+        .map(drop)
+        .map_err(|e| format!("{target:?} is neither a layer digest nor an image reference: {e}"))
+}
+
+impl Cache {
+    /// A cache over `store`, probing layers through `blobs`.
+    pub fn new(store: Arc<ChunkStore>, blobs: Arc<dyn Blobs>) -> Cache {
+        Cache {
+            store,
+            blobs,
+            cfg: Mutex::new(CacheConfig::default()),
+            layers: Mutex::new(HashMap::new()),
+            probes: Mutex::new(HashMap::new()),
+            last: Mutex::new(None),
+            running: tokio::sync::Mutex::new(()),
+            stats: GcStats::default(),
+        }
+    }
+
+    /// Sets limits, TTL and interval.
+    pub fn configure(&self, cfg: CacheConfig) {
+        self.store.set_limits(cfg.limits);
+        *self.cfg.lock().unwrap() = cfg;
+    }
+
+    /// The settings.
+    pub fn config(&self) -> CacheConfig {
+        *self.cfg.lock().unwrap()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<ChunkStore> {
+        &self.store
+    }
+
+    /// Notes that snapshot `id` serves layer `remote` through `reader`.
+    pub fn register(&self, id: u64, remote: RemoteRef, reader: Arc<LayerReader>) {
+        self.layers
+            .lock()
+            .unwrap()
+            .insert(id, Mounted { remote, reader });
+    }
+
+    /// Notes that snapshot `id` is unmounted.
+    pub fn unregister(&self, id: u64) {
+        self.layers.lock().unwrap().remove(&id);
+    }
+
+    /// Whether `remote` is covered by a pin in `pins`.
+    pub fn is_pinned(pins: &HashSet<String>, remote: &RemoteRef) -> bool {
+        pins.contains(&remote.layer_digest) || pins.contains(&remote.image_ref)
+    }
+
+    /// The pins (empty on a database error, which is logged).
+    pub fn pins(&self) -> HashSet<String> {
+        self.store.index().pins().unwrap_or_else(|e| {
+            error!(error = %e, "cannot read pins");
+            HashSet::new()
+        })
+    }
+
+    fn covered(&self, target: &str) -> u64 {
+        let pins = HashSet::from([target.to_owned()]);
+        self.layers
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|m| Self::is_pinned(&pins, &m.remote))
+            .count() as u64
+    }
+
+    /// Pins an image reference or a layer digest: GC never evicts the
+    /// chunks of a mounted layer it covers.
+    ///
+    /// # Errors
+    /// A bad target, or the database failed.
+    pub fn pin(&self, target: &str) -> Result<PinOutcome, String> {
+        check_pin_target(target)?;
+        let changed = self
+            .store
+            .index()
+            .pin(target, self.store.clock().now())
+            .map_err(|e| e.to_string())?;
+        info!(target, "pinned");
+        Ok(PinOutcome {
+            changed,
+            layers: self.covered(target),
+        })
+    }
+
+    /// Removes a pin.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn unpin(&self, target: &str) -> Result<PinOutcome, String> {
+        let changed = self
+            .store
+            .index()
+            .unpin(target)
+            .map_err(|e| e.to_string())?;
+        if changed {
+            info!(target, "unpinned");
+        }
+        Ok(PinOutcome {
+            changed,
+            layers: self.covered(target),
+        })
+    }
+
+    /// The last GC report (this run of the daemon, else the stored one).
+    pub fn last_report(&self) -> Option<GcReport> {
+        if let Some(r) = self.last.lock().unwrap().clone() {
+            return Some(r);
+        }
+        let json = self.store.index().last_gc().ok().flatten()?;
+        serde_json::from_slice(&json).ok()
+    }
+
+    async fn fetchable(&self, remote: &RemoteRef) -> bool {
+        let key = format!("{}\n{}", remote.image_ref, remote.layer_digest);
+        if let Some((at, ok)) = self.probes.lock().unwrap().get(&key) {
+            if at.elapsed() < PROBE_TTL {
+                return *ok;
+            }
+        }
+        let ok = matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, self.blobs.size(remote)).await,
+            Ok(Ok(_))
+        );
+        if !ok {
+            warn!(layer = %remote.layer_digest, image = %remote.image_ref,
+                  "layer cannot be fetched now; GC keeps its chunks");
+        }
+        self.probes
+            .lock()
+            .unwrap()
+            .insert(key, (Instant::now(), ok));
+        ok
+    }
+
+    async fn layer_refs(&self) -> Vec<LayerRefs> {
+        let pins = self.pins();
+        let mounted: Vec<(RemoteRef, Arc<LayerReader>)> = self
+            .layers
+            .lock()
+            .unwrap()
+            .values()
+            .map(|m| (m.remote.clone(), m.reader.clone()))
+            .collect();
+        let mut out = Vec::with_capacity(mounted.len());
+        for (remote, reader) in mounted {
+            let pinned = Self::is_pinned(&pins, &remote);
+            // A pinned layer is kept whatever the answer: no need to ask.
+            let fetchable = pinned || self.fetchable(&remote).await;
+            out.push(LayerRefs {
+                layer: remote.layer_digest.clone(),
+                chunks: reader.all_chunks().iter().map(|c| c.digest).collect(),
+                pinned,
+                fetchable,
+            });
+        }
+        out
+    }
+
+    /// Runs GC once (see [`super::gc`]); a dry run only reports.
+    pub async fn gc(&self, dry_run: bool, trigger: &str) -> GcReport {
+        let _one = self.running.lock().await;
+        let started = Instant::now();
+        let cfg = self.config();
+        let layers = self.layer_refs().await;
+        let now = self.store.clock().now();
+        // Truly full: a write failed with ENOSPC since about the last run.
+        let enospc = self.store.last_enospc();
+        let disk_full = enospc > 0 && now.saturating_sub(enospc) <= cfg.interval.as_secs().max(60);
+        let entries = self.store.index().snapshot();
+        let used_before: u64 = entries.iter().map(|(_, e)| e.size).sum();
+        let p = plan(&entries, &layers, &cfg, now, disk_full);
+        let mut report = GcReport {
+            dry_run,
+            trigger: trigger.to_owned(),
+            at: now,
+            used_before,
+            pinned_bytes: p.pinned_bytes,
+            kept_unfetchable_bytes: p.kept_unfetchable_bytes,
+            disk_full,
+            unfetchable_layers: layers
+                .iter()
+                .filter(|l| !l.fetchable)
+                .map(|l| l.layer.clone())
+                .collect(),
+            ..GcReport::default()
+        };
+        let count = |r: &mut GcReport, why: Why| match why {
+            Why::Expired => r.evicted_expired += 1,
+            Why::Lru => r.evicted_lru += 1,
+            Why::Unfetchable => r.evicted_unfetchable += 1,
+        };
+        if dry_run {
+            for v in &p.victims {
+                report.freed_bytes += v.size;
+                report.evicted_chunks += 1;
+                count(&mut report, v.why);
+            }
+            report.used_after = p.used_after;
+        } else {
+            let store = self.store.clone();
+            let victims = p.victims.clone();
+            let applied = tokio::task::spawn_blocking(move || {
+                victims
+                    .iter()
+                    .map(|v| (v.why, store.evict(&v.digest)))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            for (why, r) in applied {
+                match r {
+                    Evicted::Freed(n) => {
+                        report.freed_bytes += n;
+                        report.evicted_chunks += 1;
+                        count(&mut report, why);
+                    }
+                    Evicted::Busy => report.skipped_busy += 1,
+                    Evicted::Missing => {}
+                }
+            }
+            report.used_after = self.store.index().used();
+            self.stats.runs.fetch_add(1, Ordering::Relaxed);
+        }
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        if report.evicted_unfetchable > 0 {
+            error!(chunks = report.evicted_unfetchable, layers = ?report.unfetchable_layers,
+                   "DISK FULL: evicted chunks of layers whose registry is unreachable; \
+                    reads of those chunks fail until it is back");
+        } else if disk_full && p.used_after > cfg.limits.low_bytes {
+            error!(
+                used = p.used_after,
+                pinned = p.pinned_bytes,
+                "DISK FULL and nothing more can be evicted (pinned or unfetchable); \
+                    reads are served uncached"
+            );
+        } else if cfg.limits.high_bytes > 0 && p.used_after > cfg.limits.high_bytes {
+            warn!(used = p.used_after, high = cfg.limits.high_bytes,
+                  pinned = p.pinned_bytes, unfetchable = p.kept_unfetchable_bytes,
+                  "chunk cache above its high watermark; the rest is pinned or cannot be fetched again now");
+        }
+        if !dry_run {
+            if report.evicted_chunks > 0 {
+                info!(
+                    trigger,
+                    freed = report.freed_bytes,
+                    chunks = report.evicted_chunks,
+                    expired = report.evicted_expired,
+                    lru = report.evicted_lru,
+                    used = report.used_after,
+                    ms = report.duration_ms,
+                    "chunk GC"
+                );
+            } else {
+                debug!(
+                    trigger,
+                    used = report.used_after,
+                    "chunk GC: nothing to evict"
+                );
+            }
+            if let Err(e) = self.store.index().flush() {
+                error!(error = %e, "cannot write the chunk index");
+            }
+            if let Err(e) = self
+                .store
+                .index()
+                .set_last_gc(&serde_json::to_vec(&report).unwrap_or_default())
+            {
+                error!(error = %e, "cannot store the GC result");
+            }
+            *self.last.lock().unwrap() = Some(report.clone());
+        }
+        report
+    }
+
+    /// Starts the background loop: GC every interval and whenever the store
+    /// says usage crossed the high watermark; access times flushed every
+    /// [`FLUSH_INTERVAL`].
+    /// Ends when the cache is dropped.
+    pub fn spawn(self: &Arc<Self>, rt: &Handle) {
+        let weak = Arc::downgrade(self);
+        let mut next_gc = Instant::now() + self.config().interval;
+        rt.spawn(async move {
+            loop {
+                let Some(me) = weak.upgrade() else { return };
+                let wait = next_gc
+                    .saturating_duration_since(Instant::now())
+                    .min(FLUSH_INTERVAL);
+                let store = me.store.clone();
+                drop(me);
+                let trigger = tokio::select! {
+                    () = tokio::time::sleep(wait) => None,
+                    () = store.gc_wake.notified() => Some("watermark"),
+                };
+                drop(store);
+                let Some(me) = weak.upgrade() else { return };
+                let store = me.store.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = store.index().flush() {
+                        error!(error = %e, "cannot write the chunk index");
+                    }
+                })
+                .await;
+                let trigger = match trigger {
+                    Some(t) => t,
+                    None if Instant::now() >= next_gc => "periodic",
+                    None => continue,
+                };
+                me.gc(false, trigger).await;
+                // A cache that stays full wakes GC on every write: space runs.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                next_gc = Instant::now() + me.config().interval;
+            }
+        });
+    }
+}

@@ -1,0 +1,383 @@
+//! The chunk cache with real FUSE mounts: GC while readers hammer a mounted
+//! layer, pins, the unreferenced TTL under an injected clock, layers whose
+//! registry is unreachable, and what survives a restart. The blob is served
+//! from memory (tests/common::MemBlob) so the source can be taken offline on
+//! demand; tests/e2e/cache.sh covers a real registry and containerd.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shoal::error::Error;
+use shoal::metadata::Kind;
+use shoal::overlay::Snapshotter;
+use shoal::remote::clock::ManualClock;
+use shoal::remote::gc::CacheConfig;
+
+mod common;
+use common::estargz::{Entry, Format, Layer};
+use common::{labels, open_snapshotter_with, MemBlob};
+
+const IMAGE: &str = "127.0.0.1:5000/hostile:t";
+const FILES: usize = 24;
+const FILE_BYTES: usize = 96 << 10;
+const CHUNK: usize = 16 << 10;
+
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// File names and contents.
+type Files = Vec<(String, Vec<u8>)>;
+
+/// A layer of FILES files of FILE_BYTES distinct bytes, CHUNK-sized chunks:
+/// blob, TOC digest, files.
+fn layer(seed: u64) -> (Vec<u8>, String, Files) {
+    let files: Files = (0..FILES)
+        .map(|i| {
+            (
+                format!("f{i:02}"),
+                noise(FILE_BYTES, seed * 1000 + i as u64),
+            )
+        })
+        .collect();
+    let entries: Vec<Entry> = files
+        .iter()
+        .map(|(n, d)| Entry::file(n, d.clone()))
+        .collect();
+    let (blob, toc) = Layer::new(Format::Estargz, CHUNK, &entries).blob();
+    (blob, toc, files)
+}
+
+fn prepare(sn: &Snapshotter, toc: &str, n: u32) -> PathBuf {
+    let chain = format!("chain-{n}");
+    let r = sn.create(
+        Kind::Active,
+        &format!("extract-{n}"),
+        None,
+        labels(toc, &chain),
+    );
+    assert!(matches!(r, Err(Error::AlreadyExists(_))), "{r:?}");
+    let m = sn
+        .create(
+            Kind::View,
+            &format!("view-{n}"),
+            Some(&chain),
+            BTreeMap::new(),
+        )
+        .unwrap();
+    PathBuf::from(&m[0].source)
+}
+
+/// Reads `p` through FUSE, not the page cache (FOPEN_KEEP_CACHE keeps pages
+/// across opens; DONTNEED drops this file's clean pages first).
+fn read_uncached(p: &Path) -> std::io::Result<Vec<u8>> {
+    let mut f = std::fs::File::open(p)?;
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let mut out = Vec::new();
+    f.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+fn cfg(max_bytes: u64, high: u8, low: u8, ttl: u64) -> CacheConfig {
+    CacheConfig {
+        limits: CacheConfig::limits(max_bytes, high, low),
+        ttl_secs: ttl,
+        interval: Duration::from_secs(3600),
+    }
+}
+
+#[test]
+fn gc_with_a_tiny_max_bytes_under_hammering_readers_never_gives_wrong_data_or_errors() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, toc, files) = layer(1);
+    let blob = MemBlob::new(blob);
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    // No memory cache: every FUSE read goes to the disk store or the source.
+    let sn = open_snapshotter_with(dir.path(), blob.clone(), &rt, 0, clock.clone());
+    let root = prepare(&sn, &toc, 1);
+    let remote = sn.remote().unwrap();
+    let cache = remote.cache().clone();
+    // Room for about an eighth of the layer; GC from half of that down to 10%.
+    let max = (FILES * FILE_BYTES / 8) as u64;
+    cache.configure(cfg(max, 50, 10, 3600));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let files = Arc::new(files);
+    let readers: Vec<_> = (0..4)
+        .map(|t| {
+            let (stop, reads, files, root) =
+                (stop.clone(), reads.clone(), files.clone(), root.clone());
+            std::thread::spawn(move || {
+                let mut problems = Vec::new();
+                let mut i = t * 5;
+                while !stop.load(Ordering::Relaxed) {
+                    let (name, want) = &files[i % files.len()];
+                    match read_uncached(&root.join(name)) {
+                        Ok(got) if got == *want => {}
+                        Ok(got) => {
+                            problems.push(format!("{name}: wrong bytes ({} read)", got.len()))
+                        }
+                        Err(e) => problems.push(format!("{name}: {e}")),
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+                problems
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let (mut runs, mut evicted, mut busy) = (0u64, 0u64, 0u64);
+    while started.elapsed() < Duration::from_secs(4) {
+        clock.advance(1);
+        let r = rt.block_on(cache.gc(false, "test"));
+        runs += 1;
+        evicted += r.evicted_chunks;
+        busy += r.skipped_busy;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let problems: Vec<String> = readers
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "readers saw: {:?}",
+        &problems[..problems.len().min(10)]
+    );
+    let reads = reads.load(Ordering::Relaxed);
+    let f = &remote.fetcher().stats;
+    let served =
+        f.served_from_cache.load(Ordering::Relaxed) + f.served_after_fetch.load(Ordering::Relaxed);
+    eprintln!(
+        "{reads} file reads ({served} bytes through FUSE), {runs} GC runs evicted {evicted} chunks, \
+         {busy} skipped while being read, {} range requests",
+        blob.requests.load(Ordering::SeqCst)
+    );
+    assert!(
+        reads >= 100,
+        "readers made too few reads to mean anything: {reads}"
+    );
+    assert!(
+        served >= 50 * FILE_BYTES as u64,
+        "reads did not go through FUSE (page cache?): {served} bytes"
+    );
+    assert!(evicted > 0, "GC evicted nothing");
+    let chunks = (FILES * FILE_BYTES / CHUNK) as u64;
+    assert!(
+        blob.requests.load(Ordering::SeqCst) > chunks,
+        "evicted chunks were never fetched again"
+    );
+    let store = remote.fetcher().store();
+    assert!(
+        store.index().used() <= max,
+        "{} > max_bytes {max}",
+        store.index().used()
+    );
+    assert_eq!(store.stats.corrupt_on_disk.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn pins_keep_chunks_the_ttl_expires_unreferenced_ones_and_both_survive_a_restart() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, toc, files) = layer(2);
+    let blob = MemBlob::new(blob);
+    let clock = Arc::new(ManualClock::new(5_000_000));
+    let sn = open_snapshotter_with(dir.path(), blob.clone(), &rt, 0, clock.clone());
+    let root = prepare(&sn, &toc, 1);
+    for (name, want) in files.iter() {
+        assert_eq!(read_uncached(&root.join(name)).unwrap(), *want);
+    }
+    let cache = sn.remote().unwrap().cache().clone();
+    let store = cache.store().clone();
+    let all = store.index().used();
+    assert_eq!(store.index().len(), FILES * FILE_BYTES / CHUNK);
+    cache.configure(cfg(0, 90, 50, 100));
+    let r = rt.block_on(cache.gc(false, "test"));
+    assert_eq!(r.evicted_chunks, 0, "referenced chunks under no limit stay");
+
+    // Pinned by image: even far over a tiny limit, nothing goes.
+    let p = cache.pin(IMAGE).unwrap();
+    assert!(p.changed);
+    assert_eq!(p.layers, 1);
+    assert!(cache.pin("not a reference!").is_err());
+    cache.configure(cfg(all / 4, 50, 25, 100));
+    let r = rt.block_on(cache.gc(false, "test"));
+    assert_eq!((r.evicted_chunks, r.pinned_bytes), (0, all), "{r:?}");
+    // A dry run after unpinning says what would go, and removes nothing.
+    assert!(cache.unpin(IMAGE).unwrap().changed);
+    let dry = rt.block_on(cache.gc(true, "test"));
+    assert!(dry.evicted_lru > 0 && dry.used_after <= all / 8, "{dry:?}");
+    assert_eq!(store.index().used(), all);
+    let r = rt.block_on(cache.gc(false, "test"));
+    assert_eq!(
+        (r.evicted_lru, r.freed_bytes),
+        (dry.evicted_lru, dry.freed_bytes)
+    );
+    assert!(store.index().used() <= all / 8);
+    // The layer is still served: the evicted chunks come back from the source.
+    for (name, want) in files.iter() {
+        assert_eq!(read_uncached(&root.join(name)).unwrap(), *want);
+    }
+
+    // Unreferenced (layer removed) chunks live out the TTL, then go.
+    cache.configure(cfg(0, 90, 50, 100));
+    sn.remove("view-1").unwrap();
+    sn.remove("chain-1").unwrap();
+    let before = store.index().len();
+    clock.advance(99);
+    assert_eq!(rt.block_on(cache.gc(false, "test")).evicted_chunks, 0);
+    clock.advance(1);
+    let r = rt.block_on(cache.gc(false, "test"));
+    assert_eq!(r.evicted_expired as usize, before);
+    assert_eq!(store.index().used(), 0);
+    assert!(std::fs::read_dir(dir.path().join("chunks"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != "tmp")
+        .all(|d| std::fs::read_dir(d.path()).unwrap().count() == 0));
+
+    // Pins, the last GC result and access times are in metadata.redb.
+    assert!(cache.pin(IMAGE).unwrap().changed);
+    drop((cache, store));
+    drop(sn);
+    let sn = open_snapshotter_with(dir.path(), blob, &rt, 0, clock.clone());
+    let cache = sn.remote().unwrap().cache().clone();
+    assert!(cache.pins().contains(IMAGE));
+    let last = cache.last_report().expect("last GC kept");
+    assert_eq!(last.evicted_expired as usize, before);
+}
+
+#[test]
+fn chunks_of_a_layer_whose_registry_is_unreachable_are_kept_over_the_limit() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, toc, files) = layer(3);
+    let blob = MemBlob::new(blob);
+    let clock = Arc::new(ManualClock::new(7_000_000));
+    let sn = open_snapshotter_with(dir.path(), blob.clone(), &rt, 0, clock);
+    let root = prepare(&sn, &toc, 1);
+    for (name, want) in files.iter() {
+        assert_eq!(read_uncached(&root.join(name)).unwrap(), *want);
+    }
+    let cache = sn.remote().unwrap().cache().clone();
+    let all = cache.store().index().used();
+    blob.offline.store(true, Ordering::SeqCst);
+    cache.configure(cfg(all / 4, 50, 25, 100));
+    let r = rt.block_on(cache.gc(false, "test"));
+    assert_eq!(r.evicted_chunks, 0, "{r:?}");
+    assert_eq!(r.kept_unfetchable_bytes, all);
+    assert_eq!(r.unfetchable_layers, vec!["sha256:hostile".to_owned()]);
+    assert!(!r.disk_full);
+    // The container keeps reading its data with the registry gone.
+    for (name, want) in files.iter() {
+        assert_eq!(read_uncached(&root.join(name)).unwrap(), *want);
+    }
+}
+
+/// A layer blob as a source, counting requests, slow enough for overlap.
+struct SlowBlob {
+    blob: Vec<u8>,
+    requests: AtomicU64,
+}
+
+impl shoal::remote::fetch::RangeSource for SlowBlob {
+    fn fetch(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> shoal::remote::fetch::BoxFuture<'_, Result<bytes::Bytes, String>> {
+        Box::pin(async move {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            Ok(bytes::Bytes::copy_from_slice(
+                &self.blob[offset as usize..(offset + len) as usize],
+            ))
+        })
+    }
+    fn name(&self) -> &str {
+        "slow-blob"
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunk_shared_by_two_layers_is_fetched_once_when_both_read_it_at_once() {
+    use shoal::remote::toc::{parse_footer, Toc, FOOTER_FETCH};
+    let shared = noise(3 * CHUNK, 42);
+    // Two different layers (different blobs, other files) holding the same file.
+    let blobs: Vec<(Vec<u8>, Toc)> = (0..2u64)
+        .map(|i| {
+            let entries = [
+                Entry::file(&format!("only-in-{i}"), noise(CHUNK, 100 + i)),
+                Entry::file("shared.bin", shared.clone()),
+            ];
+            let (blob, digest) = Layer::new(Format::Estargz, CHUNK, &entries).blob();
+            let size = blob.len() as u64;
+            let footer = parse_footer(&blob[(size - FOOTER_FETCH) as usize..], size).unwrap();
+            let toc_bytes =
+                &blob[footer.toc_offset as usize..(footer.toc_offset + footer.toc_len) as usize];
+            let toc = Toc::parse(toc_bytes, &footer, &digest).unwrap();
+            (blob, toc)
+        })
+        .collect();
+    assert_ne!(blobs[0].0, blobs[1].0);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(shoal::remote::store::ChunkStore::open(dir.path(), 64 << 20).unwrap());
+    let fetcher = Arc::new(shoal::remote::fetch::Fetcher::new(store));
+    let mut tasks = Vec::new();
+    let mut sources = Vec::new();
+    for (blob, toc) in &blobs {
+        let src = Arc::new(SlowBlob {
+            blob: blob.clone(),
+            requests: AtomicU64::new(0),
+        });
+        sources.push(src.clone());
+        let i = toc
+            .entries
+            .iter()
+            .position(|e| e.name == "shared.bin")
+            .unwrap();
+        let chunks = toc.files[i].clone();
+        assert_eq!(chunks.len(), 3);
+        for _ in 0..4 {
+            let (f, src, chunks, c) = (
+                fetcher.clone(),
+                src.clone(),
+                chunks.clone(),
+                toc.compression,
+            );
+            tasks.push(tokio::spawn(async move {
+                f.get(&*src, c, "layer", &chunks).await
+            }));
+        }
+    }
+    for t in tasks {
+        let bufs = t.await.unwrap().unwrap();
+        assert_eq!(bufs.concat(), shared);
+    }
+    let total: u64 = sources
+        .iter()
+        .map(|s| s.requests.load(Ordering::SeqCst))
+        .sum();
+    assert_eq!(
+        total, 1,
+        "eight readers over two layers: one merged request in all"
+    );
+}

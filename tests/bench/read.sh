@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# Read throughput through Shoal's FUSE mount against the same file in an
+# unpacked layer on the same disk, both read through a read-only overlayfs
+# (as a container reads), and the daemon's memory with the python3 image and
+# with a 100k-file layer mounted. Prints figures and ratios; asserts nothing.
+# Needs root (containerd, mounts, drop_caches).
+#
+#   tests/bench/read.sh [--no-build] [--size MIB] [--runs N] [--readahead-kb KB]
+#
+#   cold: chunks all in the store, daemon restarted (memory cache empty),
+#         `echo 3 > /proc/sys/vm/drop_caches` before each read;
+#   warm: the same file read again (kernel page cache hot).
+#   shoal+ra: as shoal, with the FUSE mount's read_ahead_kb raised to KB
+#         (default 4096; the kernel's default for FUSE is 128) through
+#         /sys/class/bdi, so the kernel sends larger and more reads at once.
+# Targets (issue 4): warm >= 0.9x native, cold >= 0.5x native.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+build=1 size_mib=512 runs=3 ra_kb=4096
+while [ $# -gt 0 ]; do
+  case $1 in
+    --no-build) build=0 ;;
+    --size) size_mib=$2; shift ;;
+    --runs) runs=$2; shift ;;
+    --readahead-kb) ra_kb=$2; shift ;;
+    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "read.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+export E2E_QUIET=1
+# shellcheck source=tests/e2e/lib.sh
+source "$repo/tests/e2e/lib.sh"
+say() { printf 'bench: %s\n' "$*" >&2; }
+die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "must run as root"
+if [ "$build" = 1 ]; then (cd "$repo" && cargo build --release --bins) || die "build failed"; fi
+ROOTFS=$("$repo/tests/e2e/rootfs.sh") || die "no python3 root filesystem (tests/e2e/rootfs.sh)"
+
+e2e_world_start
+sock="$E2E_DIR/shoal.sock" root="$E2E_DIR/shoal" cli="$repo/target/release/shoal"
+config="$E2E_DIR/shoal-config.toml"
+cat >"$config" <<TOML
+version = 1
+[remote]
+background_fetch = true
+background_delay_secs = 0
+TOML
+start_shoal() {
+  rm -f "$sock"
+  e2e_start shoal "$E2E_SHOAL_BIN" --root "$root" --address "$sock" --config "$config" --log-level info
+  e2e_wait_for shoal "its socket" e2e_sock_ready "$sock"
+  # containerd's proxy client reconnects by itself.
+  for _ in $(seq 1 50); do
+    e2e_ctr snapshots --snapshotter shoal ls >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+}
+e2e_stop_pid shoal
+start_shoal
+ctr_remote() { timeout 1200 ctr-remote --address "$E2E_DIR/containerd.sock" --namespace "$E2E_NS" "$@"; }
+oci="$E2E_DIR/oci"
+umoci init --layout "$oci"
+
+# image TAG SETUP-FUNCTION: one-layer image whose rootfs SETUP fills; pushed
+# as TAG and converted to TAG-esgz. Leaves the unpacked rootfs in bundle-TAG.
+image() {
+  local tag=$1 fill=$2 bundle="$E2E_DIR/bundle-$1"
+  umoci new --image "$oci:$tag"
+  umoci unpack --image "$oci:$tag" "$bundle" >/dev/null
+  "$fill" "$bundle/rootfs"
+  umoci repack --refresh-bundle --image "$oci:$tag" "$bundle" >/dev/null
+  skopeo copy -q "oci:$oci:$tag" "docker://$E2E_REGISTRY/bench:$tag" --dest-tls-verify=false
+  e2e_ctr image pull -q --plain-http "$E2E_REGISTRY/bench:$tag" >/dev/null
+  ctr_remote image convert --estargz --oci "$E2E_REGISTRY/bench:$tag" "$E2E_REGISTRY/bench:$tag-esgz" >/dev/null
+  e2e_ctr image push --plain-http "$E2E_REGISTRY/bench:$tag-esgz" >/dev/null
+}
+layer_of() {
+  curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+    "http://$E2E_REGISTRY/v2/bench/manifests/$1-esgz" | jq -r '.layers[0].digest'
+}
+mnt() { awk -v f="shoal:$1" '$1 == f {print $2; exit}' /proc/mounts; }
+rpull() { ctr_remote image rpull --plain-http --snapshotter shoal "$E2E_REGISTRY/bench:$1-esgz" >/dev/null; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$(e2e_pid_of shoal)/status"; }
+
+fill_big() { head -c $((size_mib << 20)) /dev/urandom >"$1/big.bin"; }
+fill_py() { cp -a "$ROOTFS/." "$1/"; }
+fill_many() {
+  local d
+  for d in $(seq -w 0 99); do
+    mkdir -p "$1/d$d"
+    (cd "$1/d$d" && seq -w 0 999 | xargs -n 500 touch && for f in 0*; do echo "$d$f" >"$f"; done)
+  done
+}
+
+say "building images: big ($size_mib MiB random file), python3, 100k files"
+t0=$SECONDS
+image big fill_big
+image py fill_py
+image many fill_many
+say "images ready in $((SECONDS - t0))s"
+
+# --- throughput --------------------------------------------------------------
+rpull big
+big_layer=$(layer_of big)
+say "waiting for the background fetch to store every chunk of the big layer"
+for _ in $(seq 1 600); do
+  done_=$("$cli" status --address "$sock" --json |
+    jq --arg l "$big_layer" '.layers[] | select(.layer_digest == $l) | .bytes_local == .bytes_total')
+  [ "$done_" = true ] && break
+  sleep 1
+done
+[ "$done_" = true ] || die "background fetch did not finish"
+empty="$E2E_DIR/empty" ov="$E2E_DIR/ov"
+mkdir -p "$empty" "$ov"
+# read_mbps DIR: MB/s of one sequential read of DIR/big.bin.
+read_mbps() {
+  local t0 t1
+  t0=$(date +%s.%N)
+  dd if="$1/big.bin" of=/dev/null bs=1M status=none
+  t1=$(date +%s.%N)
+  awk -v b=$((size_mib << 20)) -v t0="$t0" -v t1="$t1" 'BEGIN {printf "%.0f", b / (t1 - t0) / 1e6}'
+}
+median() { tr ' ' '\n' | sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
+# measure LOWER [restart]: cold and warm MB/s through an overlay on LOWER, into
+# COLD, WARM (medians) and ALL (every run). No subshell: daemons restarted
+# here must stay known to this shell.
+measure() {
+  local lower=$1 restart=${2:-0} cold=() warm=() i
+  for i in $(seq 1 "$runs"); do
+    if [ "$restart" = 1 ]; then
+      e2e_stop_pid shoal
+      start_shoal
+      for _ in $(seq 1 100); do [ -n "$(mnt "$big_layer")" ] && break; sleep 0.1; done
+      lower=$(mnt "$big_layer")
+      if [ -n "${RA:-}" ]; then
+        echo "$RA" >"/sys/class/bdi/$(mountpoint -d "$lower")/read_ahead_kb"
+      fi
+    fi
+    mount -t overlay overlay -o "ro,lowerdir=$lower:$empty" "$ov"
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    cold+=("$(read_mbps "$ov")")
+    read_mbps "$ov" >/dev/null
+    warm+=("$(read_mbps "$ov")")
+    umount "$ov"
+  done
+  COLD=$(echo "${cold[@]}" | median) WARM=$(echo "${warm[@]}" | median)
+  ALL="cold ${cold[*]}, warm ${warm[*]}"
+}
+measure "$E2E_DIR/bundle-big/rootfs"
+nc=$COLD nw=$WARM nall=$ALL
+measure "$(mnt "$big_layer")" 1
+sc=$COLD sw=$WARM sall=$ALL
+RA=$ra_kb measure "$(mnt "$big_layer")" 1
+rc=$COLD rw=$WARM rall=$ALL
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
+echo
+echo "Read throughput, $size_mib MiB file, through a read-only overlayfs, median of $runs (MB/s)"
+printf '%-8s %10s %10s %8s %10s %8s\n' "" native shoal ratio shoal+ra ratio
+printf '%-8s %10s %10s %8s %10s %8s   target >= 0.5x\n' cold "$nc" "$sc" "$(ratio "$sc" "$nc")" "$rc" "$(ratio "$rc" "$nc")"
+printf '%-8s %10s %10s %8s %10s %8s   target >= 0.9x\n' warm "$nw" "$sw" "$(ratio "$sw" "$nw")" "$rw" "$(ratio "$rw" "$nw")"
+echo "(shoal+ra: FUSE read_ahead_kb = $ra_kb)"
+echo "runs (MB/s): native: $nall; shoal: $sall; shoal+ra: $rall"
+
+# --- memory --------------------------------------------------------------------
+e2e_stop_pid shoal
+sed -i 's/background_fetch = true/background_fetch = false/' "$config"
+start_shoal
+r0=$(rss_kib)
+rpull py
+r1=$(rss_kib)
+(cd "$(mnt "$(layer_of py)")" && find . -type f -print0 | xargs -0 cat >/dev/null)
+r2=$(rss_kib)
+rpull many
+r3=$(rss_kib)
+files=$(find "$(mnt "$(layer_of many)")" -type f | wc -l)
+r4=$(rss_kib)
+echo
+echo "Daemon RSS (VmRSS, MiB; memory_cache_bytes = 256 MiB default, background fetch off)"
+awk -v a="$r0" -v b="$r1" -v c="$r2" -v d="$r3" -v e="$r4" -v f="$files" 'BEGIN {
+  printf "  started, big layer mounted:              %6.1f\n", a / 1024
+  printf "  + python3 image mounted:                 %6.1f\n", b / 1024
+  printf "  + every python3 file read:               %6.1f\n", c / 1024
+  printf "  + 100k-file layer mounted:               %6.1f\n", d / 1024
+  printf "  + all %d files of it listed (stat):   %6.1f\n", f, e / 1024
+}'
