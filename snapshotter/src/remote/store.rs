@@ -102,6 +102,10 @@ pub struct ChunkStore {
     memory: Mutex<Memory>,
     memory_limit: u64,
     seq: AtomicU64,
+    /// Bytes of chunks being written: counted against `max_bytes` from the
+    /// check until the index holds them, so concurrent writers cannot
+    /// together overshoot the limit.
+    writing: Mutex<u64>,
     index: ChunkIndex,
     clock: Arc<dyn Clock>,
     limits: Mutex<Limits>,
@@ -191,6 +195,7 @@ impl ChunkStore {
             }),
             memory_limit,
             seq: AtomicU64::new(0),
+            writing: Mutex::new(0),
             index: ChunkIndex::default(),
             clock,
             limits: Mutex::new(Limits::default()),
@@ -361,13 +366,23 @@ impl ChunkStore {
         }
         let size = (HEADER_LEN + data.len()) as u64;
         let limits = self.limits();
-        if limits.max_bytes > 0 && self.index.used().saturating_add(size) > limits.max_bytes {
-            self.stats.at_limit.fetch_add(1, Ordering::Relaxed);
-            self.note_full(now);
-            return Err(io::Error::new(
-                io::ErrorKind::StorageFull,
-                format!("chunk cache is at max_bytes ({})", limits.max_bytes),
-            ));
+        {
+            // Check and reserve under one lock; the reservation is released
+            // once the index counts the chunk (or the write failed).
+            let mut writing = self.writing.lock().unwrap();
+            if limits.max_bytes > 0
+                && self.index.used().saturating_add(*writing).saturating_add(size)
+                    > limits.max_bytes
+            {
+                drop(writing);
+                self.stats.at_limit.fetch_add(1, Ordering::Relaxed);
+                self.note_full(now);
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!("chunk cache is at max_bytes ({})", limits.max_bytes),
+                ));
+            }
+            *writing += size;
         }
         let tmp = self.tmp.join(format!(
             "{}-{}",
@@ -382,9 +397,12 @@ impl ChunkStore {
             fs::create_dir_all(path.parent().unwrap())?;
             fs::rename(&tmp, &path)
         })();
+        if res.is_ok() {
+            self.index.insert(digest, size, now);
+        }
+        *self.writing.lock().unwrap() -= size;
         match &res {
             Ok(()) => {
-                self.index.insert(digest, size, now);
                 if limits.high_bytes > 0 && self.index.used() > limits.high_bytes {
                     self.gc_wake.notify_one();
                 }
