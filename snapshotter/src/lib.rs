@@ -9,6 +9,8 @@
 //! - [`remote`]: lazily pulled layers: TOCs, chunk store, fetching.
 //! - [`pull`]: `shoal pull`: an image into containerd through the
 //!   snapshotter, with the labels for lazy layers.
+//! - [`convert`]: `shoal convert`: images rewritten into Shoal's lazily
+//!   mountable `tar+zstd` format.
 //! - [`filter`]: containerd's filter expressions, for List.
 //! - [`usage`]: disk usage as containerd counts it.
 //! - [`grpc`]: the `containerd.services.snapshots.v1.Snapshots` service.
@@ -22,6 +24,7 @@
 
 pub mod client;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod filter;
 pub mod grpc;

@@ -88,6 +88,9 @@ credentials, as the daemon uses them."
         /// Image reference, e.g. 127.0.0.1:5000/app:1.
         reference: String,
     },
+    /// Convert an image into Shoal's format: tar+zstd layers that any
+    /// runtime can pull and that Shoal mounts lazily (docs/format.md).
+    Convert(shoal::convert::cli::ConvertArgs),
 }
 
 fn main() -> ExitCode {
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Status { daemon, json } => status(&daemon, json),
+        Command::Convert(args) => shoal::convert::cli::run(args),
         Command::Pull {
             containerd,
             snapshotter,
