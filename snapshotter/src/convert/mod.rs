@@ -45,13 +45,13 @@ pub const DEFAULT_LEVEL: i32 = 9;
 /// Layer media type of Shoal layers.
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 /// TOC digest annotation (shared with eStargz / zstd:chunked readers).
-pub const ANNOTATION_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+pub const ANNOTATION_TOC_DIGEST: &str = crate::remote::layers::LABEL_TOC_DIGEST;
 /// The layer's own digest, so a snapshotter that gets only the descriptor's
 /// annotations as labels knows which blob to fetch.
-pub const ANNOTATION_LAYER_DIGEST: &str = "containerd.io/snapshot/shoal.layer.digest";
+pub const ANNOTATION_LAYER_DIGEST: &str = crate::remote::annotations::LABEL_SHOAL_LAYER_DIGEST;
 /// The repository (`HOST/PATH`) the image was converted into: where the
 /// snapshotter fetches the blob when no client label says better.
-pub const ANNOTATION_SOURCE: &str = "containerd.io/snapshot/shoal.source";
+pub const ANNOTATION_SOURCE: &str = crate::remote::annotations::LABEL_SHOAL_SOURCE;
 
 /// Errors of a conversion. Each names the part of the image at fault.
 #[derive(Debug, thiserror::Error)]

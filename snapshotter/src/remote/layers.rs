@@ -128,18 +128,24 @@ pub struct Resolved {
 /// Finds a lazily mountable layer in Prepare labels: the target chain ID and
 /// where to fetch from. `None` means "not remote": a normal Prepare.
 ///
-/// The image reference and layer digest come from the CRI labels or from the
-/// labels older `ctr-remote` versions set; without either, the layer is not
-/// remote (containerd pulls it normally).
+/// The image reference and layer digest come from the CRI labels, from the
+/// labels older `ctr-remote` versions set, or from the annotations `shoal
+/// convert` writes (which any client passes on, see [`super::annotations`]);
+/// without any, the layer is not remote (containerd pulls it normally).
 pub fn detect(labels: &BTreeMap<String, String>) -> Option<(String, RemoteRef)> {
     let get = |k: &str| labels.get(k).filter(|v| !v.is_empty()).cloned();
     let target = get(LABEL_TARGET)?;
     let toc_digest = get(LABEL_TOC_DIGEST)?;
+    let shoal = super::annotations::shoal_source(labels);
     Some((
         target,
         RemoteRef {
-            image_ref: get(LABEL_CRI_IMAGE_REF).or_else(|| get(LABEL_STARGZ_REFERENCE))?,
-            layer_digest: get(LABEL_CRI_LAYER_DIGEST).or_else(|| get(LABEL_STARGZ_DIGEST))?,
+            image_ref: get(LABEL_CRI_IMAGE_REF)
+                .or_else(|| get(LABEL_STARGZ_REFERENCE))
+                .or(shoal.0)?,
+            layer_digest: get(LABEL_CRI_LAYER_DIGEST)
+                .or_else(|| get(LABEL_STARGZ_DIGEST))
+                .or(shoal.1)?,
             toc_digest,
         },
     ))

@@ -4,6 +4,8 @@
 //! - [`toc`]: eStargz / zstd:chunked footers and TOCs, verified against the
 //!   manifest's TOC digest, and the chunk table.
 //! - [`store`]: the content-addressed store of verified chunks.
+//! - [`annotations`]: Shoal's own layer annotations (`shoal convert`), which
+//!   every containerd client passes to Prepare.
 //! - [`layers`]: detection in Prepare labels, TOC resolution, mounts,
 //!   prefetch and background fetch.
 //! - [`registry_blobs`]: layer blobs from registries.
@@ -11,6 +13,7 @@
 //! - [`fetch`]: merged Range fetches, decompression, verification, single
 //!   flight.
 
+pub mod annotations;
 pub mod fetch;
 pub mod layer;
 pub mod layers;
