@@ -14,6 +14,7 @@
 #     gives identical digests; an existing tag is refused without --force;
 #   - round trip: the converted images pulled under overlayfs (full pull) and
 #     lazily under Shoal give trees identical to umoci's unpack of the source;
+#     eStargz and zstd:chunked sources (ctr-remote) convert to the same tree;
 #   - any client: containerd's Go client Pull with unpack (what nerdctl and
 #     CRI do; tests/e2e/anyclient, no cri.* labels) mounts every layer of a
 #     converted image through Shoal; containerd fetches no layer blob, and the
@@ -30,7 +31,7 @@ build=1
 for arg in "$@"; do
   case $arg in
     --no-build) build=0 ;;
-    -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "convert.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -147,6 +148,29 @@ for name in busybox layered big; do
     fail "$name: overlayfs round trip" "$(head -n 30 <<<"${d:-$(cat "$E2E_DIR/o-$name.err")}")"
   fi
 done
+# eStargz and zstd:chunked sources (made by ctr-remote): re-chunked, and the
+# artefacts of those formats (stargz.index.json, landmarks) dropped, so the
+# tree equals the original image's.
+command -v ctr-remote >/dev/null ||
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stargz-snapshotter >/dev/null
+ctr_remote() { timeout 300 ctr-remote --address "$E2E_DIR/containerd.sock" --namespace "$E2E_NS" "$@"; }
+src=$(cat "$images/layered.ref")
+e2e_ctr image pull -q --plain-http "$src" >/dev/null
+for fmt in esgz zstdchunked; do
+  ref="$E2E_REGISTRY/layered:from-$fmt"
+  run_id=$((run_id + 1))
+  if out=$(ctr_remote image convert "--$( [ $fmt = esgz ] && echo estargz || echo zstdchunked)" --oci "$src" "$src-$fmt" 2>&1) &&
+    out=$(e2e_ctr image push --plain-http "$src-$fmt" 2>&1) &&
+    out=$(conv "$src-$fmt" "$ref" 2>&1) &&
+    out=$(e2e_ctr image pull -q --plain-http "$ref" 2>&1) &&
+    e2e_tree_container overlayfs "$ref" "conv-f-$run_id" >"$E2E_DIR/f-$fmt.txt" 2>"$E2E_DIR/f-$fmt.err" &&
+    [ -s "$E2E_DIR/f-$fmt.txt" ] && d=$(diff -u "$E2E_DIR/ref-layered.txt" "$E2E_DIR/f-$fmt.txt"); then
+    pass "layered: $fmt source (ctr-remote) converted; overlayfs tree identical to the original image"
+  else
+    fail "layered: $fmt source" "$(head -n 30 <<<"${d:-$out}")"
+  fi
+done
+
 # Start Shoal's pulls from an empty content store.
 e2e_ctr image ls -q | xargs -r -n 20 "$(command -v ctr)" --address "$E2E_DIR/containerd.sock" --namespace "$E2E_NS" image rm >/dev/null
 e2e_ctr content ls -q | xargs -r -n 20 "$(command -v ctr)" --address "$E2E_DIR/containerd.sock" --namespace "$E2E_NS" content rm >/dev/null 2>&1 || true
