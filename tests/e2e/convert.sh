@@ -20,6 +20,7 @@
 #     converted image through Shoal; containerd fetches no layer blob, and the
 #     registry sends (containerd + Shoal, before the program's output) a small
 #     fraction of the image's bytes;
+#   - a multi-platform index converts platform by platform;
 #   - bad input: a layer whose bytes don't match its descriptor, a layer with
 #     a `..` entry, and an unknown layer media type are refused with the
 #     layer named, and nothing is tagged.
@@ -31,7 +32,7 @@ build=1
 for arg in "$@"; do
   case $arg in
     --no-build) build=0 ;;
-    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "convert.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -291,3 +292,47 @@ PY
   [ "$what" = escape ] || pattern="unknown layer media type"
   expect_refused "$what" "$dir" "$layer" "$pattern"
 done
+
+# --- A multi-platform index: converted platform by platform; an attestation
+# entry (platform unknown/unknown) is left out.
+dir=$(bad_layout index)
+python3 - "$dir" <<'PY'
+import hashlib, json, os, sys
+d = sys.argv[1]
+blob = lambda dg: os.path.join(d, "blobs/sha256", dg.split(":")[1])
+def put(b):
+    dg = "sha256:" + hashlib.sha256(b).hexdigest()
+    open(blob(dg), "wb").write(b)
+    return dg
+idx = json.load(open(os.path.join(d, "index.json")))
+top = idx["manifests"][0]
+m = json.load(open(blob(top["digest"])))
+cfg = json.load(open(blob(m["config"]["digest"])))
+descs = []
+for arch in ["amd64", "arm64"]:
+    cfg["architecture"] = arch
+    c = json.dumps(cfg).encode()
+    m["config"]["digest"], m["config"]["size"] = put(c), len(c)
+    mb = json.dumps(m).encode()
+    descs.append({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": put(mb),
+                  "size": len(mb), "platform": {"os": "linux", "architecture": arch}})
+descs.append(dict(descs[0], platform={"os": "unknown", "architecture": "unknown"}))
+ib = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                 "manifests": descs}).encode()
+top.update(mediaType="application/vnd.oci.image.index.v1+json", digest=put(ib), size=len(ib))
+json.dump(idx, open(os.path.join(d, "index.json"), "w"))
+PY
+if out=$(conv --json "oci:$dir:t" "$E2E_REGISTRY/multi:shoal" 2>&1); then
+  idx=$(manifest multi shoal)
+  plats=$(jq -c '[.manifests[].platform.architecture]' <<<"$idx")
+  kinds=$(for d in $(jq -r '.manifests[].digest' <<<"$idx"); do manifest multi "$d" | jq -r '.layers[].mediaType'; done | sort -u)
+  if [ "$(jq -r .mediaType <<<"$idx")" = application/vnd.oci.image.index.v1+json ] &&
+    [ "$plats" = '["amd64","arm64"]' ] && [ "$kinds" = application/vnd.oci.image.layer.v1.tar+zstd ] &&
+    [ "$(jq '.skipped | length' <<<"$out")" = 1 ] && [ "$(jq '.manifests | length' <<<"$out")" = 2 ]; then
+    pass "multi-platform index: amd64 and arm64 converted, the attestation entry left out"
+  else
+    fail "multi-platform index" "$idx / $out"
+  fi
+else
+  fail "multi-platform index: convert" "$out"
+fi
