@@ -104,7 +104,7 @@ fn converted_layer_round_trips_through_the_reader() {
     gz.write_all(&tar).unwrap();
     let src = write(dir.path(), "src.tar.gz", &gz.finish().unwrap());
     let out = dir.path().join("out");
-    let info = convert(&src, SourceCompression::Gzip, false, &out, layout(), &mut |_| {}).unwrap();
+    let info = convert(&src, SourceCompression::Gzip, false, &out, layout(), None, &mut |_| {}).unwrap();
     let blob = std::fs::read(&out).unwrap();
     assert_eq!(info.size, blob.len() as u64);
     assert_eq!(info.digest, sha(&blob));
@@ -168,14 +168,14 @@ fn conversion_is_reproducible_and_independent_of_source_compression() {
     let (tar, _) = sample_tar();
     let plain = write(dir.path(), "src.tar", &tar);
     let zst = write(dir.path(), "src.tar.zst", &zstd::stream::encode_all(&tar[..], 19).unwrap());
-    let a = convert(&plain, SourceCompression::None, false, &dir.path().join("a"), layout(), &mut |_| {}).unwrap();
-    let b = convert(&plain, SourceCompression::None, false, &dir.path().join("b"), layout(), &mut |_| {}).unwrap();
-    let c = convert(&zst, SourceCompression::Zstd, false, &dir.path().join("c"), layout(), &mut |_| {}).unwrap();
+    let a = convert(&plain, SourceCompression::None, false, &dir.path().join("a"), layout(), None, &mut |_| {}).unwrap();
+    let b = convert(&plain, SourceCompression::None, false, &dir.path().join("b"), layout(), None, &mut |_| {}).unwrap();
+    let c = convert(&zst, SourceCompression::Zstd, false, &dir.path().join("c"), layout(), None, &mut |_| {}).unwrap();
     assert_eq!(a.digest, b.digest);
     assert_eq!(a.digest, c.digest);
     assert_eq!(a.toc_digest, c.toc_digest);
     let other = Layout { chunk_size: CHUNK * 2, level: 3 };
-    let d = convert(&plain, SourceCompression::None, false, &dir.path().join("d"), other, &mut |_| {}).unwrap();
+    let d = convert(&plain, SourceCompression::None, false, &dir.path().join("d"), other, None, &mut |_| {}).unwrap();
     assert_ne!(a.digest, d.digest, "chunk size is part of the layout");
     assert_eq!(a.diff_id, d.diff_id);
 }
@@ -189,8 +189,8 @@ fn lazy_format_artefacts_are_dropped_only_for_lazy_sources() {
             .unwrap();
     }
     let src = write(dir.path(), "src.tar", &b.into_inner().unwrap());
-    let lazy = convert(&src, SourceCompression::None, true, &dir.path().join("a"), layout(), &mut |_| {}).unwrap();
-    let plain = convert(&src, SourceCompression::None, false, &dir.path().join("b"), layout(), &mut |_| {}).unwrap();
+    let lazy = convert(&src, SourceCompression::None, true, &dir.path().join("a"), layout(), None, &mut |_| {}).unwrap();
+    let plain = convert(&src, SourceCompression::None, false, &dir.path().join("b"), layout(), None, &mut |_| {}).unwrap();
     assert_eq!((lazy.files, plain.files), (1, 3));
     let out = zstd::stream::decode_all(&std::fs::read(dir.path().join("a")).unwrap()[..]).unwrap();
     let names: Vec<String> = tar::Archive::new(&out[..])
@@ -229,7 +229,7 @@ fn escaping_paths_and_corrupt_tars_are_refused() {
     .enumerate()
     {
         let src = write(dir.path(), &format!("bad{i}"), &raw_entry(name, kind, link));
-        let err = convert(&src, SourceCompression::None, false, &dir.path().join("o"), layout(), &mut |_| {})
+        let err = convert(&src, SourceCompression::None, false, &dir.path().join("o"), layout(), None, &mut |_| {})
             .unwrap_err();
         assert!(err.contains("escapes the layer root"), "{name}: {err}");
     }
@@ -237,13 +237,112 @@ fn escaping_paths_and_corrupt_tars_are_refused() {
     let (mut tar, _) = sample_tar();
     tar[10] ^= 1;
     let src = write(dir.path(), "corrupt", &tar);
-    let err = convert(&src, SourceCompression::None, false, &dir.path().join("o"), layout(), &mut |_| {})
+    let err = convert(&src, SourceCompression::None, false, &dir.path().join("o"), layout(), None, &mut |_| {})
         .unwrap_err();
     assert!(err.contains("checksum"), "{err}");
     // Truncated content.
     let (tar, _) = sample_tar();
     let src = write(dir.path(), "short", &tar[..3000]);
-    let err = convert(&src, SourceCompression::None, false, &dir.path().join("o"), layout(), &mut |_| {})
+    let err = convert(&src, SourceCompression::None, false, &dir.path().join("o"), layout(), None, &mut |_| {})
         .unwrap_err();
     assert!(err.contains("ends inside"), "{err}");
+}
+
+fn profile(paths: &[&str]) -> shoal::convert::profile::Profile {
+    shoal::convert::profile::Profile {
+        version: 1,
+        image: String::new(),
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+/// name -> (type flag, content) of a tar.
+fn tar_map(tar: &[u8]) -> HashMap<String, (u8, Vec<u8>)> {
+    let mut m = HashMap::new();
+    for e in tar::Archive::new(tar).entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        let kind = e.header().entry_type().as_byte();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+        m.insert(name, (kind, data));
+    }
+    m
+}
+
+#[test]
+fn a_profile_puts_the_startup_set_first_and_marks_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tar, files) = sample_tar();
+    let src = write(dir.path(), "src.tar", &tar);
+    let out = dir.path().join("out");
+    // Absolute and relative paths, a missing file, a hardlink, a directory:
+    // only regular files the layer holds count.
+    let p = profile(&["/etc/xattr", "etc/three-chunks", "etc/missing", "etc/hard", "etc", "etc/xattr"]);
+    let info = convert(&src, SourceCompression::None, false, &out, layout(), Some(&p), &mut |_| {}).unwrap();
+    assert_eq!(info.startup_files, 2);
+    let blob = std::fs::read(&out).unwrap();
+    let tail = &blob[blob.len() - FOOTER_FETCH as usize..];
+    let footer = parse_footer(tail, blob.len() as u64).unwrap();
+    let toc_bytes = &blob[footer.toc_offset as usize..(footer.toc_offset + footer.toc_len) as usize];
+    let toc = Toc::parse(toc_bytes, &footer, &info.toc_digest).unwrap();
+    let end = toc.prefetch_end.expect("startup mark read as the prefetch end");
+    assert_eq!(end, info.startup_bytes);
+    let mut order: Vec<(u64, &str)> = Vec::new();
+    for (e, cs) in toc.entries.iter().zip(&toc.files) {
+        for c in cs {
+            let startup = e.name == "etc/xattr" || e.name == "etc/three-chunks";
+            assert_eq!(c.blob_offset < end, startup, "{} at {}", e.name, c.blob_offset);
+            order.push((c.blob_offset, e.name.as_str()));
+            let bytes = decode_chunk(toc.compression, &blob[c.blob_offset as usize..c.blob_end as usize], c).unwrap();
+            assert_eq!(&bytes[..], &files[&e.name][c.file_offset as usize..(c.file_offset + c.len) as usize]);
+        }
+    }
+    order.sort();
+    assert_eq!(order[0].1, "etc/xattr", "profile order");
+    assert_eq!(order[1].1, "etc/three-chunks");
+    // Same entries, same contents; only the order (and so the diff ID) changed.
+    let plain = zstd::stream::decode_all(&blob[..]).unwrap();
+    assert_eq!(tar_map(&plain), tar_map(&tar));
+    assert_ne!(info.diff_id, sha(&tar));
+    // Reproducible with a profile too.
+    let again = convert(&src, SourceCompression::None, false, &dir.path().join("again"), layout(), Some(&p), &mut |_| {}).unwrap();
+    assert_eq!(again.digest, info.digest);
+    // An empty or entirely stale profile is no profile.
+    let none = convert(&src, SourceCompression::None, false, &dir.path().join("none"), layout(), None, &mut |_| {}).unwrap();
+    let stale = convert(&src, SourceCompression::None, false, &dir.path().join("stale"), layout(), Some(&profile(&["no/such"])), &mut |_| {}).unwrap();
+    assert_eq!(stale.startup_files, 0);
+    assert_eq!(stale.diff_id, none.diff_id);
+}
+
+#[test]
+fn a_profile_never_moves_what_unpacking_order_depends_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, data: &[u8]| {
+        b.append_data(&mut header(tar::EntryType::Regular, data.len() as u64, 0o644), name, data)
+            .unwrap();
+    };
+    add("filler", b"0");
+    add(".wh.recreated", b"");
+    add("recreated", b"new");
+    add("d/.wh..wh..opq", b"");
+    add("d/g", b"g");
+    add("twice", b"old");
+    add("twice", b"new");
+    add("free", b"free");
+    let src = write(dir.path(), "src.tar", &b.into_inner().unwrap());
+    let p = profile(&["recreated", "d/g", "twice", "free"]);
+    let info = convert(&src, SourceCompression::None, false, &dir.path().join("o"), layout(), Some(&p), &mut |_| {}).unwrap();
+    assert_eq!(info.startup_files, 1, "only `free` may move");
+    let plain = zstd::stream::decode_all(&std::fs::read(dir.path().join("o")).unwrap()[..]).unwrap();
+    let names: Vec<String> = tar::Archive::new(&plain[..])
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        ["free", "filler", ".wh.recreated", "recreated", "d/.wh..wh..opq", "d/g", "twice", "twice"]
+    );
 }

@@ -84,6 +84,19 @@ fn is_zero_u32(v: &u32) -> bool {
 struct Jtoc<'a> {
     version: u32,
     entries: &'a [TocEntry],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    startup: Option<Startup>,
+}
+
+/// Where a layer's startup set ends (Shoal's TOC extension; other readers
+/// ignore it): chunks at blob offsets below `end` are the startup set, which
+/// Shoal fetches first on mount.
+#[derive(Serialize, Debug, Clone, Copy)]
+pub struct Startup {
+    /// Blob offset just past the startup set's last chunk.
+    pub end: u64,
+    /// Files in the startup set.
+    pub files: u64,
 }
 
 /// What a finished layer is.
@@ -103,6 +116,10 @@ pub struct LayerInfo {
     pub files: u64,
     /// Content chunks.
     pub chunks: u64,
+    /// Files laid out first as the startup set (0 without a profile).
+    pub startup_files: u64,
+    /// Compressed bytes of the startup set.
+    pub startup_bytes: u64,
 }
 
 /// Counts and hashes what passes through.
@@ -137,6 +154,7 @@ pub struct ChunkedWriter<W: Write> {
     /// The regular file being written: index in `entries`, its hash, and
     /// bytes written so far.
     file: Option<(usize, Sha256, u64)>,
+    startup: Option<Startup>,
 }
 
 impl<W: Write> ChunkedWriter<W> {
@@ -165,6 +183,7 @@ impl<W: Write> ChunkedWriter<W> {
             files: 0,
             chunks: 0,
             file: None,
+            startup: None,
         })
     }
 
@@ -282,6 +301,20 @@ impl<W: Write> ChunkedWriter<W> {
         Ok(())
     }
 
+    /// Marks everything written so far as the startup set of `files` files.
+    ///
+    /// # Errors
+    /// Writing the output.
+    pub fn mark_startup_end(&mut self, files: u64) -> std::io::Result<()> {
+        self.finish_file();
+        self.flush_pending()?;
+        self.startup = Some(Startup {
+            end: self.out.n,
+            files,
+        });
+        Ok(())
+    }
+
     fn finish_file(&mut self) {
         if let Some((idx, hash, _)) = self.file.take() {
             self.entries[idx].digest = format!("sha256:{:x}", hash.finalize());
@@ -299,6 +332,7 @@ impl<W: Write> ChunkedWriter<W> {
         let json = serde_json::to_vec(&Jtoc {
             version: 1,
             entries: &self.entries,
+            startup: self.startup,
         })
         .map_err(std::io::Error::other)?;
         let toc = self.zstd.compress(&json)?;
@@ -325,6 +359,8 @@ impl<W: Write> ChunkedWriter<W> {
             uncompressed: self.uncompressed,
             files: self.files,
             chunks: self.chunks,
+            startup_files: self.startup.map_or(0, |s| s.files),
+            startup_bytes: self.startup.map_or(0, |s| s.end),
         };
         Ok((info, self.out.w))
     }

@@ -28,6 +28,10 @@ pub struct ConvertArgs {
     /// destination's repository (none for an OCI layout destination).
     #[arg(long, value_name = "HOST/PATH")]
     pub source_repository: Option<String>,
+    /// Startup profile (JSON, see docs/format.md): its files go first in
+    /// each layer, marked for Shoal to fetch first on mount.
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
     /// No progress on stderr.
     #[arg(long, short)]
     pub quiet: bool,
@@ -51,6 +55,10 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<()> {
     if !(1..=19).contains(&a.level) {
         anyhow::bail!("--level must be between 1 and 19");
     }
+    let profile = match &a.profile {
+        Some(p) => Some(super::profile::Profile::load(p).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let src: Location = a.src.parse().map_err(anyhow::Error::msg)?;
     let dst: Location = a.dst.parse().map_err(anyhow::Error::msg)?;
     let opts = Options {
@@ -63,6 +71,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<()> {
         },
         work_dir: a.work_dir,
         source_repository: a.source_repository,
+        profile,
     };
     let registry = crate::registry::Registry::new(crate::registry::RegistryConfig::default())
         .context("registry client")?;

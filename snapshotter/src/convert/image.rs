@@ -48,6 +48,8 @@ pub struct Converter<'a> {
     pub summaries: Vec<ManifestSummary>,
     /// Index entries left out.
     pub skipped: Vec<String>,
+    /// Startup profile for every layer.
+    pub profile: Option<std::sync::Arc<super::profile::Profile>>,
     done: HashMap<String, LayerSummary>,
     seq: u64,
 }
@@ -71,6 +73,7 @@ impl<'a> Converter<'a> {
             manifests: Vec::new(),
             summaries: Vec::new(),
             skipped: Vec::new(),
+            profile: None,
             done: HashMap::new(),
             seq: 0,
         }
@@ -274,8 +277,17 @@ impl<'a> Converter<'a> {
         let layout = self.layout;
         let bar = self.progress.bar(&format!("{label} convert"), size);
         let (src2, out2) = (src_path.clone(), out_path.clone());
+        let profile = self.profile.clone();
         let info = tokio::task::spawn_blocking(move || {
-            let r = layer::convert(&src2, compression, lazy_source, &out2, layout, &mut |b| bar.set(b));
+            let r = layer::convert(
+                &src2,
+                compression,
+                lazy_source,
+                &out2,
+                layout,
+                profile.as_deref(),
+                &mut |b| bar.set(b),
+            );
             bar.done();
             r
         })
@@ -284,12 +296,14 @@ impl<'a> Converter<'a> {
         .map_err(&err)?;
         let _ = std::fs::remove_file(&src_path);
         self.progress.note(&format!(
-            "{label}: {} -> {} ({} bytes, {} files, {} chunks)",
+            "{label}: {} -> {} ({} bytes, {} files, {} chunks, startup set {} files / {} bytes)",
             short(&digest),
             short(&info.digest),
             info.size,
             info.files,
-            info.chunks
+            info.chunks,
+            info.startup_files,
+            info.startup_bytes
         ));
         self.blobs.insert(info.digest.clone(), out_path);
         let s = LayerSummary {

@@ -9,6 +9,7 @@
 //! - [`chunked`]: the layer writer (frames, TOC, footer).
 //! - [`layer`]: one source layer to one Shoal layer.
 //! - [`image`]: manifests, configs and indexes rewritten around new layers.
+//! - [`profile`]: startup profiles: which entries of a layer go first.
 //! - [`progress`]: the progress display.
 //! - [`cli`]: the `shoal convert` subcommand.
 //!
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod image;
 pub mod layer;
 pub mod location;
+pub mod profile;
 pub mod progress;
 pub mod tarstream;
 
@@ -111,6 +113,8 @@ pub struct Options {
     /// Repository to record in [`ANNOTATION_SOURCE`]; default: the
     /// destination's, for a registry destination.
     pub source_repository: Option<String>,
+    /// Startup profile: its files go first in each layer.
+    pub profile: Option<profile::Profile>,
 }
 
 /// One converted layer, for the summary.
@@ -209,6 +213,7 @@ pub async fn convert(
         Location::Oci { .. } => None,
     });
     let mut conv = image::Converter::new(&src, &staging.0, opts.layout, source_repo, progress);
+    conv.profile = opts.profile.clone().map(std::sync::Arc::new);
     let top = conv.image().await?;
     // Publish: blobs, manifests by digest, then the tag.
     progress.note(&format!("pushing to {}", opts.dst));

@@ -102,6 +102,11 @@ impl<R: Read> TarStream<R> {
         }
     }
 
+    /// The inner reader, borrowed.
+    pub fn get_ref(&self) -> &R {
+        &self.r
+    }
+
     /// The inner reader (for copying what follows the end marker).
     pub fn into_inner(self) -> R {
         self.r
