@@ -7,6 +7,8 @@
 //! - [`types`]: `containerd.types.Mount`, returned by Prepare, View and Mounts.
 //! - [`status`]: Shoal's own read-only status API (`shoal/v1/status.proto`),
 //!   served on the daemon's socket beside the snapshots API.
+//! - [`profile`]: recorded first reads, for startup profiles
+//!   (`shoal/v1/profile.proto`; same package as `status`).
 //!
 //! The `.proto` sources are vendored under `vendor/`; `vendor/README.md` says
 //! where each came from. Modules mirror the protobuf packages so that the
@@ -42,3 +44,4 @@ pub use containerd::services::snapshots::v1 as snapshots;
 pub use containerd::types;
 pub use prost_types;
 pub use shoal::v1 as status;
+pub use shoal::v1 as profile;

@@ -16,6 +16,7 @@
 //! - [`grpc`]: the `containerd.services.snapshots.v1.Snapshots` service.
 //! - [`server`]: the Unix socket and the server's lifetime.
 //! - [`status`]: Shoal's own read-only status service.
+//! - [`profile_service`]: recorded first reads (startup profiles) over gRPC.
 //! - [`client`]: a client for the daemon's socket (CLI, tests).
 //! - [`error`]: the error type and its mapping onto gRPC codes.
 //!
@@ -30,6 +31,7 @@ pub mod filter;
 pub mod grpc;
 pub mod metadata;
 pub mod overlay;
+pub mod profile_service;
 pub mod pull;
 pub mod registry;
 pub mod remote;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use shoal_proto::snapshots::snapshots_server::SnapshotsServer;
+use shoal_proto::profile::profiles_server::ProfilesServer;
 use shoal_proto::status::status_server::StatusServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -73,7 +74,10 @@ pub async fn serve(
     let ino = std::fs::metadata(address).map(|m| m.ino()).ok();
     let result = tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(Service::new(sn.clone())))
-        .add_service(StatusServer::new(StatusService::new(sn)))
+        .add_service(StatusServer::new(StatusService::new(sn.clone())))
+        .add_service(ProfilesServer::new(
+            crate::profile_service::ProfileService::new(sn),
+        ))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .context("gRPC server");

@@ -91,6 +91,9 @@ credentials, as the daemon uses them."
     /// Convert an image into Shoal's format: tar+zstd layers that any
     /// runtime can pull and that Shoal mounts lazily (docs/format.md).
     Convert(shoal::convert::cli::ConvertArgs),
+    /// Startup profiles recorded by the daemon (docs/format.md).
+    #[command(subcommand)]
+    Profile(shoal::convert::profile_cli::ProfileCommand),
 }
 
 fn main() -> ExitCode {
@@ -102,6 +105,7 @@ fn main() -> ExitCode {
         }
         Command::Status { daemon, json } => status(&daemon, json),
         Command::Convert(args) => shoal::convert::cli::run(args),
+        Command::Profile(cmd) => shoal::convert::profile_cli::run(cmd),
         Command::Pull {
             containerd,
             snapshotter,

@@ -12,6 +12,7 @@
 //! - [`profile`]: startup profiles: which entries of a layer go first.
 //! - [`progress`]: the progress display.
 //! - [`cli`]: the `shoal convert` subcommand.
+//! - [`profile_cli`]: the `shoal profile show` subcommand.
 //!
 //! # Invariants
 //! - Every source byte is checked against the digest that names it before
@@ -29,6 +30,7 @@ pub mod image;
 pub mod layer;
 pub mod location;
 pub mod profile;
+pub mod profile_cli;
 pub mod progress;
 pub mod tarstream;
 

@@ -399,6 +399,31 @@ impl RemoteLayers {
         out
     }
 
+    /// First reads recorded on every mounted layer: (layer digest, image
+    /// reference, [(ms after mount, path)]).
+    pub fn first_reads(&self) -> Vec<(String, String, Vec<(u32, String)>)> {
+        let readers: Vec<(RemoteRef, Arc<LayerReader>)> = self
+            .mounted
+            .lock()
+            .unwrap()
+            .values()
+            .map(|m| (m.remote.clone(), m.reader.clone()))
+            .collect();
+        readers
+            .into_iter()
+            .map(|(r, reader)| {
+                let toc = reader.toc();
+                let reads = reader
+                    .recorder
+                    .first_reads()
+                    .into_iter()
+                    .filter_map(|(ms, id)| Some((ms, toc.entries.get(id as usize)?.name.clone())))
+                    .collect();
+                (r.layer_digest, r.image_ref, reads)
+            })
+            .collect()
+    }
+
     /// The fetcher (for its counters and store).
     pub fn fetcher(&self) -> &Arc<Fetcher> {
         &self.fetcher

@@ -8,6 +8,7 @@
 //!   every containerd client passes to Prepare.
 //! - [`layers`]: detection in Prepare labels, TOC resolution, mounts,
 //!   prefetch and background fetch.
+//! - [`recorder`]: startup profiles: first reads of a layer's files.
 //! - [`registry_blobs`]: layer blobs from registries.
 //! - [`layer`]: a mounted layer: FUSE reads → store or fetch.
 //! - [`fetch`]: merged Range fetches, decompression, verification, single
@@ -17,6 +18,7 @@ pub mod annotations;
 pub mod fetch;
 pub mod layer;
 pub mod layers;
+pub mod recorder;
 pub mod registry_blobs;
 pub mod store;
 pub mod toc;
