@@ -8,7 +8,8 @@
 #   make e2e          real containerd + registry + images, Shoal vs overlayfs,
 #                     lazy pulls of eStargz/zstd:chunked images, shoal pull,
 #                     faults injected by a proxy in front of the registry,
-#                     shoal convert round trips and any-client lazy pulls
+#                     shoal convert round trips and any-client lazy pulls,
+#                     startup profiles (python3 image)
 #   make bench        lazy-pull benchmark: Debian+python3 over a 100 Mbit/s link
 #                     (BENCH_ARGS="--rate 1gbit --runs 3" passes options)
 #   make deps         the Debian 12 packages the above need (root)
@@ -44,6 +45,7 @@ e2e: build
 	tests/e2e/pull.sh --no-build
 	tests/e2e/faults.sh --no-build
 	tests/e2e/convert.sh --no-build
+	tests/e2e/profile.sh --no-build
 
 test: deps build
 	$(CARGO) test --workspace --release
@@ -53,6 +55,7 @@ test: deps build
 	tests/e2e/pull.sh --no-build
 	tests/e2e/faults.sh --no-build
 	tests/e2e/convert.sh --no-build
+	tests/e2e/profile.sh --no-build
 
 demo:
 	scripts/demo.sh

@@ -43,24 +43,8 @@ source "$here/lib.sh"
 e2e_checks_begin convert
 [ "$build" = 0 ] || e2e_build
 
-# The Go test client, built in GOPATH mode over Debian's containerd sources
-# (cached by the hash of its source).
-anyclient_build() {
-  local work=${SHOAL_ANYCLIENT_WORK:-/var/tmp/shoal-anyclient} sum
-  local pkgs=()
-  command -v go >/dev/null || pkgs+=(golang-go)
-  [ -d /usr/share/gocode/src/github.com/containerd/containerd ] || pkgs+=(golang-github-containerd-containerd-dev)
-  if [ ${#pkgs[@]} -gt 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
-  fi
-  sum=$(sha256sum "$here/anyclient/main.go" | cut -c1-16)
-  ANYCLIENT=$work/anyclient-$sum
-  [ -x "$ANYCLIENT" ] && return 0
-  mkdir -p "$work"
-  (cd "$here/anyclient" && GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE="$work/gocache" \
-    go build -o "$ANYCLIENT.tmp" . && mv "$ANYCLIENT.tmp" "$ANYCLIENT")
-}
-if anyclient_build >"${TMPDIR:-/tmp}/anyclient-build.log" 2>&1; then
+# The Go test client (containerd's Go client, GOPATH mode).
+if ANYCLIENT=$("$here/anyclient/build.sh" 2>"${TMPDIR:-/tmp}/anyclient-build.log"); then
   pass "anyclient: built (containerd Go client, GOPATH mode)"
 else
   fail "anyclient: build" "$(tail -n 20 "${TMPDIR:-/tmp}/anyclient-build.log")"

@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# End-to-end test of startup profiles, with real parts: a Debian bookworm +
+# python3 image (the benchmark's root filesystem, debootstrapped once into
+# $SHOAL_BENCH_CACHE), docker-registry, containerd 1.6, shoal-snapshotter.
+# Needs root. Prints PASS/FAIL lines and ends with `profile: N passed, M failed`.
+#
+#   tests/e2e/profile.sh [--no-build]
+#
+# Checks:
+#   - a python3 script importing a set of stdlib modules runs from the
+#     converted image (lazy, Go client pull, no cri.* labels), and the daemon
+#     records its first reads: `shoal profile show` lists the interpreter and
+#     the modules;
+#   - `shoal convert --profile` lays that startup set first and marks it;
+#   - on a fresh node (new Shoal root: nothing cached), Prepare fetches the
+#     startup set, and the script's on-demand fetches afterwards are few
+#     (at most 5 requests and 5% of the bytes; printed beside the same run
+#     without a profile).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+build=1
+for arg in "$@"; do
+  case $arg in
+    --no-build) build=0 ;;
+    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "profile.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+# shellcheck source=tests/e2e/lib.sh
+source "$here/lib.sh"
+e2e_checks_begin profile
+[ "$build" = 0 ] || e2e_build
+
+CACHE=${SHOAL_BENCH_CACHE:-/var/cache/shoal-bench}
+ROOTFS=$CACHE/rootfs-bookworm-python3
+if ! [ -f "$CACHE/rootfs.done" ] || ! [ -d "$ROOTFS" ]; then
+  # Same root filesystem as tests/bench/lazy-pull.sh builds (and shares).
+  command -v debootstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+  rm -rf --one-file-system "$ROOTFS.partial"
+  mkdir -p "$CACHE"
+  debootstrap --variant=minbase --include=python3 bookworm "$ROOTFS.partial" \
+    "${SHOAL_BENCH_MIRROR:-http://deb.debian.org/debian}" >/dev/null 2>&1 &&
+    chroot "$ROOTFS.partial" python3 -c pass && mv "$ROOTFS.partial" "$ROOTFS" &&
+    touch "$CACHE/rootfs.done" || { fail "debootstrap bookworm + python3 into $ROOTFS"; summary 1; exit 1; }
+fi
+anyclient=$("$here/anyclient/build.sh" 2>"${TMPDIR:-/tmp}/anyclient-build.log") ||
+  { fail "anyclient: build" "$(tail -n 20 "${TMPDIR:-/tmp}/anyclient-build.log")"; summary 1; exit 1; }
+
+E2E_EXIT_HOOK=summary
+export E2E_SHOAL_CONFIG_TEXT='version = 1
+[remote]
+background_fetch = false'
+e2e_world_start
+cli="$repo/target/release/shoal"
+status_json() { "$cli" status --address "$E2E_DIR/shoal.sock" --json; }
+
+# The workload: python3 importing a set of stdlib modules.
+SCRIPT='import argparse, asyncio, csv, decimal, difflib, email.parser, http.client, json, logging, pydoc, tarfile, unittest, xml.etree.ElementTree, zipfile
+print("imported")'
+
+# The image: the root filesystem as one plain tar layer in an OCI layout.
+layout="$E2E_DIR/py-oci"
+tar -C "$ROOTFS" --numeric-owner -cf "$E2E_DIR/py.tar" .
+python3 - "$layout" "$E2E_DIR/py.tar" <<'PY'
+import hashlib, json, os, shutil, sys
+d, tar = sys.argv[1], sys.argv[2]
+os.makedirs(d + "/blobs/sha256")
+def digest_file(p):
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return "sha256:" + h.hexdigest()
+def put(b):
+    dg = "sha256:" + hashlib.sha256(b).hexdigest()
+    open(f"{d}/blobs/sha256/{dg[7:]}", "wb").write(b)
+    return dg
+ld = digest_file(tar)
+shutil.move(tar, f"{d}/blobs/sha256/{ld[7:]}")
+size = os.path.getsize(f"{d}/blobs/sha256/{ld[7:]}")
+cfg = json.dumps({"architecture": "amd64", "os": "linux",
+                  "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["python3"]},
+                  "rootfs": {"type": "layers", "diff_ids": [ld]}}).encode()
+m = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(cfg), "size": len(cfg)},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": size}]}).encode()
+json.dump({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+           "digest": put(m), "size": len(m), "annotations": {"org.opencontainers.image.ref.name": "py"}}]},
+          open(d + "/index.json", "w"))
+open(d + "/oci-layout", "w").write('{"imageLayoutVersion":"1.0.0"}')
+PY
+conv() { timeout 900 "$cli" convert -q --work-dir "$E2E_DIR" "$@"; }
+if conv "oci:$layout:py" "$E2E_REGISTRY/py:plain" >/dev/null; then
+  pass "python3 image converted without a profile"
+else
+  fail "python3 image: convert"; exit 1
+fi
+
+# Bytes and requests the registry answered for Shoal after line $1 of its log.
+log_mark() { wc -l <"$E2E_DIR/logs/shoal.log"; }
+log_ranges() {
+  tail -n +"$(($1 + 1))" "$E2E_DIR/logs/shoal.log" | grep 'registry request' | grep 'status=206' |
+    sed -n 's/.*bytes=\([0-9]*\)-\([0-9]*\).*/\1 \2/p' | awk '{ s += $2 - $1 + 1; n++ } END { print n + 0, s + 0 }'
+}
+run_id=0
+# pull_and_run REF: Go client pull (Prepare fetches the startup set), then
+# the script. Sets PREFETCH="requests bytes" and ONDEMAND="requests bytes".
+pull_and_run() {
+  local m out
+  m=$(log_mark)
+  # containerd's proxy client may still be in reconnect backoff after a
+  # Shoal restart: UNAVAILABLE is retried.
+  local try
+  for try in 1 2 3 4 5; do
+    out=$("$anyclient" -address "$E2E_DIR/containerd.sock" -namespace "$E2E_NS" "$1" 2>&1) && break
+    grep -q unavailable <<<"$out" || break
+    sleep 1
+  done
+  [ -n "$out" ] && jq -e .image <<<"$out" >/dev/null 2>&1 || { fail "$1: pull" "$out"; return 1; }
+  PREFETCH=$(log_ranges "$m")
+  m=$(log_mark)
+  run_id=$((run_id + 1))
+  out=$(E2E_CTR_TIMEOUT=300 e2e_ctr run --rm --snapshotter shoal "$1" "prof-$run_id" python3 -c "$SCRIPT" 2>&1) || true
+  ONDEMAND=$(log_ranges "$m")
+  [ "$out" = imported ] || { fail "$1: script output" "$out"; return 1; }
+}
+
+ref="$E2E_REGISTRY/py:plain"
+if pull_and_run "$ref"; then
+  base_prefetch=$PREFETCH base_ondemand=$ONDEMAND
+  pass "no profile: script ran lazily (Prepare fetched ${PREFETCH% *} ranges; the script then ${ONDEMAND% *} requests, ${ONDEMAND#* } bytes)"
+fi
+prof="$E2E_DIR/profile.json"
+if "$cli" profile show --address "$E2E_DIR/shoal.sock" --output "$prof" "$ref" 2>"$E2E_DIR/profile.err" &&
+  n=$(jq '.paths | length' "$prof") && [ "$n" -gt 20 ] &&
+  jq -e '.paths | index("usr/bin/python3.11") != null' "$prof" >/dev/null &&
+  jq -e '[.paths[] | select(test("^usr/lib/python3.11/(json|email|asyncio)/"))] | length >= 3' "$prof" >/dev/null; then
+  pass "shoal profile show: $n files in first-read order (interpreter and imported modules among them)"
+else
+  fail "shoal profile show" "$(cat "$E2E_DIR/profile.err"; head -c 2000 "$prof" 2>/dev/null)"
+fi
+if out=$(conv --json --profile "$prof" "oci:$layout:py" "$E2E_REGISTRY/py:prof") &&
+  files=$(jq '.manifests[0].layers[0].startup_files' <<<"$out") && [ "$files" -gt 20 ]; then
+  pass "shoal convert --profile: $files files laid out first ($(jq '.manifests[0].layers[0].startup_bytes' <<<"$out") bytes)"
+else
+  fail "shoal convert --profile" "${out:-}"
+fi
+
+# A fresh node: forget the first image, and restart Shoal on an empty root.
+e2e_ctr image rm --sync "$ref" >/dev/null 2>&1 || true
+e2e_ctr content ls -q | xargs -r -n 20 "$(command -v ctr)" --address "$E2E_DIR/containerd.sock" --namespace "$E2E_NS" content rm >/dev/null 2>&1 || true
+e2e_stop_pid shoal
+e2e_start shoal "$E2E_SHOAL_BIN" --root "$E2E_DIR/shoal-fresh" --address "$E2E_DIR/shoal.sock" \
+  --config "$E2E_DIR/shoal-config.toml" --log-level "info,shoal=debug"
+e2e_wait_for shoal "its socket" e2e_sock_ready "$E2E_DIR/shoal.sock"
+for _ in $(seq 1 50); do e2e_ctr snapshots --snapshotter shoal ls >/dev/null 2>&1 && break; sleep 0.2; done
+
+if pull_and_run "$E2E_REGISTRY/py:prof"; then
+  read -r pn pb <<<"$PREFETCH"
+  read -r on ob <<<"$ONDEMAND"
+  read -r bn bb <<<"${base_ondemand:-0 0}"
+  if [ "$pb" -gt 0 ] && [ "$on" -le 5 ] && [ $((ob * 100)) -le $((pb * 5)) ]; then
+    pass "fresh node: Prepare fetched the startup set ($pn ranges, $pb bytes); the script then fetched $on ranges, $ob bytes (without a profile: $bn ranges, $bb bytes)"
+  else
+    fail "fresh node: startup set covers the script" "prefetch $pn ranges $pb bytes; on demand $on ranges $ob bytes; without profile $bn ranges $bb bytes"
+  fi
+fi
