@@ -228,7 +228,7 @@ expect_refused() { # WHAT DIR DIGEST PATTERN
   if out=$(conv "oci:$2:t" "$E2E_REGISTRY/bad:$1" 2>&1); then
     fail "bad input ($1): refused" "convert succeeded"
   elif grep -qF "$3" <<<"$out" && grep -qE "$4" <<<"$out" &&
-    ! curl -sf -o /dev/null "http://$E2E_REGISTRY/v2/bad/manifests/$1"; then
+    ! manifest bad "$1" >/dev/null; then
     pass "bad input ($1): refused naming the layer; nothing tagged"
   else
     fail "bad input ($1)" "$out"

@@ -15,7 +15,8 @@
 #   - on a fresh node (new Shoal root: nothing cached), Prepare fetches the
 #     startup set, and the script's on-demand fetches afterwards are few
 #     (at most 5 requests and 5% of the bytes; printed beside the same run
-#     without a profile).
+#     without a profile);
+#   - `shoal optimize SRC DST -- CMD` does all of it in one command.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -24,7 +25,7 @@ build=1
 for arg in "$@"; do
   case $arg in
     --no-build) build=0 ;;
-    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "profile.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -167,4 +168,16 @@ if pull_and_run "$E2E_REGISTRY/py:prof"; then
   else
     fail "fresh node: startup set covers the script" "prefetch $pn ranges $pb bytes; on demand $on ranges $ob bytes; without profile $bn ranges $bb bytes"
   fi
+fi
+
+# shoal optimize: the same in one command (convert, pull, run, record,
+# convert with the profile).
+if out=$(timeout 900 "$cli" optimize -q --json --address "$E2E_DIR/shoal.sock" \
+  --containerd-address "$E2E_DIR/containerd.sock" --namespace "$E2E_NS" --work-dir "$E2E_DIR" \
+  "oci:$layout:py" "$E2E_REGISTRY/py:opt" -- python3 -c "$SCRIPT" 2>"$E2E_DIR/optimize.err") &&
+  files=$(jq '.manifests[0].layers[0].startup_files' <<<"$out") && [ "$files" -gt 20 ] &&
+  curl -sf -o /dev/null -H "Accept: application/vnd.oci.image.manifest.v1+json" "http://$E2E_REGISTRY/v2/py/manifests/opt"; then
+  pass "shoal optimize: ran the script once and converted with a startup set of $files files"
+else
+  fail "shoal optimize" "$(tail -n 10 "$E2E_DIR/optimize.err"; head -c 1000 <<<"${out:-}")"
 fi

@@ -91,6 +91,10 @@ credentials, as the daemon uses them."
     /// Convert an image into Shoal's format: tar+zstd layers that any
     /// runtime can pull and that Shoal mounts lazily (docs/format.md).
     Convert(shoal::convert::cli::ConvertArgs),
+    /// Convert an image, run it once through containerd and Shoal while the
+    /// daemon records what it reads, and convert it again with that startup
+    /// profile (docs/format.md).
+    Optimize(shoal::convert::optimize::OptimizeArgs),
     /// Startup profiles recorded by the daemon (docs/format.md).
     #[command(subcommand)]
     Profile(shoal::convert::profile_cli::ProfileCommand),
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
         Command::Status { daemon, json } => status(&daemon, json),
         Command::Convert(args) => shoal::convert::cli::run(args),
         Command::Profile(cmd) => shoal::convert::profile_cli::run(cmd),
+        Command::Optimize(args) => shoal::convert::optimize::run(args),
         Command::Pull {
             containerd,
             snapshotter,

@@ -13,6 +13,8 @@
 //! - [`progress`]: the progress display.
 //! - [`cli`]: the `shoal convert` subcommand.
 //! - [`profile_cli`]: the `shoal profile show` subcommand.
+//! - [`optimize`]: the `shoal optimize` subcommand (convert, run, record,
+//!   convert with the profile).
 //!
 //! # Invariants
 //! - Every source byte is checked against the digest that names it before
@@ -29,6 +31,7 @@ pub mod cli;
 pub mod image;
 pub mod layer;
 pub mod location;
+pub mod optimize;
 pub mod profile;
 pub mod profile_cli;
 pub mod progress;

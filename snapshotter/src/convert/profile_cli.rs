@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde_json::Value;
 use shoal_proto::profile::profiles_client::ProfilesClient;
-use shoal_proto::profile::FirstReadsRequest;
+use shoal_proto::profile::{FirstRead, FirstReadsRequest};
 
 use super::profile::Profile;
 use crate::registry::{Reference, Registry, RegistryConfig};
@@ -36,6 +36,40 @@ pub struct ShowArgs {
     pub image: String,
 }
 
+/// The profile recorded for `image`: its layers' first reads from the
+/// daemon at `address`, merged image-wide in first-read order (a path read in
+/// several layers counts once). Also returns the reads shown and the number
+/// of the image's layers.
+///
+/// # Errors
+/// The image cannot be resolved or the daemon cannot be asked.
+pub async fn recorded(
+    address: &std::path::Path,
+    image: &str,
+) -> anyhow::Result<(Profile, Vec<FirstRead>, usize)> {
+    let layers = image_layers(image).await?;
+    let channel = crate::client::channel(address)
+        .await
+        .with_context(|| format!("connect to the Shoal daemon at {}", address.display()))?;
+    let mut reads = ProfilesClient::new(channel)
+        .first_reads(FirstReadsRequest {
+            layer_digests: layers.clone(),
+        })
+        .await
+        .context("profile request")?
+        .into_inner()
+        .reads;
+    reads.sort_by_key(|r| r.ms);
+    let mut seen = std::collections::HashSet::new();
+    reads.retain(|r| seen.insert(r.path.clone()));
+    let profile = Profile {
+        version: 1,
+        image: image.to_string(),
+        paths: reads.iter().map(|r| r.path.clone()).collect(),
+    };
+    Ok((profile, reads, layers.len()))
+}
+
 /// Runs `shoal profile ...`.
 ///
 /// # Errors
@@ -46,37 +80,7 @@ pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start tokio runtime")?;
-    let (layers, reads) = rt.block_on(async {
-        let layers = image_layers(&a.image).await?;
-        let channel = crate::client::channel(&a.address)
-            .await
-            .with_context(|| format!("connect to the Shoal daemon at {}", a.address.display()))?;
-        let r = ProfilesClient::new(channel)
-            .first_reads(FirstReadsRequest {
-                layer_digests: layers.clone(),
-            })
-            .await
-            .context("profile request")?
-            .into_inner();
-        anyhow::Ok((layers, r.reads))
-    })?;
-    let mut reads = reads;
-    // Image-wide first-read order; a path read in several layers counts once.
-    reads.sort_by_key(|r| r.ms);
-    let mut seen = std::collections::HashSet::new();
-    let mut paths = Vec::new();
-    let mut shown = Vec::new();
-    for r in &reads {
-        if seen.insert(r.path.clone()) {
-            paths.push(r.path.clone());
-            shown.push(r);
-        }
-    }
-    let profile = Profile {
-        version: 1,
-        image: a.image.clone(),
-        paths,
-    };
+    let (profile, reads, n_layers) = rt.block_on(recorded(&a.address, &a.image))?;
     if let Some(out) = &a.output {
         std::fs::write(out, serde_json::to_vec_pretty(&profile)?)
             .with_context(|| format!("write {}", out.display()))?;
@@ -85,16 +89,17 @@ pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&profile)?);
     } else if a.output.is_none() {
         println!("{:>8}  {:<19}  PATH", "MS", "LAYER");
-        for r in &shown {
+        for r in &reads {
             println!("{:>8}  {:<19}  {}", r.ms, &r.layer_digest[..r.layer_digest.len().min(19)], r.path);
         }
     }
-    let mounted: std::collections::HashSet<&str> = reads.iter().map(|r| r.layer_digest.as_str()).collect();
+    let with_reads: std::collections::HashSet<&str> =
+        reads.iter().map(|r| r.layer_digest.as_str()).collect();
     eprintln!(
         "profile: {} files from {} of the image's {} layers",
         profile.paths.len(),
-        mounted.len(),
-        layers.len()
+        with_reads.len(),
+        n_layers
     );
     Ok(())
 }
