@@ -78,6 +78,7 @@ pub struct RemoteLayers {
     rt: Handle,
     cfg: RemoteConfig,
     mounted: Mutex<HashMap<u64, MountedLayer>>,
+    inflight: Arc<super::prefetch::InFlight>,
     /// Counters.
     pub stats: RemoteStats,
 }
@@ -172,6 +173,7 @@ impl RemoteLayers {
             rt,
             cfg,
             mounted: Mutex::new(HashMap::new()),
+            inflight: Arc::default(),
             stats: RemoteStats::default(),
         })
     }
@@ -296,8 +298,10 @@ impl RemoteLayers {
         Ok(())
     }
 
-    /// Waits (bounded) for the prefetch set of snapshot `id`, then starts the
-    /// background fetch of the rest. Blocking.
+    /// Starts fetching the prefetch set of snapshot `id` in a task, then the
+    /// background fetch of the rest; returns at once. The startup sets of
+    /// all layers thus download in parallel; [`RemoteLayers::wait_for_prefetch`]
+    /// (the container's Prepare) waits for them.
     pub fn start_fetching(&self, id: u64) {
         let Some(reader) = self
             .mounted
@@ -309,29 +313,45 @@ impl RemoteLayers {
             return;
         };
         let chunks = reader.prefetch_chunks();
-        if !chunks.is_empty() {
-            let n = chunks.len();
-            let started = std::time::Instant::now();
-            let r = self.rt.block_on(async {
-                tokio::time::timeout(
-                    self.cfg.prefetch_timeout,
-                    reader.fetch_all(chunks, 4, false),
-                )
-                .await
-            });
-            match r {
-                Ok(Ok(())) => info!(layer = %reader.layer, chunks = n,
-                    ms = started.elapsed().as_millis() as u64, "prefetch set fetched"),
-                Ok(Err(e)) => {
-                    warn!(layer = %reader.layer, error = %e, "prefetch failed; continuing lazily")
+        // Registered before the task runs, so a container Prepare right
+        // after this one waits for it.
+        let running = (!chunks.is_empty()).then(|| self.inflight.begin(id));
+        let cfg = self.cfg.clone();
+        self.rt.spawn(async move {
+            if let Some(_running) = running {
+                let n = chunks.len();
+                let started = std::time::Instant::now();
+                let r = tokio::time::timeout(cfg.prefetch_timeout, reader.fetch_all(chunks, 4, false))
+                    .await;
+                match r {
+                    Ok(Ok(())) => info!(layer = %reader.layer, chunks = n,
+                        ms = started.elapsed().as_millis() as u64, "prefetch set fetched"),
+                    Ok(Err(e)) => {
+                        warn!(layer = %reader.layer, error = %e, "prefetch failed; continuing lazily")
+                    }
+                    Err(_) => warn!(layer = %reader.layer, timeout = ?cfg.prefetch_timeout,
+                        "prefetch did not finish in time; continuing lazily"),
                 }
-                Err(_) => warn!(layer = %reader.layer, timeout = ?self.cfg.prefetch_timeout,
-                    "prefetch did not finish in time; continuing lazily"),
             }
+            if cfg.background_fetch {
+                reader.spawn_background(cfg.background_delay);
+            }
+        });
+    }
+
+    /// Waits, at most `remote.prefetch_timeout_secs`, until every startup
+    /// prefetch in flight has ended. Blocking: call from a blocking thread.
+    pub fn wait_for_prefetch(&self) {
+        if self.inflight.is_empty() {
+            return;
         }
-        if self.cfg.background_fetch {
-            reader.spawn_background(self.cfg.background_delay);
-        }
+        let started = std::time::Instant::now();
+        let done = self.rt.block_on(async {
+            tokio::time::timeout(self.cfg.prefetch_timeout, self.inflight.wait_all())
+                .await
+                .is_ok()
+        });
+        info!(ms = started.elapsed().as_millis() as u64, done, "waited for startup prefetches");
     }
 
     /// Starts only the background fetch of snapshot `id` (if enabled),

@@ -8,6 +8,8 @@
 //!   every containerd client passes to Prepare.
 //! - [`layers`]: detection in Prepare labels, TOC resolution, mounts,
 //!   prefetch and background fetch.
+//! - [`prefetch`]: startup prefetches in flight, awaited by the container's
+//!   Prepare.
 //! - [`recorder`]: startup profiles: first reads of a layer's files.
 //! - [`registry_blobs`]: layer blobs from registries.
 //! - [`layer`]: a mounted layer: FUSE reads → store or fetch.
@@ -18,6 +20,7 @@ pub mod annotations;
 pub mod fetch;
 pub mod layer;
 pub mod layers;
+pub mod prefetch;
 pub mod recorder;
 pub mod registry_blobs;
 pub mod store;
