@@ -32,6 +32,9 @@ pub struct ConvertArgs {
     /// each layer, marked for Shoal to fetch first on mount.
     #[arg(long, value_name = "FILE")]
     pub profile: Option<PathBuf>,
+    /// containerd-style `hosts.toml` directory for registries.
+    #[arg(long, value_name = "DIR", default_value = crate::registry::DEFAULT_CONFIG_PATH)]
+    pub hosts_dir: PathBuf,
     /// No progress on stderr.
     #[arg(long, short)]
     pub quiet: bool,
@@ -73,8 +76,11 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<()> {
         source_repository: a.source_repository,
         profile,
     };
-    let registry = crate::registry::Registry::new(crate::registry::RegistryConfig::default())
-        .context("registry client")?;
+    let registry = crate::registry::Registry::new(crate::registry::RegistryConfig {
+        config_path: a.hosts_dir.clone(),
+        ..Default::default()
+    })
+    .context("registry client")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

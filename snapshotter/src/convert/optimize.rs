@@ -42,6 +42,9 @@ pub struct OptimizeArgs {
     /// Directory for staging blobs.
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
+    /// containerd-style `hosts.toml` directory for registries.
+    #[arg(long, value_name = "DIR", default_value = crate::registry::DEFAULT_CONFIG_PATH)]
+    pub hosts_dir: PathBuf,
     /// No progress on stderr.
     #[arg(long, short)]
     pub quiet: bool,
@@ -71,7 +74,11 @@ pub fn run(a: OptimizeArgs) -> anyhow::Result<()> {
     tmp_ref.digest = None;
     tmp_ref.tag = Some(format!("{}-unoptimized", dst_ref.tag.as_deref().unwrap_or("latest")));
     let tmp = tmp_ref.to_string();
-    let registry = Registry::new(RegistryConfig::default()).context("registry client")?;
+    let reg_cfg = RegistryConfig {
+        config_path: a.hosts_dir.clone(),
+        ..Default::default()
+    };
+    let registry = Registry::new(reg_cfg.clone()).context("registry client")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -102,7 +109,7 @@ pub fn run(a: OptimizeArgs) -> anyhow::Result<()> {
         namespace: a.namespace.clone(),
         snapshotter: a.snapshotter.clone(),
         platform: crate::pull::Platform::host(),
-        registry: RegistryConfig::default(),
+        registry: reg_cfg.clone(),
     };
     let pulled = rt
         .block_on(crate::pull::pull(&tmp, &pull_opts, &mut |_| {}))
@@ -114,7 +121,7 @@ pub fn run(a: OptimizeArgs) -> anyhow::Result<()> {
     progress.note(&format!("3/4 running {tmp} (at most {}s)", a.timeout));
     run_once(&a, &tmp)?;
 
-    let (profile, _, _) = rt.block_on(super::profile_cli::recorded(&a.address, &tmp))?;
+    let (profile, _, _) = rt.block_on(super::profile_cli::recorded(&a.address, &tmp, &reg_cfg))?;
     progress.note(&format!("4/4 converting with a profile of {} files -> {}", profile.paths.len(), a.dst));
     let opts = Options {
         dst,

@@ -32,6 +32,9 @@ pub struct ShowArgs {
     /// Print the profile as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// containerd-style `hosts.toml` directory for registries.
+    #[arg(long, value_name = "DIR", default_value = crate::registry::DEFAULT_CONFIG_PATH)]
+    pub hosts_dir: PathBuf,
     /// Image reference whose layers Shoal has mounted lazily.
     pub image: String,
 }
@@ -46,8 +49,9 @@ pub struct ShowArgs {
 pub async fn recorded(
     address: &std::path::Path,
     image: &str,
+    registry: &RegistryConfig,
 ) -> anyhow::Result<(Profile, Vec<FirstRead>, usize)> {
-    let layers = image_layers(image).await?;
+    let layers = image_layers(image, registry).await?;
     let channel = crate::client::channel(address)
         .await
         .with_context(|| format!("connect to the Shoal daemon at {}", address.display()))?;
@@ -80,7 +84,11 @@ pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start tokio runtime")?;
-    let (profile, reads, n_layers) = rt.block_on(recorded(&a.address, &a.image))?;
+    let cfg = RegistryConfig {
+        config_path: a.hosts_dir.clone(),
+        ..Default::default()
+    };
+    let (profile, reads, n_layers) = rt.block_on(recorded(&a.address, &a.image, &cfg))?;
     if let Some(out) = &a.output {
         std::fs::write(out, serde_json::to_vec_pretty(&profile)?)
             .with_context(|| format!("write {}", out.display()))?;
@@ -105,11 +113,11 @@ pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
 }
 
 /// The layer digests of `image` (this host's platform from an index).
-async fn image_layers(image: &str) -> anyhow::Result<Vec<String>> {
+async fn image_layers(image: &str, cfg: &RegistryConfig) -> anyhow::Result<Vec<String>> {
     let reference: Reference = image
         .parse()
         .map_err(|e| anyhow::anyhow!("image reference {image:?}: {e}"))?;
-    let registry = Registry::new(RegistryConfig::default()).context("registry client")?;
+    let registry = Registry::new(cfg.clone()).context("registry client")?;
     let (_, _, bytes) = registry
         .fetch_manifest(&reference)
         .await
