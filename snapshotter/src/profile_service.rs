@@ -32,12 +32,12 @@ impl Profiles for ProfileService {
             return Ok(Response::new(FirstReadsResponse::default()));
         };
         let mut reads = Vec::new();
-        for (layer, _image, list) in remote.first_reads() {
-            if !want.is_empty() && !want.contains(&layer) {
+        for l in remote.first_reads() {
+            if !want.is_empty() && !want.contains(&l.layer_digest) {
                 continue;
             }
-            reads.extend(list.into_iter().map(|(ms, path)| FirstRead {
-                layer_digest: layer.clone(),
+            reads.extend(l.reads.into_iter().map(|(ms, path)| FirstRead {
+                layer_digest: l.layer_digest.clone(),
                 path,
                 ms,
             }));

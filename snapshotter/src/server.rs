@@ -13,8 +13,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use shoal_proto::snapshots::snapshots_server::SnapshotsServer;
 use shoal_proto::profile::profiles_server::ProfilesServer;
+use shoal_proto::snapshots::snapshots_server::SnapshotsServer;
 use shoal_proto::status::status_server::StatusServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;

@@ -51,8 +51,12 @@ fn header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
 fn sample_tar() -> (Vec<u8>, HashMap<String, Vec<u8>>) {
     let mut b = tar::Builder::new(Vec::new());
     let mut files = HashMap::new();
-    b.append_data(&mut header(tar::EntryType::Directory, 0, 0o755), "./etc/", &[][..])
-        .unwrap();
+    b.append_data(
+        &mut header(tar::EntryType::Directory, 0, 0o755),
+        "./etc/",
+        &[][..],
+    )
+    .unwrap();
     let long = format!("etc/{}/deep.txt", "d".repeat(150));
     for (name, data) in [
         ("etc/empty".to_string(), Vec::new()),
@@ -73,15 +77,23 @@ fn sample_tar() -> (Vec<u8>, HashMap<String, Vec<u8>>) {
     b.append_pax_extensions([("SCHILY.xattr.user.k", &b"v\0x"[..])])
         .unwrap();
     let data = noise(100, 4);
-    b.append_data(&mut header(tar::EntryType::Regular, 100, 0o644), "etc/xattr", &data[..])
-        .unwrap();
+    b.append_data(
+        &mut header(tar::EntryType::Regular, 100, 0o644),
+        "etc/xattr",
+        &data[..],
+    )
+    .unwrap();
     files.insert("etc/xattr".into(), data);
     let mut h = header(tar::EntryType::Symlink, 0, 0o777);
     b.append_link(&mut h, "etc/link", "/etc/small").unwrap();
     let mut h = header(tar::EntryType::Link, 0, 0o644);
     b.append_link(&mut h, "etc/hard", "etc/small").unwrap();
-    b.append_data(&mut header(tar::EntryType::Fifo, 0, 0o600), "etc/fifo", &[][..])
-        .unwrap();
+    b.append_data(
+        &mut header(tar::EntryType::Fifo, 0, 0o600),
+        "etc/fifo",
+        &[][..],
+    )
+    .unwrap();
     (b.into_inner().unwrap(), files)
 }
 
@@ -104,20 +116,33 @@ fn converted_layer_round_trips_through_the_reader() {
     gz.write_all(&tar).unwrap();
     let src = write(dir.path(), "src.tar.gz", &gz.finish().unwrap());
     let out = dir.path().join("out");
-    let info = convert(&src, SourceCompression::Gzip, false, &out, layout(), None, &mut |_| {}).unwrap();
+    let info = convert(
+        &src,
+        SourceCompression::Gzip,
+        false,
+        &out,
+        layout(),
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
     let blob = std::fs::read(&out).unwrap();
     assert_eq!(info.size, blob.len() as u64);
     assert_eq!(info.digest, sha(&blob));
 
     // A plain zstd decoder sees the source tar, byte for byte.
     let plain = zstd::stream::decode_all(&blob[..]).unwrap();
-    assert!(plain == tar, "decompressed layer differs from the source tar");
+    assert!(
+        plain == tar,
+        "decompressed layer differs from the source tar"
+    );
     assert_eq!(info.diff_id, sha(&tar));
 
     // Shoal's reader: footer, verified TOC, every chunk.
     let tail = &blob[blob.len() - FOOTER_FETCH as usize..];
     let footer = parse_footer(tail, blob.len() as u64).unwrap();
-    let toc_bytes = &blob[footer.toc_offset as usize..(footer.toc_offset + footer.toc_len) as usize];
+    let toc_bytes =
+        &blob[footer.toc_offset as usize..(footer.toc_offset + footer.toc_len) as usize];
     let toc = Toc::parse(toc_bytes, &footer, &info.toc_digest).unwrap();
     assert!(Toc::parse(toc_bytes, &footer, &sha(b"other")).is_err());
     let mut seen = 0;
@@ -126,7 +151,9 @@ fn converted_layer_round_trips_through_the_reader() {
         if e.kind != "reg" {
             continue;
         }
-        let want = files.get(&e.name).unwrap_or_else(|| panic!("unexpected file {:?}", e.name));
+        let want = files
+            .get(&e.name)
+            .unwrap_or_else(|| panic!("unexpected file {:?}", e.name));
         let mut got = Vec::new();
         for c in cs {
             let bytes = decode_chunk(
@@ -148,10 +175,19 @@ fn converted_layer_round_trips_through_the_reader() {
     assert_eq!(by("etc/three-chunks").mode & 0o7777, 0o4755);
     assert_eq!((by("etc/small").uid, by("etc/small").gid), (1000, 1001));
     assert_eq!(by("etc/link").link_name, "/etc/small");
-    assert_eq!((by("etc/hard").kind.as_str(), by("etc/hard").link_name.as_str()), ("hardlink", "etc/small"));
+    assert_eq!(
+        (
+            by("etc/hard").kind.as_str(),
+            by("etc/hard").link_name.as_str()
+        ),
+        ("hardlink", "etc/small")
+    );
     assert_eq!(by("etc/fifo").kind, "fifo");
     assert_eq!(by("etc").kind, "dir");
-    assert_eq!(shoal::remote::toc::xattrs(by("etc/xattr")).unwrap(), vec![("user.k".to_string(), b"v\0x".to_vec())]);
+    assert_eq!(
+        shoal::remote::toc::xattrs(by("etc/xattr")).unwrap(),
+        vec![("user.k".to_string(), b"v\0x".to_vec())]
+    );
     assert_eq!(shoal::remote::toc::mtime(by("etc/small")), 1_700_000_000);
     // The reader builds a servable tree from it.
     shoal_fuse_tree(&toc);
@@ -167,15 +203,58 @@ fn conversion_is_reproducible_and_independent_of_source_compression() {
     let dir = tempfile::tempdir().unwrap();
     let (tar, _) = sample_tar();
     let plain = write(dir.path(), "src.tar", &tar);
-    let zst = write(dir.path(), "src.tar.zst", &zstd::stream::encode_all(&tar[..], 19).unwrap());
-    let a = convert(&plain, SourceCompression::None, false, &dir.path().join("a"), layout(), None, &mut |_| {}).unwrap();
-    let b = convert(&plain, SourceCompression::None, false, &dir.path().join("b"), layout(), None, &mut |_| {}).unwrap();
-    let c = convert(&zst, SourceCompression::Zstd, false, &dir.path().join("c"), layout(), None, &mut |_| {}).unwrap();
+    let zst = write(
+        dir.path(),
+        "src.tar.zst",
+        &zstd::stream::encode_all(&tar[..], 19).unwrap(),
+    );
+    let a = convert(
+        &plain,
+        SourceCompression::None,
+        false,
+        &dir.path().join("a"),
+        layout(),
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
+    let b = convert(
+        &plain,
+        SourceCompression::None,
+        false,
+        &dir.path().join("b"),
+        layout(),
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
+    let c = convert(
+        &zst,
+        SourceCompression::Zstd,
+        false,
+        &dir.path().join("c"),
+        layout(),
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(a.digest, b.digest);
     assert_eq!(a.digest, c.digest);
     assert_eq!(a.toc_digest, c.toc_digest);
-    let other = Layout { chunk_size: CHUNK * 2, level: 3 };
-    let d = convert(&plain, SourceCompression::None, false, &dir.path().join("d"), other, None, &mut |_| {}).unwrap();
+    let other = Layout {
+        chunk_size: CHUNK * 2,
+        level: 3,
+    };
+    let d = convert(
+        &plain,
+        SourceCompression::None,
+        false,
+        &dir.path().join("d"),
+        other,
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
     assert_ne!(a.digest, d.digest, "chunk size is part of the layout");
     assert_eq!(a.diff_id, d.diff_id);
 }
@@ -185,12 +264,34 @@ fn lazy_format_artefacts_are_dropped_only_for_lazy_sources() {
     let dir = tempfile::tempdir().unwrap();
     let mut b = tar::Builder::new(Vec::new());
     for name in [".prefetch.landmark", "app", "stargz.index.json"] {
-        b.append_data(&mut header(tar::EntryType::Regular, 1, 0o644), name, &b"x"[..])
-            .unwrap();
+        b.append_data(
+            &mut header(tar::EntryType::Regular, 1, 0o644),
+            name,
+            &b"x"[..],
+        )
+        .unwrap();
     }
     let src = write(dir.path(), "src.tar", &b.into_inner().unwrap());
-    let lazy = convert(&src, SourceCompression::None, true, &dir.path().join("a"), layout(), None, &mut |_| {}).unwrap();
-    let plain = convert(&src, SourceCompression::None, false, &dir.path().join("b"), layout(), None, &mut |_| {}).unwrap();
+    let lazy = convert(
+        &src,
+        SourceCompression::None,
+        true,
+        &dir.path().join("a"),
+        layout(),
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
+    let plain = convert(
+        &src,
+        SourceCompression::None,
+        false,
+        &dir.path().join("b"),
+        layout(),
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!((lazy.files, plain.files), (1, 3));
     let out = zstd::stream::decode_all(&std::fs::read(dir.path().join("a")).unwrap()[..]).unwrap();
     let names: Vec<String> = tar::Archive::new(&out[..])
@@ -229,22 +330,46 @@ fn escaping_paths_and_corrupt_tars_are_refused() {
     .enumerate()
     {
         let src = write(dir.path(), &format!("bad{i}"), &raw_entry(name, kind, link));
-        let err = convert(&src, SourceCompression::None, false, &dir.path().join("o"), layout(), None, &mut |_| {})
-            .unwrap_err();
+        let err = convert(
+            &src,
+            SourceCompression::None,
+            false,
+            &dir.path().join("o"),
+            layout(),
+            None,
+            &mut |_| {},
+        )
+        .unwrap_err();
         assert!(err.contains("escapes the layer root"), "{name}: {err}");
     }
     // A flipped byte in a header fails its checksum.
     let (mut tar, _) = sample_tar();
     tar[10] ^= 1;
     let src = write(dir.path(), "corrupt", &tar);
-    let err = convert(&src, SourceCompression::None, false, &dir.path().join("o"), layout(), None, &mut |_| {})
-        .unwrap_err();
+    let err = convert(
+        &src,
+        SourceCompression::None,
+        false,
+        &dir.path().join("o"),
+        layout(),
+        None,
+        &mut |_| {},
+    )
+    .unwrap_err();
     assert!(err.contains("checksum"), "{err}");
     // Truncated content.
     let (tar, _) = sample_tar();
     let src = write(dir.path(), "short", &tar[..3000]);
-    let err = convert(&src, SourceCompression::None, false, &dir.path().join("o"), layout(), None, &mut |_| {})
-        .unwrap_err();
+    let err = convert(
+        &src,
+        SourceCompression::None,
+        false,
+        &dir.path().join("o"),
+        layout(),
+        None,
+        &mut |_| {},
+    )
+    .unwrap_err();
     assert!(err.contains("ends inside"), "{err}");
 }
 
@@ -278,24 +403,57 @@ fn a_profile_puts_the_startup_set_first_and_marks_it() {
     let out = dir.path().join("out");
     // Absolute and relative paths, a missing file, a hardlink, a directory:
     // only regular files the layer holds count.
-    let p = profile(&["/etc/xattr", "etc/three-chunks", "etc/missing", "etc/hard", "etc", "etc/xattr"]);
-    let info = convert(&src, SourceCompression::None, false, &out, layout(), Some(&p), &mut |_| {}).unwrap();
+    let p = profile(&[
+        "/etc/xattr",
+        "etc/three-chunks",
+        "etc/missing",
+        "etc/hard",
+        "etc",
+        "etc/xattr",
+    ]);
+    let info = convert(
+        &src,
+        SourceCompression::None,
+        false,
+        &out,
+        layout(),
+        Some(&p),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(info.startup_files, 2);
     let blob = std::fs::read(&out).unwrap();
     let tail = &blob[blob.len() - FOOTER_FETCH as usize..];
     let footer = parse_footer(tail, blob.len() as u64).unwrap();
-    let toc_bytes = &blob[footer.toc_offset as usize..(footer.toc_offset + footer.toc_len) as usize];
+    let toc_bytes =
+        &blob[footer.toc_offset as usize..(footer.toc_offset + footer.toc_len) as usize];
     let toc = Toc::parse(toc_bytes, &footer, &info.toc_digest).unwrap();
-    let end = toc.prefetch_end.expect("startup mark read as the prefetch end");
+    let end = toc
+        .prefetch_end
+        .expect("startup mark read as the prefetch end");
     assert_eq!(end, info.startup_bytes);
     let mut order: Vec<(u64, &str)> = Vec::new();
     for (e, cs) in toc.entries.iter().zip(&toc.files) {
         for c in cs {
             let startup = e.name == "etc/xattr" || e.name == "etc/three-chunks";
-            assert_eq!(c.blob_offset < end, startup, "{} at {}", e.name, c.blob_offset);
+            assert_eq!(
+                c.blob_offset < end,
+                startup,
+                "{} at {}",
+                e.name,
+                c.blob_offset
+            );
             order.push((c.blob_offset, e.name.as_str()));
-            let bytes = decode_chunk(toc.compression, &blob[c.blob_offset as usize..c.blob_end as usize], c).unwrap();
-            assert_eq!(&bytes[..], &files[&e.name][c.file_offset as usize..(c.file_offset + c.len) as usize]);
+            let bytes = decode_chunk(
+                toc.compression,
+                &blob[c.blob_offset as usize..c.blob_end as usize],
+                c,
+            )
+            .unwrap();
+            assert_eq!(
+                &bytes[..],
+                &files[&e.name][c.file_offset as usize..(c.file_offset + c.len) as usize]
+            );
         }
     }
     order.sort();
@@ -306,11 +464,38 @@ fn a_profile_puts_the_startup_set_first_and_marks_it() {
     assert_eq!(tar_map(&plain), tar_map(&tar));
     assert_ne!(info.diff_id, sha(&tar));
     // Reproducible with a profile too.
-    let again = convert(&src, SourceCompression::None, false, &dir.path().join("again"), layout(), Some(&p), &mut |_| {}).unwrap();
+    let again = convert(
+        &src,
+        SourceCompression::None,
+        false,
+        &dir.path().join("again"),
+        layout(),
+        Some(&p),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(again.digest, info.digest);
     // An empty or entirely stale profile is no profile.
-    let none = convert(&src, SourceCompression::None, false, &dir.path().join("none"), layout(), None, &mut |_| {}).unwrap();
-    let stale = convert(&src, SourceCompression::None, false, &dir.path().join("stale"), layout(), Some(&profile(&["no/such"])), &mut |_| {}).unwrap();
+    let none = convert(
+        &src,
+        SourceCompression::None,
+        false,
+        &dir.path().join("none"),
+        layout(),
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
+    let stale = convert(
+        &src,
+        SourceCompression::None,
+        false,
+        &dir.path().join("stale"),
+        layout(),
+        Some(&profile(&["no/such"])),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(stale.startup_files, 0);
     assert_eq!(stale.diff_id, none.diff_id);
 }
@@ -320,8 +505,12 @@ fn a_profile_never_moves_what_unpacking_order_depends_on() {
     let dir = tempfile::tempdir().unwrap();
     let mut b = tar::Builder::new(Vec::new());
     let mut add = |name: &str, data: &[u8]| {
-        b.append_data(&mut header(tar::EntryType::Regular, data.len() as u64, 0o644), name, data)
-            .unwrap();
+        b.append_data(
+            &mut header(tar::EntryType::Regular, data.len() as u64, 0o644),
+            name,
+            data,
+        )
+        .unwrap();
     };
     add("filler", b"0");
     add(".wh.recreated", b"");
@@ -333,9 +522,19 @@ fn a_profile_never_moves_what_unpacking_order_depends_on() {
     add("free", b"free");
     let src = write(dir.path(), "src.tar", &b.into_inner().unwrap());
     let p = profile(&["recreated", "d/g", "twice", "free"]);
-    let info = convert(&src, SourceCompression::None, false, &dir.path().join("o"), layout(), Some(&p), &mut |_| {}).unwrap();
+    let info = convert(
+        &src,
+        SourceCompression::None,
+        false,
+        &dir.path().join("o"),
+        layout(),
+        Some(&p),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(info.startup_files, 1, "only `free` may move");
-    let plain = zstd::stream::decode_all(&std::fs::read(dir.path().join("o")).unwrap()[..]).unwrap();
+    let plain =
+        zstd::stream::decode_all(&std::fs::read(dir.path().join("o")).unwrap()[..]).unwrap();
     let names: Vec<String> = tar::Archive::new(&plain[..])
         .entries()
         .unwrap()
@@ -343,6 +542,15 @@ fn a_profile_never_moves_what_unpacking_order_depends_on() {
         .collect();
     assert_eq!(
         names,
-        ["free", "filler", ".wh.recreated", "recreated", "d/.wh..wh..opq", "d/g", "twice", "twice"]
+        [
+            "free",
+            "filler",
+            ".wh.recreated",
+            "recreated",
+            "d/.wh..wh..opq",
+            "d/g",
+            "twice",
+            "twice"
+        ]
     );
 }

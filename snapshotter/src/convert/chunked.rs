@@ -250,7 +250,12 @@ impl<W: Write> ChunkedWriter<W> {
             xattrs: e
                 .xattrs
                 .iter()
-                .map(|(k, v)| (k.clone(), base64::engine::general_purpose::STANDARD.encode(v)))
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        base64::engine::general_purpose::STANDARD.encode(v),
+                    )
+                })
                 .collect(),
             ..TocEntry::default()
         });
@@ -336,7 +341,8 @@ impl<W: Write> ChunkedWriter<W> {
         })
         .map_err(std::io::Error::other)?;
         let toc = self.zstd.compress(&json)?;
-        let toc_len = u32::try_from(toc.len()).map_err(|_| std::io::Error::other("TOC too large"))?;
+        let toc_len =
+            u32::try_from(toc.len()).map_err(|_| std::io::Error::other("TOC too large"))?;
         self.out.write_all(&SKIPPABLE_MAGIC)?;
         self.out.write_all(&toc_len.to_le_bytes())?;
         let toc_offset = self.out.n;

@@ -31,7 +31,10 @@ const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 
 /// Annotation prefixes of lazy formats that describe the *source* blob and
 /// so must not be copied onto the new one.
-const STALE_ANNOTATIONS: [&str; 2] = ["containerd.io/snapshot/", "io.github.containers.zstd-chunked."];
+const STALE_ANNOTATIONS: [&str; 2] = [
+    "containerd.io/snapshot/",
+    "io.github.containers.zstd-chunked.",
+];
 
 /// The state of one conversion.
 pub struct Converter<'a> {
@@ -92,8 +95,13 @@ impl<'a> Converter<'a> {
     /// # Errors
     /// [`ConvertError`].
     pub async fn image(&mut self) -> Result<(String, Bytes), ConvertError> {
-        let (mt, _digest, bytes) = self.src.manifest(None).await.map_err(|e| self.source_err(e))?;
-        let v: Value = serde_json::from_slice(&bytes).map_err(|e| self.source_err(e.to_string()))?;
+        let (mt, _digest, bytes) = self
+            .src
+            .manifest(None)
+            .await
+            .map_err(|e| self.source_err(e))?;
+        let v: Value =
+            serde_json::from_slice(&bytes).map_err(|e| self.source_err(e.to_string()))?;
         let mt = if mt.is_empty() {
             v["mediaType"].as_str().unwrap_or_default().to_string()
         } else {
@@ -121,16 +129,22 @@ impl<'a> Converter<'a> {
                 "{}/{}{}",
                 p["os"].as_str().unwrap_or("unknown"),
                 p["architecture"].as_str().unwrap_or("unknown"),
-                p["variant"].as_str().map(|s| format!("/{s}")).unwrap_or_default()
+                p["variant"]
+                    .as_str()
+                    .map(|s| format!("/{s}"))
+                    .unwrap_or_default()
             );
             let kind = d["mediaType"].as_str().unwrap_or_default();
-            if platform.starts_with("unknown/") || !(kind == OCI_MANIFEST || kind == DOCKER_MANIFEST) {
+            if platform.starts_with("unknown/")
+                || !(kind == OCI_MANIFEST || kind == DOCKER_MANIFEST)
+            {
                 // Attestations and nested indexes refer to the source image's
                 // digests; carrying them over would be a lie.
                 self.skipped.push(format!("{digest} ({kind}, {platform})"));
                 continue;
             }
-            self.progress.note(&format!("platform {platform}: manifest {digest}"));
+            self.progress
+                .note(&format!("platform {platform}: manifest {digest}"));
             let (_, _, bytes) = self
                 .src
                 .manifest(Some(&digest))
@@ -150,7 +164,9 @@ impl<'a> Converter<'a> {
         v["manifests"] = Value::Array(out);
         v["mediaType"] = json!(OCI_INDEX);
         v["schemaVersion"] = json!(2);
-        Ok(Bytes::from(serde_json::to_vec(&v).expect("JSON value serialises")))
+        Ok(Bytes::from(
+            serde_json::to_vec(&v).expect("JSON value serialises"),
+        ))
     }
 
     async fn manifest(
@@ -159,13 +175,18 @@ impl<'a> Converter<'a> {
         platform: Option<String>,
         bytes: &[u8],
     ) -> Result<(Bytes, ManifestSummary), ConvertError> {
-        let mut m: Value =
-            serde_json::from_slice(bytes).map_err(|e| self.source_err(format!("manifest {digest}: {e}")))?;
+        let mut m: Value = serde_json::from_slice(bytes)
+            .map_err(|e| self.source_err(format!("manifest {digest}: {e}")))?;
         let mt = m["mediaType"].as_str().unwrap_or(OCI_MANIFEST);
         if mt != OCI_MANIFEST && mt != DOCKER_MANIFEST {
-            return Err(self.source_err(format!("manifest {digest}: unsupported media type {mt:?}")));
+            return Err(
+                self.source_err(format!("manifest {digest}: unsupported media type {mt:?}"))
+            );
         }
-        let cfg_digest = m["config"]["digest"].as_str().unwrap_or_default().to_string();
+        let cfg_digest = m["config"]["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let cfg_size = m["config"]["size"].as_u64().unwrap_or(0);
         let cfg_bytes = self
             .src
@@ -221,7 +242,9 @@ impl<'a> Converter<'a> {
             serde_json::to_vec(&cfg).expect("JSON value serialises")
         };
         let cfg_new_digest = digest_of(&cfg_out);
-        let cfg_path = self.staging.join(format!("config-{}", cfg_new_digest.replace(':', "-")));
+        let cfg_path = self
+            .staging
+            .join(format!("config-{}", cfg_new_digest.replace(':', "-")));
         std::fs::write(&cfg_path, &cfg_out).map_err(|e| ConvertError::Work {
             path: cfg_path.display().to_string(),
             reason: e.to_string(),
@@ -259,11 +282,13 @@ impl<'a> Converter<'a> {
             media_type: media_type.clone(),
             reason,
         };
-        let compression = source_compression(&media_type)
-            .ok_or_else(|| err("unknown layer media type; Shoal converts tar, tar+gzip and tar+zstd layers".into()))?;
-        let lazy_source = l["annotations"]
-            .as_object()
-            .is_some_and(|a| a.keys().any(|k| STALE_ANNOTATIONS.iter().any(|p| k.starts_with(p))));
+        let compression = source_compression(&media_type).ok_or_else(|| {
+            err("unknown layer media type; Shoal converts tar, tar+gzip and tar+zstd layers".into())
+        })?;
+        let lazy_source = l["annotations"].as_object().is_some_and(|a| {
+            a.keys()
+                .any(|k| STALE_ANNOTATIONS.iter().any(|p| k.starts_with(p)))
+        });
         self.seq += 1;
         let src_path = self.staging.join(format!("src-{}", self.seq));
         let out_path = self.staging.join(format!("out-{}", self.seq));

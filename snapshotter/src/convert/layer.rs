@@ -88,9 +88,9 @@ pub fn convert(
     let mut input: Box<dyn Read + '_> = match compression {
         SourceCompression::None => Box::new(counted),
         SourceCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(counted)),
-        SourceCompression::Zstd => Box::new(
-            zstd::stream::read::Decoder::new(counted).map_err(|e| format!("zstd: {e}"))?,
-        ),
+        SourceCompression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::new(counted).map_err(|e| format!("zstd: {e}"))?)
+        }
     };
     let out = File::create(dst).map_err(|e| format!("create {}: {e}", dst.display()))?;
     let mut w = ChunkedWriter::new(BufWriter::with_capacity(1 << 20, out), layout.level)
@@ -129,7 +129,10 @@ pub fn convert(
                     Item::End(_) => return Err("profile plan points at the end marker".into()),
                 }
             }
-            copier.w.mark_startup_end(plan.startup.len() as u64).map_err(|e| copier.io(e))?;
+            copier
+                .w
+                .mark_startup_end(plan.startup.len() as u64)
+                .map_err(|e| copier.io(e))?;
             plain.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
             let reader = Positioned {
                 r: BufReader::with_capacity(1 << 20, plain),
@@ -138,7 +141,9 @@ pub fn convert(
             copier.stream(TarStream::new(reader), &plan.moved)?;
         }
     }
-    let (info, out) = w.finish().map_err(|e| format!("write {}: {e}", dst.display()))?;
+    let (info, out) = w
+        .finish()
+        .map_err(|e| format!("write {}: {e}", dst.display()))?;
     out.into_inner()
         .map_err(|e| format!("write {}: {}", dst.display(), e.into_error()))?
         .sync_all()

@@ -127,7 +127,9 @@ impl Endpoint {
                             .into_iter()
                             .flatten()
                             .find(|m| m["annotations"][REF_NAME].as_str() == Some(tag))
-                            .ok_or_else(|| format!("tag {tag:?} not in {}/index.json", dir.display()))?;
+                            .ok_or_else(|| {
+                                format!("tag {tag:?} not in {}/index.json", dir.display())
+                            })?;
                         (
                             desc["digest"].as_str().unwrap_or_default().to_string(),
                             desc["mediaType"].as_str().map(str::to_string),
@@ -188,7 +190,8 @@ impl Endpoint {
         dst: &Path,
         progress: &mut dyn FnMut(u64),
     ) -> Result<(), String> {
-        let mut out = fs::File::create(dst).map_err(|e| format!("create {}: {e}", dst.display()))?;
+        let mut out =
+            fs::File::create(dst).map_err(|e| format!("create {}: {e}", dst.display()))?;
         let mut hash = Sha256::new();
         let mut got = 0u64;
         let mut put = |b: &[u8], got: &mut u64| -> Result<(), String> {
@@ -373,7 +376,11 @@ fn init_layout(dir: &Path) -> Result<(), String> {
         fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(err)?;
     }
     if !dir.join("index.json").exists() {
-        fs::write(dir.join("index.json"), br#"{"schemaVersion":2,"manifests":[]}"#).map_err(err)?;
+        fs::write(
+            dir.join("index.json"),
+            br#"{"schemaVersion":2,"manifests":[]}"#,
+        )
+        .map_err(err)?;
     }
     Ok(())
 }

@@ -72,7 +72,10 @@ pub fn run(a: OptimizeArgs) -> anyhow::Result<()> {
     };
     let mut tmp_ref = dst_ref.clone();
     tmp_ref.digest = None;
-    tmp_ref.tag = Some(format!("{}-unoptimized", dst_ref.tag.as_deref().unwrap_or("latest")));
+    tmp_ref.tag = Some(format!(
+        "{}-unoptimized",
+        dst_ref.tag.as_deref().unwrap_or("latest")
+    ));
     let tmp = tmp_ref.to_string();
     let reg_cfg = RegistryConfig {
         config_path: a.hosts_dir.clone(),
@@ -115,14 +118,21 @@ pub fn run(a: OptimizeArgs) -> anyhow::Result<()> {
         .block_on(crate::pull::pull(&tmp, &pull_opts, &mut |_| {}))
         .with_context(|| format!("pull {tmp}"))?;
     if pulled.lazy == 0 {
-        bail!("no layer of {tmp} was mounted lazily, so nothing can be recorded (is {} Shoal?)", a.snapshotter);
+        bail!(
+            "no layer of {tmp} was mounted lazily, so nothing can be recorded (is {} Shoal?)",
+            a.snapshotter
+        );
     }
 
     progress.note(&format!("3/4 running {tmp} (at most {}s)", a.timeout));
     run_once(&a, &tmp)?;
 
     let (profile, _, _) = rt.block_on(super::profile_cli::recorded(&a.address, &tmp, &reg_cfg))?;
-    progress.note(&format!("4/4 converting with a profile of {} files -> {}", profile.paths.len(), a.dst));
+    progress.note(&format!(
+        "4/4 converting with a profile of {} files -> {}",
+        profile.paths.len(),
+        a.dst
+    ));
     let opts = Options {
         dst,
         force: a.force,
@@ -133,8 +143,16 @@ pub fn run(a: OptimizeArgs) -> anyhow::Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        let files: u64 = summary.manifests.iter().flat_map(|m| &m.layers).map(|l| l.out.startup_files).sum();
-        println!("{} -> {} {} (startup set: {files} files)", summary.source, summary.destination, summary.digest);
+        let files: u64 = summary
+            .manifests
+            .iter()
+            .flat_map(|m| &m.layers)
+            .map(|l| l.out.startup_files)
+            .sum();
+        println!(
+            "{} -> {} {} (startup set: {files} files)",
+            summary.source, summary.destination, summary.digest
+        );
     }
     Ok(())
 }
@@ -153,7 +171,9 @@ fn run_once(a: &OptimizeArgs, image: &str) -> anyhow::Result<()> {
     };
     let mut run = ctr(&["run", "--rm", "--snapshotter", &a.snapshotter, image, &id]);
     run.args(&a.cmd).stdin(Stdio::null()).stdout(Stdio::null());
-    let mut child = run.spawn().context("start `ctr run` (is containerd's ctr installed?)")?;
+    let mut child = run
+        .spawn()
+        .context("start `ctr run` (is containerd's ctr installed?)")?;
     let deadline = Instant::now() + Duration::from_secs(a.timeout);
     loop {
         if let Some(status) = child.try_wait()? {

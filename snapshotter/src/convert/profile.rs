@@ -49,12 +49,19 @@ impl Profile {
             .read_to_end(&mut b)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         if b.len() as u64 > MAX_PROFILE_BYTES {
-            return Err(format!("{}: larger than {MAX_PROFILE_BYTES} bytes", path.display()));
+            return Err(format!(
+                "{}: larger than {MAX_PROFILE_BYTES} bytes",
+                path.display()
+            ));
         }
         let p: Profile =
             serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display()))?;
         if p.version != 1 {
-            return Err(format!("{}: profile version {} (expected 1)", path.display(), p.version));
+            return Err(format!(
+                "{}: profile version {} (expected 1)",
+                path.display(),
+                p.version
+            ));
         }
         Ok(p)
     }

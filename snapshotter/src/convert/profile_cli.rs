@@ -98,7 +98,12 @@ pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
     } else if a.output.is_none() {
         println!("{:>8}  {:<19}  PATH", "MS", "LAYER");
         for r in &reads {
-            println!("{:>8}  {:<19}  {}", r.ms, &r.layer_digest[..r.layer_digest.len().min(19)], r.path);
+            println!(
+                "{:>8}  {:<19}  {}",
+                r.ms,
+                &r.layer_digest[..r.layer_digest.len().min(19)],
+                r.path
+            );
         }
     }
     let with_reads: std::collections::HashSet<&str> =
@@ -137,7 +142,10 @@ async fn image_layers(image: &str, cfg: &RegistryConfig) -> anyhow::Result<Vec<S
         let mut r = reference.clone();
         r.tag = None;
         r.digest = Some(d.to_string());
-        let (_, _, bytes) = registry.fetch_manifest(&r).await.with_context(|| format!("resolve {image}"))?;
+        let (_, _, bytes) = registry
+            .fetch_manifest(&r)
+            .await
+            .with_context(|| format!("resolve {image}"))?;
         v = serde_json::from_slice(&bytes).context("manifest JSON")?;
     }
     Ok(v["layers"]

@@ -56,7 +56,10 @@ impl Bar {
         if !self.p.enabled || !self.p.tty {
             return;
         }
-        let pct = (n.saturating_mul(100)).checked_div(self.total).unwrap_or(100).min(100);
+        let pct = (n.saturating_mul(100))
+            .checked_div(self.total)
+            .unwrap_or(100)
+            .min(100);
         if self.last_pct.swap(pct, Ordering::Relaxed) != pct {
             eprint!("\r\x1b[Kconvert: {} {pct:>3}%", self.label);
             let _ = std::io::stderr().flush();

@@ -135,7 +135,9 @@ impl<R: Read> TarStream<R> {
             }
             if block.iter().all(|b| *b == 0) {
                 if !raw.is_empty() {
-                    return Err(TarError::Malformed("end marker after a PAX/long-name record".into()));
+                    return Err(TarError::Malformed(
+                        "end marker after a PAX/long-name record".into(),
+                    ));
                 }
                 return Ok(Item::End(block.to_vec()));
             }
@@ -204,12 +206,22 @@ impl<R: Read> TarStream<R> {
             .or_else(|| h.link_name_bytes().map(|c| c.into_owned()))
             .map(text)
             .unwrap_or_default();
-        let link = if flag == b'1' { clean(&raw_link)? } else { raw_link };
+        let link = if flag == b'1' {
+            clean(&raw_link)?
+        } else {
+            raw_link
+        };
         if flag == b'S' {
-            return Err(TarError::Unsupported { name, what: "a GNU sparse file" });
+            return Err(TarError::Unsupported {
+                name,
+                what: "a GNU sparse file",
+            });
         }
         if rec("GNU.sparse.major").is_some() || rec("GNU.sparse.size").is_some() {
-            return Err(TarError::Unsupported { name, what: "a PAX sparse file" });
+            return Err(TarError::Unsupported {
+                name,
+                what: "a PAX sparse file",
+            });
         }
         let size = match rec("size") {
             Some(v) => text(v)

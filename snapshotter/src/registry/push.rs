@@ -26,7 +26,10 @@ pub const UPLOAD_PIECE: usize = 16 << 20;
 impl Registry {
     fn push_host(&self, reference: &Reference) -> Result<std::sync::Arc<Host>, RegistryError> {
         let hosts = self.hosts_for(reference, Capability::Resolve)?;
-        Ok(hosts.last().expect("hosts_for never returns an empty list").clone())
+        Ok(hosts
+            .last()
+            .expect("hosts_for never returns an empty list")
+            .clone())
     }
 
     fn push_site(&self, host: &Host, reference: &Reference, object: &str) -> Site {
@@ -56,7 +59,15 @@ impl Registry {
         loop {
             let url = self.push_url(host, target);
             let resp = match self
-                .push_once(host, site, &method, &url, &headers, body.clone(), auth.as_deref())
+                .push_once(
+                    host,
+                    site,
+                    &method,
+                    &url,
+                    &headers,
+                    body.clone(),
+                    auth.as_deref(),
+                )
                 .await
             {
                 Err(RegistryError::Transport { .. })
@@ -98,9 +109,13 @@ impl Registry {
         if target.starts_with("http://") || target.starts_with("https://") {
             return target.to_string();
         }
-        let plain = host.spec.http_fallback
-            && host.plain_http.load(std::sync::atomic::Ordering::Relaxed);
-        let scheme = if plain { "http" } else { host.spec.scheme.as_str() };
+        let plain =
+            host.spec.http_fallback && host.plain_http.load(std::sync::atomic::Ordering::Relaxed);
+        let scheme = if plain {
+            "http"
+        } else {
+            host.spec.scheme.as_str()
+        };
         format!("{scheme}://{}{target}", host.spec.host)
     }
 
@@ -185,7 +200,14 @@ impl Registry {
         let timeout = self.inner.cfg.request_timeout;
         let start = format!("{}/{}/blobs/uploads/", host.spec.path, reference.repository);
         let resp = self
-            .push_send(&host, &site, Method::POST, &start, HeaderMap::new(), Some(Bytes::new()))
+            .push_send(
+                &host,
+                &site,
+                Method::POST,
+                &start,
+                HeaderMap::new(),
+                Some(Bytes::new()),
+            )
             .await?;
         if resp.status() != StatusCode::ACCEPTED {
             return Err(status_error(resp, &site, timeout).await);
@@ -222,7 +244,14 @@ impl Registry {
         let mut headers = HeaderMap::new();
         headers.insert("content-type", hv("application/octet-stream"));
         let resp = self
-            .push_send(&host, &site, Method::PUT, &done, headers, Some(Bytes::new()))
+            .push_send(
+                &host,
+                &site,
+                Method::PUT,
+                &done,
+                headers,
+                Some(Bytes::new()),
+            )
             .await?;
         if resp.status() != StatusCode::CREATED {
             return Err(status_error(resp, &site, timeout).await);

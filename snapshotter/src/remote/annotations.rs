@@ -28,7 +28,9 @@ mod tests {
     use crate::remote::layers::{detect, LABEL_CRI_IMAGE_REF, LABEL_TARGET, LABEL_TOC_DIGEST};
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]

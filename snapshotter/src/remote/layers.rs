@@ -119,6 +119,17 @@ pub struct LayerStatus {
     pub read_errors: u64,
 }
 
+/// The first reads recorded on one mounted layer.
+#[derive(Clone, Debug)]
+pub struct LayerFirstReads {
+    /// Layer digest.
+    pub layer_digest: String,
+    /// Where it is fetched from.
+    pub image_ref: String,
+    /// (milliseconds after mount, path), in first-read order.
+    pub reads: Vec<(u32, String)>,
+}
+
 /// A resolved layer, ready to mount.
 pub struct Resolved {
     toc: Arc<Toc>,
@@ -351,7 +362,10 @@ impl RemoteLayers {
                 .await
                 .is_ok()
         });
-        info!(ms = started.elapsed().as_millis() as u64, done, "waited for startup prefetches");
+        info!(
+            ms = started.elapsed().as_millis() as u64,
+            done, "waited for startup prefetches"
+        );
     }
 
     /// Starts only the background fetch of snapshot `id` (if enabled),
@@ -419,9 +433,8 @@ impl RemoteLayers {
         out
     }
 
-    /// First reads recorded on every mounted layer: (layer digest, image
-    /// reference, [(ms after mount, path)]).
-    pub fn first_reads(&self) -> Vec<(String, String, Vec<(u32, String)>)> {
+    /// First reads recorded on every mounted layer.
+    pub fn first_reads(&self) -> Vec<LayerFirstReads> {
         let readers: Vec<(RemoteRef, Arc<LayerReader>)> = self
             .mounted
             .lock()
@@ -439,7 +452,11 @@ impl RemoteLayers {
                     .into_iter()
                     .filter_map(|(ms, id)| Some((ms, toc.entries.get(id as usize)?.name.clone())))
                     .collect();
-                (r.layer_digest, r.image_ref, reads)
+                LayerFirstReads {
+                    layer_digest: r.layer_digest,
+                    image_ref: r.image_ref,
+                    reads,
+                }
             })
             .collect()
     }

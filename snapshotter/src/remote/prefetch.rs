@@ -28,7 +28,11 @@ pub struct Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.set.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+        self.set
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
     }
 }
 
@@ -36,7 +40,10 @@ impl InFlight {
     /// Notes that snapshot `id` is prefetching until the guard drops.
     pub fn begin(self: &Arc<Self>, id: u64) -> Running {
         let (tx, rx) = watch::channel(false);
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).insert(id, rx);
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, rx);
         Running {
             set: self.clone(),
             id,
