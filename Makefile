@@ -8,7 +8,9 @@
 #   make e2e          real containerd + registry + images, Shoal vs overlayfs,
 #                     lazy pulls of eStargz/zstd:chunked images, shoal pull,
 #                     faults injected by a proxy in front of the registry,
-#                     lazy layers surviving daemon restarts
+#                     lazy layers surviving daemon restarts, the chunk cache,
+#                     shoal convert round trips and any-client lazy pulls,
+#                     startup profiles (python3 image)
 #   make bench        lazy-pull benchmark: Debian+python3 over a 100 Mbit/s link
 #                     (BENCH_ARGS="--rate 1gbit --runs 3" passes options)
 #   make bench-read   read throughput through FUSE vs an unpacked layer
@@ -47,6 +49,8 @@ e2e: build
 	tests/e2e/faults.sh --no-build
 	tests/e2e/restart.sh --no-build
 	tests/e2e/cache.sh --no-build
+	tests/e2e/convert.sh --no-build
+	tests/e2e/profile.sh --no-build
 
 test: deps build
 	$(CARGO) test --workspace --release
@@ -58,6 +62,8 @@ test: deps build
 	tests/e2e/restart.sh --no-build
 	tests/systemd/verify.sh $(SNAPSHOTTER)
 	tests/e2e/cache.sh --no-build
+	tests/e2e/convert.sh --no-build
+	tests/e2e/profile.sh --no-build
 
 demo:
 	scripts/demo.sh

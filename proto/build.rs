@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "vendor/github.com/containerd/containerd/api/services/snapshots/v1/snapshots.proto",
                 "shoal/v1/status.proto",
                 "shoal/v1/cache.proto",
+                "shoal/v1/profile.proto",
             ],
             &["vendor", "."],
         )?;

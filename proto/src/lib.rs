@@ -9,6 +9,8 @@
 //!   served on the daemon's socket beside the snapshots API.
 //! - [`cache`]: Shoal's chunk cache API (`shoal/v1/cache.proto`): GC, pins,
 //!   usage. Same protobuf package as `status`.
+//! - [`profile`]: recorded first reads, for startup profiles
+//!   (`shoal/v1/profile.proto`; same package as `status`).
 //!
 //! The `.proto` sources are vendored under `vendor/`; `vendor/README.md` says
 //! where each came from. Modules mirror the protobuf packages so that the
@@ -45,3 +47,4 @@ pub use containerd::types;
 pub use prost_types;
 pub use shoal::v1 as status;
 pub use shoal::v1 as cache;
+pub use shoal::v1 as profile;

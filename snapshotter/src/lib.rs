@@ -9,6 +9,8 @@
 //! - [`remote`]: lazily pulled layers: TOCs, chunk store, fetching.
 //! - [`pull`]: `shoal pull`: an image into containerd through the
 //!   snapshotter, with the labels for lazy layers.
+//! - [`convert`]: `shoal convert`: images rewritten into Shoal's lazily
+//!   mountable `tar+zstd` format.
 //! - [`filter`]: containerd's filter expressions, for List.
 //! - [`usage`]: disk usage as containerd counts it.
 //! - [`grpc`]: the `containerd.services.snapshots.v1.Snapshots` service.
@@ -17,6 +19,7 @@
 //! - [`cache_cli`]: `shoal gc`, `pin`, `unpin` and the cache part of `shoal status`.
 //! - [`cache_service`]: Shoal's chunk cache service (GC, pins, usage).
 //! - [`metrics`]: the Prometheus `/metrics` endpoint.
+//! - [`profile_service`]: recorded first reads (startup profiles) over gRPC.
 //! - [`client`]: a client for the daemon's socket (CLI, tests).
 //! - [`error`]: the error type and its mapping onto gRPC codes.
 //!
@@ -27,6 +30,7 @@ pub mod cache_cli;
 pub mod cache_service;
 pub mod client;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod filter;
 pub mod grpc;
@@ -34,6 +38,7 @@ pub mod handover;
 pub mod metadata;
 pub mod metrics;
 pub mod overlay;
+pub mod profile_service;
 pub mod pull;
 pub mod registry;
 pub mod remote;

@@ -190,6 +190,15 @@ impl Snapshotter {
                 return Err(Error::AlreadyExists(format!("target snapshot {target:?}")));
             }
         }
+        // A container's rootfs (not a layer unpack): its layers' startup
+        // sets, fetched in parallel since their Prepares, come first.
+        if let (Some(remote), Some(_), false) = (
+            &self.remote,
+            parent,
+            labels.contains_key(crate::remote::layers::LABEL_TARGET),
+        ) {
+            remote.wait_for_prefetch();
+        }
         let snap = self
             .store
             .create(kind, key, parent, labels, |snap| self.make_dirs(snap))?;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use shoal_proto::cache::cache_server::CacheServer;
+use shoal_proto::profile::profiles_server::ProfilesServer;
 use shoal_proto::snapshots::snapshots_server::SnapshotsServer;
 use shoal_proto::status::status_server::StatusServer;
 use tokio::net::UnixListener;
@@ -76,7 +77,10 @@ pub async fn serve(
     let result = tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(Service::new(sn.clone())))
         .add_service(StatusServer::new(StatusService::new(sn.clone())))
-        .add_service(CacheServer::new(CacheService::new(sn)))
+        .add_service(CacheServer::new(CacheService::new(sn.clone())))
+        .add_service(ProfilesServer::new(
+            crate::profile_service::ProfileService::new(sn),
+        ))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .context("gRPC server");

@@ -9,6 +9,10 @@
 #   shoal      ctr-remote image rpull --plain-http --snapshotter shoal ESGZ_REF
 #              (the same image converted with ctr-remote image convert
 #              --estargz --oci), then ctr run --rm --snapshotter shoal ...
+#   shoal-profile  Shoal on its own format with a recorded startup profile:
+#              `shoal optimize` (convert, run the workload once, record,
+#              convert with the profile) makes PROF_REF before the link is
+#              shaped; measured like shoal, on a fresh Shoal root
 #   stargz     the same with stargz-snapshotter 0.12 ("the alternative"):
 #              Debian ships its library and ctr-remote but not its daemon, so
 #              tests/bench/stargz-grpc/main.go wires the library to a socket
@@ -33,9 +37,12 @@
 #   --rate RATE     link rate, tc syntax (default 100mbit)
 #   --burst SIZE    tbf burst, tc syntax (default: 10 ms worth of RATE, >=32kb)
 #   --runs N        measure each snapshotter N times, report the median (default 1)
-#   --only LIST     comma-separated subset of overlayfs,shoal,stargz
+#   --only LIST     comma-separated subset of overlayfs,shoal,shoal-profile,stargz
 #                   (default: all three; stargz only where it can be built)
 #   --no-stargz     don't measure stargz-snapshotter
+#   --workload W    hello (default): python3 -c "print('hello')";
+#                   imports: python3 importing every stdlib module it can
+#                   (pkgutil.walk_packages, ~545 modules), then printing hello
 #   --shoal-no-background-fetch
 #                   run Shoal with [remote] background_fetch = false (what
 #                   the startup costs without the background fetch competing
@@ -76,6 +83,7 @@ build=1
 drop_caches=0
 stargz=1
 shoal_bg=true
+workload=hello
 while [ $# -gt 0 ]; do
   case $1 in
     --rate) rate=${2:?--rate needs a value}; shift ;;
@@ -89,6 +97,8 @@ while [ $# -gt 0 ]; do
     --no-build) build=0 ;;
     --drop-caches) drop_caches=1 ;;
     --no-stargz) stargz=0 ;;
+    --workload) workload=${2:?--workload needs a value}; shift ;;
+    --workload=*) workload=${1#*=} ;;
     --shoal-no-background-fetch) shoal_bg=false ;;
     --keep) export E2E_KEEP=1 ;;
     -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
@@ -96,11 +106,11 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-want=(overlayfs shoal stargz)
+want=(overlayfs shoal shoal-profile stargz)
 if [ -n "$only" ]; then
   IFS=, read -r -a want <<<"$only"
   for w in "${want[@]}"; do
-    case $w in overlayfs | shoal | stargz) ;; *) echo "lazy-pull.sh: --only takes overlayfs,shoal,stargz" >&2; exit 2 ;; esac
+    case $w in overlayfs | shoal | shoal-profile | stargz) ;; *) echo "lazy-pull.sh: --only takes overlayfs,shoal,shoal-profile,stargz" >&2; exit 2 ;; esac
   done
 fi
 wants() { local w; for w in "${want[@]}"; do [ "$w" = "$1" ] && return 0; done; return 1; }
@@ -114,7 +124,22 @@ ROOTFS=$CACHE/rootfs-$SUITE-python3
 OCI=$CACHE/oci
 TAG=python3           # the gzip image in $OCI
 ESGZ_TAG=python3-esgz # its eStargz conversion in $OCI
-HELLO_CMD=(python3 -c "print('hello')")
+IMPORTS_PY='import importlib, pkgutil, warnings
+warnings.simplefilter("ignore")
+skip = {"antigravity", "this", "__main__", "idlelib", "tkinter", "turtle", "turtledemo", "test", "ensurepip", "venv", "pydoc_data"}
+for m in pkgutil.walk_packages(onerror=lambda name: None):
+    if m.name.split(".")[0] in skip:
+        continue
+    try:
+        importlib.import_module(m.name)
+    except BaseException:
+        pass
+print("hello")'
+case $workload in
+  hello) HELLO_CMD=(python3 -c "print('hello')") ;;
+  imports) HELLO_CMD=(python3 -c "$IMPORTS_PY") ;;
+  *) echo "lazy-pull.sh: --workload takes hello or imports" >&2; exit 2 ;;
+esac
 STARGZ_BIN=$CACHE/stargz-grpc
 
 # Quiet e2e lib: our own messages say what failed.
@@ -501,6 +526,25 @@ push_images() {
     die "the eStargz image has no containerd.io/snapshot/stargz/toc.digest annotation"
 }
 
+# make_profile_image: PROF_REF, Shoal's format with a startup profile recorded
+# by running HELLO_CMD once (shoal optimize, on a throwaway Shoal root);
+# PROF_STARTUP_BYTES: its compressed startup set.
+make_profile_image() {
+  PROF_REF=$REGISTRY/bench/debian-python3:shoal
+  say "shoal optimize: converting, running ${HELLO_CMD[*]} once, converting with the profile"
+  restart_shoal
+  local out start=$SECONDS
+  out=$("$repo/target/release/shoal" optimize -q --json --force --hosts-dir "$CERTS_D" \
+    --address "$E2E_DIR/shoal.sock" --containerd-address "$E2E_DIR/containerd.sock" \
+    --namespace "$E2E_NS" --work-dir "$E2E_DIR" "oci:$OCI:$TAG" "$PROF_REF" -- "${HELLO_CMD[@]}") ||
+    die "shoal optimize failed"
+  PROF_STARTUP_BYTES=$(jq '[.manifests[].layers[].startup_bytes] | add' <<<"$out")
+  PROF_LAYER_BYTES=$(jq '[.manifests[].layers[].size] | add' <<<"$out")
+  say "profile image in $((SECONDS - start))s: startup set $(jq '[.manifests[].layers[].startup_files] | add' <<<"$out") files, $(mb "$PROF_STARTUP_BYTES") of a $(mb "$PROF_LAYER_BYTES") layer"
+  reset_caches
+  e2e_stop_pid shoal
+}
+
 # image_sizes: IMAGE_BYTES (uncompressed), LAYER_BYTES (gzip), ESGZ_LAYER_BYTES.
 image_sizes() {
   LAYER_BYTES=$(manifest_of "$TAG" | jq '[.layers[].size] | add')
@@ -532,7 +576,7 @@ http_bytes() {
 # line is stamped into MARKS as "EPOCHREALTIME TX_BYTES LOG_LINES".
 run_hello() {
   local name=$1 ref=$2 marks=$3 run_args=()
-  [ "$name" = overlayfs ] || run_args=(--snapshotter "$name")
+  [ "$name" = overlayfs ] || run_args=(--snapshotter "${name%-profile}")
   : >"$marks"
   if ! e2e_ctr run --rm "${run_args[@]}" "$ref" "bench-$name-$RANDOM" "${HELLO_CMD[@]}" 2>>"$E2E_DIR/logs/$name-run.log" |
     while IFS= read -r line; do
@@ -570,8 +614,8 @@ wait_link_idle() {
 measure() {
   local name=$1
   shift
-  local ref=$REF
-  [ "$name" = overlayfs ] || ref=$ESGZ_REF
+  local ref=$ESGZ_REF
+  case $name in overlayfs) ref=$REF ;; shoal-profile) ref=$PROF_REF ;; esac
   local marks=$E2E_DIR/$name.marks
   local tx0 log0 t0 t1
   wait_link_idle
@@ -654,6 +698,7 @@ write_hosts_config
 # snapshotter starts (fresh) before each of its measurements.
 start_containerd
 push_images
+wants shoal-profile && make_profile_image
 image_sizes
 say "image: $(mb "$IMAGE_BYTES") uncompressed; gzip layer $(mb "$LAYER_BYTES"); eStargz layer $(mb "$ESGZ_LAYER_BYTES")"
 reset_caches
@@ -678,6 +723,16 @@ for i in $(seq 1 "$runs"); do
           "$repo/target/release/shoal" status --address "$E2E_DIR/shoal.sock" 2>&1 | sed 's/^/  shoal status: /' >&2 || true
         fi
         # Its background fetch must not eat the next measurement's link.
+        reset_caches
+        e2e_stop_pid shoal
+        ;;
+      shoal-profile)
+        restart_shoal
+        if ! measure shoal-profile ctr_remote image rpull --plain-http --hosts-dir "$CERTS_D" --snapshotter shoal; then
+          e2e_tail_log shoal 40
+          die "shoal-profile measurement failed (logs in $E2E_DIR/logs; rerun with --keep to keep them)"
+        fi
+        "$repo/target/release/shoal" status --address "$E2E_DIR/shoal.sock" 2>&1 | sed 's/^/  shoal status: /' >&2 || true
         reset_caches
         e2e_stop_pid shoal
         ;;
@@ -720,17 +775,17 @@ if has stargz; then
   has overlayfs && line+=" stargz_ratio=$(div "${med[stargz]}" "${med[overlayfs]}")"
   line+=" stargz_bytes=${med[stargz_bytes]}"
 fi
-for sn in "${snapshotters[@]}"; do line+=" ${sn}_http_bytes=${med[${sn}_http]}"; done
-for sn in "${snapshotters[@]}"; do line+=" ${sn}_warm=${med[${sn}_warm]}s"; done
+for sn in "${snapshotters[@]}"; do line+=" ${sn//-/_}_http_bytes=${med[${sn}_http]}"; done
+for sn in "${snapshotters[@]}"; do line+=" ${sn//-/_}_warm=${med[${sn}_warm]}s"; done
 has shoal && line+=" shoal_background_fetch=$shoal_bg"
-line+=" image_bytes=$IMAGE_BYTES layer_bytes=$LAYER_BYTES esgz_layer_bytes=$ESGZ_LAYER_BYTES runs=$runs"
+line+=" workload=$workload image_bytes=$IMAGE_BYTES layer_bytes=$LAYER_BYTES esgz_layer_bytes=$ESGZ_LAYER_BYTES runs=$runs"
 
 echo
 printf 'Debian %s + python3: %s uncompressed, one gzip layer of %s (eStargz: %s)\n' \
   "$SUITE" "$(mb "$IMAGE_BYTES")" "$(mb "$LAYER_BYTES")" "$(mb "$ESGZ_LAYER_BYTES")"
-printf 'link: tbf %s; timed from pull start to the first "hello"; median of %s run(s)\n' "$rate" "$runs"
+printf 'workload %s; link: tbf %s; timed from pull start to the first "hello"; median of %s run(s)\n' "$workload" "$rate" "$runs"
 for sn in "${snapshotters[@]}"; do
-  printf '  %-10s %7ss   registry sent %s on the wire, %s of HTTP bodies   warm run %ss   (runs:%s)\n' \
+  printf '  %-14s %7ss   registry sent %s on the wire, %s of HTTP bodies   warm run %ss   (runs:%s)\n' \
     "$sn" "${med[$sn]}" "$(mb "${med[${sn}_bytes]}")" "$(mb "${med[${sn}_http]}")" "${med[${sn}_warm]}" "${times[$sn]}"
 done
 if has overlayfs; then
@@ -738,4 +793,17 @@ if has overlayfs; then
   has stargz && printf '  stargz/overlayfs = %s\n' "$(div "${med[stargz]}" "${med[overlayfs]}")"
 fi
 has shoal && has stargz && printf '  shoal/stargz = %s\n' "$(div "${med[shoal]}" "${med[stargz]}")"
+if has shoal-profile; then
+  has overlayfs && printf '  shoal-profile/overlayfs = %s\n' "$(div "${med[shoal-profile]}" "${med[overlayfs]}")"
+  has shoal && printf '  shoal-profile/shoal = %s\n' "$(div "${med[shoal-profile]}" "${med[shoal]}")"
+  # Transfer floor: the startup set over the link, plus the container start
+  # overlayfs shows with the image local.
+  if has overlayfs; then
+    floor=$(awk -v b="$PROF_STARTUP_BYTES" -v r="$(rate_bits "$rate")" -v w="${med[overlayfs_warm]}" 'BEGIN { printf "%.2f", b * 8 / r + w }')
+    printf '  transfer floor %ss (startup set %s at %s + overlayfs warm start %ss); shoal-profile/floor = %s\n' \
+      "$floor" "$(mb "$PROF_STARTUP_BYTES")" "$rate" "${med[overlayfs_warm]}" "$(div "${med[shoal-profile]}" "$floor")"
+    line+=" floor=${floor}s"
+  fi
+  line+=" shoal_profile=${med[shoal-profile]}s shoal_profile_bytes=${med[shoal-profile_bytes]} startup_bytes=$PROF_STARTUP_BYTES"
+fi
 echo "$line"

@@ -114,6 +114,16 @@ credentials, as the daemon uses them."
         /// Image reference, e.g. 127.0.0.1:5000/app:1.
         reference: String,
     },
+    /// Convert an image into Shoal's format: tar+zstd layers that any
+    /// runtime can pull and that Shoal mounts lazily (docs/format.md).
+    Convert(shoal::convert::cli::ConvertArgs),
+    /// Convert an image, run it once through containerd and Shoal while the
+    /// daemon records what it reads, and convert it again with that startup
+    /// profile (docs/format.md).
+    Optimize(shoal::convert::optimize::OptimizeArgs),
+    /// Startup profiles recorded by the daemon (docs/format.md).
+    #[command(subcommand)]
+    Profile(shoal::convert::profile_cli::ProfileCommand),
 }
 
 fn main() -> ExitCode {
@@ -131,6 +141,9 @@ fn main() -> ExitCode {
         } => shoal::cache_cli::gc(&daemon.address, dry_run, json),
         Command::Pin { daemon, target } => shoal::cache_cli::pin(&daemon.address, &target, false),
         Command::Unpin { daemon, target } => shoal::cache_cli::pin(&daemon.address, &target, true),
+        Command::Convert(args) => shoal::convert::cli::run(args),
+        Command::Profile(cmd) => shoal::convert::profile_cli::run(cmd),
+        Command::Optimize(args) => shoal::convert::optimize::run(args),
         Command::Pull {
             containerd,
             snapshotter,

@@ -9,6 +9,7 @@
 //! - `fetch`: the request loop (failover, retries, redirects, timeouts,
 //!   Range checks).
 //! - `body`: reading responses (lengths, ranges, chunk timeouts).
+//! - `push`: blob uploads and manifest PUTs (`shoal convert`).
 //! - [`error`]: the error type, [`RegistryError`].
 //!
 //! # Behaviour
@@ -48,6 +49,7 @@ mod body;
 pub mod error;
 mod fetch;
 pub mod hosts;
+mod push;
 pub mod reference;
 
 use std::collections::HashMap;
@@ -61,6 +63,7 @@ pub use fetch::{
     backoff, BACKOFF_BASE, BACKOFF_MAX, MANIFEST_ACCEPT, MAX_REDIRECTS, MAX_RETRY_AFTER,
 };
 pub use hosts::{Capability, HostSpec};
+pub use push::UPLOAD_PIECE;
 pub use reference::Reference;
 
 /// Default [`RegistryConfig::config_path`].

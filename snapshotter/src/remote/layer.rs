@@ -101,6 +101,8 @@ pub struct LayerReader {
     stopped: AtomicBool,
     /// Counters.
     pub served: Arc<ServedStats>,
+    /// First reads of files, for the startup profile.
+    pub recorder: super::recorder::Recorder,
 }
 
 impl LayerReader {
@@ -114,12 +116,16 @@ impl LayerReader {
     ) -> LayerReader {
         LayerReader {
             layer,
-            toc,
             fetcher,
             source,
             rt,
             stopped: AtomicBool::new(false),
             served: Arc::default(),
+            recorder: super::recorder::Recorder::new(
+                toc.entries.len(),
+                super::recorder::DEFAULT_PROFILE_WINDOW,
+            ),
+            toc,
         }
     }
 
@@ -244,6 +250,7 @@ fn assemble(chunks: &[Chunk], bufs: &[Bytes], offset: u64, end: u64) -> Vec<u8> 
 
 impl ChunkSource for LayerReader {
     fn read(&self, data_id: u64, file_size: u64, offset: u64, size: u32, reply: ReadReply) {
+        self.recorder.touch(data_id);
         if let (Some(f), true) = (&self.toc.toc_file, data_id == self.toc.entries.len() as u64) {
             let end = offset
                 .saturating_add(u64::from(size))

@@ -99,6 +99,7 @@ pub struct RemoteLayers {
     fd_store: Option<crate::handover::FdStore>,
     /// Fds taken back from the store at start, not yet resumed or dropped.
     kept: Mutex<HashMap<String, std::os::fd::OwnedFd>>,
+    inflight: Arc<super::prefetch::InFlight>,
     /// Counters.
     pub stats: RemoteStats,
 }
@@ -141,6 +142,17 @@ pub struct LayerStatus {
     pub pinned: bool,
 }
 
+/// The first reads recorded on one mounted layer.
+#[derive(Clone, Debug)]
+pub struct LayerFirstReads {
+    /// Layer digest.
+    pub layer_digest: String,
+    /// Where it is fetched from.
+    pub image_ref: String,
+    /// (milliseconds after mount, path), in first-read order.
+    pub reads: Vec<(u32, String)>,
+}
+
 /// A resolved layer, ready to mount.
 pub struct Resolved {
     toc: Arc<Toc>,
@@ -151,18 +163,24 @@ pub struct Resolved {
 /// Finds a lazily mountable layer in Prepare labels: the target chain ID and
 /// where to fetch from. `None` means "not remote": a normal Prepare.
 ///
-/// The image reference and layer digest come from the CRI labels or from the
-/// labels older `ctr-remote` versions set; without either, the layer is not
-/// remote (containerd pulls it normally).
+/// The image reference and layer digest come from the CRI labels, from the
+/// labels older `ctr-remote` versions set, or from the annotations `shoal
+/// convert` writes (which any client passes on, see [`super::annotations`]);
+/// without any, the layer is not remote (containerd pulls it normally).
 pub fn detect(labels: &BTreeMap<String, String>) -> Option<(String, RemoteRef)> {
     let get = |k: &str| labels.get(k).filter(|v| !v.is_empty()).cloned();
     let target = get(LABEL_TARGET)?;
     let toc_digest = get(LABEL_TOC_DIGEST)?;
+    let shoal = super::annotations::shoal_source(labels);
     Some((
         target,
         RemoteRef {
-            image_ref: get(LABEL_CRI_IMAGE_REF).or_else(|| get(LABEL_STARGZ_REFERENCE))?,
-            layer_digest: get(LABEL_CRI_LAYER_DIGEST).or_else(|| get(LABEL_STARGZ_DIGEST))?,
+            image_ref: get(LABEL_CRI_IMAGE_REF)
+                .or_else(|| get(LABEL_STARGZ_REFERENCE))
+                .or(shoal.0)?,
+            layer_digest: get(LABEL_CRI_LAYER_DIGEST)
+                .or_else(|| get(LABEL_STARGZ_DIGEST))
+                .or(shoal.1)?,
             toc_digest,
         },
     ))
@@ -193,6 +211,7 @@ impl RemoteLayers {
             mounted: Mutex::new(HashMap::new()),
             fd_store: None,
             kept: Mutex::new(HashMap::new()),
+            inflight: Arc::default(),
             stats: RemoteStats::default(),
         })
     }
@@ -339,8 +358,10 @@ impl RemoteLayers {
         Ok(())
     }
 
-    /// Waits (bounded) for the prefetch set of snapshot `id`, then starts the
-    /// background fetch of the rest. Blocking.
+    /// Starts fetching the prefetch set of snapshot `id` in a task, then the
+    /// background fetch of the rest; returns at once. The startup sets of
+    /// all layers thus download in parallel; [`RemoteLayers::wait_for_prefetch`]
+    /// (the container's Prepare) waits for them.
     pub fn start_fetching(&self, id: u64) {
         let Some(reader) = self
             .mounted
@@ -352,29 +373,48 @@ impl RemoteLayers {
             return;
         };
         let chunks = reader.prefetch_chunks();
-        if !chunks.is_empty() {
-            let n = chunks.len();
-            let started = std::time::Instant::now();
-            let r = self.rt.block_on(async {
-                tokio::time::timeout(
-                    self.cfg.prefetch_timeout,
-                    reader.fetch_all(chunks, 4, false),
-                )
-                .await
-            });
-            match r {
-                Ok(Ok(())) => info!(layer = %reader.layer, chunks = n,
-                    ms = started.elapsed().as_millis() as u64, "prefetch set fetched"),
-                Ok(Err(e)) => {
-                    warn!(layer = %reader.layer, error = %e, "prefetch failed; continuing lazily")
+        // Registered before the task runs, so a container Prepare right
+        // after this one waits for it.
+        let running = (!chunks.is_empty()).then(|| self.inflight.begin(id));
+        let cfg = self.cfg.clone();
+        self.rt.spawn(async move {
+            if let Some(_running) = running {
+                let n = chunks.len();
+                let started = std::time::Instant::now();
+                let r = tokio::time::timeout(cfg.prefetch_timeout, reader.fetch_all(chunks, 4, false))
+                    .await;
+                match r {
+                    Ok(Ok(())) => info!(layer = %reader.layer, chunks = n,
+                        ms = started.elapsed().as_millis() as u64, "prefetch set fetched"),
+                    Ok(Err(e)) => {
+                        warn!(layer = %reader.layer, error = %e, "prefetch failed; continuing lazily")
+                    }
+                    Err(_) => warn!(layer = %reader.layer, timeout = ?cfg.prefetch_timeout,
+                        "prefetch did not finish in time; continuing lazily"),
                 }
-                Err(_) => warn!(layer = %reader.layer, timeout = ?self.cfg.prefetch_timeout,
-                    "prefetch did not finish in time; continuing lazily"),
             }
+            if cfg.background_fetch {
+                reader.spawn_background(cfg.background_delay);
+            }
+        });
+    }
+
+    /// Waits, at most `remote.prefetch_timeout_secs`, until every startup
+    /// prefetch in flight has ended. Blocking: call from a blocking thread.
+    pub fn wait_for_prefetch(&self) {
+        if self.inflight.is_empty() {
+            return;
         }
-        if self.cfg.background_fetch {
-            reader.spawn_background(self.cfg.background_delay);
-        }
+        let started = std::time::Instant::now();
+        let done = self.rt.block_on(async {
+            tokio::time::timeout(self.cfg.prefetch_timeout, self.inflight.wait_all())
+                .await
+                .is_ok()
+        });
+        info!(
+            ms = started.elapsed().as_millis() as u64,
+            done, "waited for startup prefetches"
+        );
     }
 
     /// Starts only the background fetch of snapshot `id` (if enabled),
@@ -471,6 +511,34 @@ impl RemoteLayers {
             .collect();
         out.sort_by_key(|l| l.id);
         out
+    }
+
+    /// First reads recorded on every mounted layer.
+    pub fn first_reads(&self) -> Vec<LayerFirstReads> {
+        let readers: Vec<(RemoteRef, Arc<LayerReader>)> = self
+            .mounted
+            .lock()
+            .unwrap()
+            .values()
+            .map(|m| (m.remote.clone(), m.reader.clone()))
+            .collect();
+        readers
+            .into_iter()
+            .map(|(r, reader)| {
+                let toc = reader.toc();
+                let reads = reader
+                    .recorder
+                    .first_reads()
+                    .into_iter()
+                    .filter_map(|(ms, id)| Some((ms, toc.entries.get(id as usize)?.name.clone())))
+                    .collect();
+                LayerFirstReads {
+                    layer_digest: r.layer_digest,
+                    image_ref: r.image_ref,
+                    reads,
+                }
+            })
+            .collect()
     }
 
     /// The fetcher (for its counters and store).

@@ -8,8 +8,13 @@
 //! - [`cache`]: references, pins, probes; runs GC.
 //! - [`gc`]: garbage collection: TTL for unreferenced chunks, then LRU.
 //! - [`clock`]: wall-clock time, injectable for tests.
+//! - [`annotations`]: Shoal's own layer annotations (`shoal convert`), which
+//!   every containerd client passes to Prepare.
 //! - [`layers`]: detection in Prepare labels, TOC resolution, mounts,
 //!   prefetch and background fetch.
+//! - [`prefetch`]: startup prefetches in flight, awaited by the container's
+//!   Prepare.
+//! - [`recorder`]: startup profiles: first reads of a layer's files.
 //! - [`registry_blobs`]: layer blobs from registries.
 //! - [`layer`]: a mounted layer: FUSE reads → store or fetch.
 //! - [`fetch`]: merged Range fetches, decompression, verification, single
@@ -17,11 +22,14 @@
 
 pub mod cache;
 pub mod clock;
+pub mod annotations;
 pub mod fetch;
 pub mod gc;
 pub mod index;
 pub mod layer;
 pub mod layers;
+pub mod prefetch;
+pub mod recorder;
 pub mod registry_blobs;
 pub mod store;
 pub mod toc;

@@ -215,6 +215,14 @@ pub struct RawEntry {
 struct Jtoc {
     #[serde(default)]
     entries: Vec<RawEntry>,
+    /// Shoal's startup-set mark (`shoal convert --profile`, docs/format.md).
+    #[serde(default)]
+    startup: Option<StartupMark>,
+}
+
+#[derive(Deserialize)]
+struct StartupMark {
+    end: u64,
 }
 
 /// One verified-to-be-consistent chunk of a regular file.
@@ -241,7 +249,7 @@ pub struct Toc {
     /// order, covering `[0, size)` exactly. Empty for other entries.
     pub files: Vec<Vec<Chunk>>,
     /// Blob offset below which entries belong to the prefetch set, from the
-    /// `.prefetch.landmark`; `None` without a landmark.
+    /// `.prefetch.landmark` or Shoal's `startup` mark; `None` without either.
     pub prefetch_end: Option<u64>,
     /// Compression.
     pub compression: Compression,
@@ -288,7 +296,11 @@ impl Toc {
         }
         let jtoc: Jtoc =
             serde_json::from_slice(&json).map_err(|e| TocError::Malformed(e.to_string()))?;
+        let startup_end = jtoc.startup.map(|s| s.end);
         let mut toc = build(jtoc.entries, footer)?;
+        // A landmark entry wins; otherwise Shoal's startup mark sets the
+        // prefetch set (it only selects chunks, so any value is harmless).
+        toc.prefetch_end = toc.prefetch_end.or(startup_end);
         toc.toc_file = header.map(|(mode, uid, gid, mtime)| TocFile {
             mode,
             uid,

@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# End-to-end test of startup profiles, with real parts: a Debian bookworm +
+# python3 image (the benchmark's root filesystem, debootstrapped once into
+# $SHOAL_BENCH_CACHE), docker-registry, containerd 1.6, shoal-snapshotter.
+# Needs root. Prints PASS/FAIL lines and ends with `profile: N passed, M failed`.
+#
+#   tests/e2e/profile.sh [--no-build]
+#
+# Checks:
+#   - a python3 script importing a set of stdlib modules runs from the
+#     converted image (lazy, Go client pull, no cri.* labels), and the daemon
+#     records its first reads: `shoal profile show` lists the interpreter and
+#     the modules;
+#   - `shoal convert --profile` lays that startup set first and marks it;
+#   - on a fresh node (new Shoal root: nothing cached), the startup set is
+#     fetched before the container starts: at most 10 Range requests in all,
+#     and the script's reads wait on fetches for at most 5% of the bytes
+#     they waited for without a profile (printed side by side);
+#   - `shoal optimize SRC DST -- CMD` does all of it in one command.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+build=1
+for arg in "$@"; do
+  case $arg in
+    --no-build) build=0 ;;
+    -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "profile.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+# shellcheck source=tests/e2e/lib.sh
+source "$here/lib.sh"
+e2e_checks_begin profile
+[ "$build" = 0 ] || e2e_build
+
+CACHE=${SHOAL_BENCH_CACHE:-/var/cache/shoal-bench}
+ROOTFS=$CACHE/rootfs-bookworm-python3
+if ! [ -f "$CACHE/rootfs.done" ] || ! [ -d "$ROOTFS" ]; then
+  # Same root filesystem as tests/bench/lazy-pull.sh builds (and shares).
+  command -v debootstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+  rm -rf --one-file-system "$ROOTFS.partial"
+  mkdir -p "$CACHE"
+  debootstrap --variant=minbase --include=python3 bookworm "$ROOTFS.partial" \
+    "${SHOAL_BENCH_MIRROR:-http://deb.debian.org/debian}" >/dev/null 2>&1 &&
+    chroot "$ROOTFS.partial" python3 -c pass && mv "$ROOTFS.partial" "$ROOTFS" &&
+    touch "$CACHE/rootfs.done" || { fail "debootstrap bookworm + python3 into $ROOTFS"; summary 1; exit 1; }
+fi
+anyclient=$("$here/anyclient/build.sh" 2>"${TMPDIR:-/tmp}/anyclient-build.log") ||
+  { fail "anyclient: build" "$(tail -n 20 "${TMPDIR:-/tmp}/anyclient-build.log")"; summary 1; exit 1; }
+
+E2E_EXIT_HOOK=summary
+export E2E_SHOAL_CONFIG_TEXT='version = 1
+[remote]
+background_fetch = false'
+e2e_world_start
+cli="$repo/target/release/shoal"
+status_json() { "$cli" status --address "$E2E_DIR/shoal.sock" --json; }
+
+# The workload: python3 importing a set of stdlib modules.
+SCRIPT='import argparse, asyncio, csv, decimal, difflib, email.parser, http.client, json, logging, pydoc, tarfile, unittest, xml.etree.ElementTree, zipfile
+print("imported")'
+
+# The image: the root filesystem as one plain tar layer in an OCI layout.
+layout="$E2E_DIR/py-oci"
+tar -C "$ROOTFS" --numeric-owner -cf "$E2E_DIR/py.tar" .
+python3 - "$layout" "$E2E_DIR/py.tar" <<'PY'
+import hashlib, json, os, shutil, sys
+d, tar = sys.argv[1], sys.argv[2]
+os.makedirs(d + "/blobs/sha256")
+def digest_file(p):
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return "sha256:" + h.hexdigest()
+def put(b):
+    dg = "sha256:" + hashlib.sha256(b).hexdigest()
+    open(f"{d}/blobs/sha256/{dg[7:]}", "wb").write(b)
+    return dg
+ld = digest_file(tar)
+shutil.move(tar, f"{d}/blobs/sha256/{ld[7:]}")
+size = os.path.getsize(f"{d}/blobs/sha256/{ld[7:]}")
+cfg = json.dumps({"architecture": "amd64", "os": "linux",
+                  "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["python3"]},
+                  "rootfs": {"type": "layers", "diff_ids": [ld]}}).encode()
+m = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(cfg), "size": len(cfg)},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": size}]}).encode()
+json.dump({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+           "digest": put(m), "size": len(m), "annotations": {"org.opencontainers.image.ref.name": "py"}}]},
+          open(d + "/index.json", "w"))
+open(d + "/oci-layout", "w").write('{"imageLayoutVersion":"1.0.0"}')
+PY
+conv() { timeout 900 "$cli" convert -q --work-dir "$E2E_DIR" "$@"; }
+if conv "oci:$layout:py" "$E2E_REGISTRY/py:plain" >/dev/null; then
+  pass "python3 image converted without a profile"
+else
+  fail "python3 image: convert"; exit 1
+fi
+
+# Bytes and requests the registry answered for Shoal after line $1 of its log.
+log_mark() { wc -l <"$E2E_DIR/logs/shoal.log"; }
+log_ranges() {
+  tail -n +"$(($1 + 1))" "$E2E_DIR/logs/shoal.log" | grep 'registry request' | grep 'status=206' |
+    sed -n 's/.*bytes=\([0-9]*\)-\([0-9]*\).*/\1 \2/p' | awk '{ s += $2 - $1 + 1; n++ } END { print n + 0, s + 0 }'
+}
+run_id=0
+# pull_and_run REF: Go client pull, then the script. Prepare starts each
+# layer's startup prefetch; the container's Prepare waits for it. Sets
+# RANGES="requests bytes" (Shoal's Range requests during pull and run) and
+# WAITED=bytes the script's reads had to wait for a fetch (status
+# served_after_fetch: reads the startup set did not cover).
+served_after() { status_json | jq '[.layers[].served_after_fetch] | add // 0'; }
+pull_and_run() {
+  local m out try w0
+  m=$(log_mark)
+  w0=$(served_after)
+  # containerd's proxy client may still be in reconnect backoff after a
+  # Shoal restart: UNAVAILABLE is retried.
+  for try in 1 2 3 4 5; do
+    out=$("$anyclient" -address "$E2E_DIR/containerd.sock" -namespace "$E2E_NS" "$1" 2>&1) && break
+    grep -q unavailable <<<"$out" || break
+    sleep 1
+  done
+  [ -n "$out" ] && jq -e .image <<<"$out" >/dev/null 2>&1 || { fail "$1: pull" "$out"; return 1; }
+  run_id=$((run_id + 1))
+  out=$(E2E_CTR_TIMEOUT=300 e2e_ctr run --rm --snapshotter shoal "$1" "prof-$run_id" python3 -c "$SCRIPT" 2>&1) || true
+  RANGES=$(log_ranges "$m")
+  WAITED=$(($(served_after) - w0))
+  [ "$out" = imported ] || { fail "$1: script output" "$out"; return 1; }
+}
+
+ref="$E2E_REGISTRY/py:plain"
+if pull_and_run "$ref"; then
+  base_ranges=$RANGES base_waited=$WAITED
+  pass "no profile: script ran lazily (${RANGES% *} Range requests, ${RANGES#* } bytes; reads waited on fetches for $WAITED bytes)"
+fi
+prof="$E2E_DIR/profile.json"
+if "$cli" profile show --address "$E2E_DIR/shoal.sock" --output "$prof" "$ref" 2>"$E2E_DIR/profile.err" &&
+  n=$(jq '.paths | length' "$prof") && [ "$n" -gt 20 ] &&
+  jq -e '.paths | index("usr/bin/python3.11") != null' "$prof" >/dev/null &&
+  jq -e '[.paths[] | select(test("^usr/lib/python3.11/(json|email|asyncio)/"))] | length >= 3' "$prof" >/dev/null; then
+  pass "shoal profile show: $n files in first-read order (interpreter and imported modules among them)"
+else
+  fail "shoal profile show" "$(cat "$E2E_DIR/profile.err"; head -c 2000 "$prof" 2>/dev/null)"
+fi
+if out=$(conv --json --profile "$prof" "oci:$layout:py" "$E2E_REGISTRY/py:prof") &&
+  files=$(jq '.manifests[0].layers[0].startup_files' <<<"$out") && [ "$files" -gt 20 ]; then
+  pass "shoal convert --profile: $files files laid out first ($(jq '.manifests[0].layers[0].startup_bytes' <<<"$out") bytes)"
+else
+  fail "shoal convert --profile" "${out:-}"
+fi
+
+# A fresh node: forget the first image, and restart Shoal on an empty root.
+e2e_ctr image rm --sync "$ref" >/dev/null 2>&1 || true
+e2e_ctr content ls -q | xargs -r -n 20 "$(command -v ctr)" --address "$E2E_DIR/containerd.sock" --namespace "$E2E_NS" content rm >/dev/null 2>&1 || true
+e2e_stop_pid shoal
+e2e_start shoal "$E2E_SHOAL_BIN" --root "$E2E_DIR/shoal-fresh" --address "$E2E_DIR/shoal.sock" \
+  --config "$E2E_DIR/shoal-config.toml" --log-level "info,shoal=debug"
+e2e_wait_for shoal "its socket" e2e_sock_ready "$E2E_DIR/shoal.sock"
+for _ in $(seq 1 50); do e2e_ctr snapshots --snapshotter shoal ls >/dev/null 2>&1 && break; sleep 0.2; done
+
+if pull_and_run "$E2E_REGISTRY/py:prof"; then
+  read -r rn rb <<<"$RANGES"
+  read -r bn bb <<<"${base_ranges:-0 0}"
+  # The startup set is ~8 MB in one region: a few merged ranges, plus the
+  # footer and TOC. Reads must not wait for more than 5% of what the run
+  # without a profile waited for.
+  if [ "$rb" -gt 0 ] && [ "$rn" -le 10 ] && [ $((WAITED * 20)) -le "${base_waited:-0}" ]; then
+    pass "fresh node with the profile: $rn Range requests, $rb bytes; reads waited on fetches for $WAITED bytes (without a profile: $bn requests, $bb bytes, ${base_waited:-0} bytes waited)"
+  else
+    fail "fresh node: startup set covers the script" "with profile: $rn requests, $rb bytes, $WAITED bytes waited; without: $bn requests, $bb bytes, ${base_waited:-0} bytes waited"
+  fi
+fi
+
+# shoal optimize: the same in one command (convert, pull, run, record,
+# convert with the profile).
+if out=$(timeout 900 "$cli" optimize -q --json --address "$E2E_DIR/shoal.sock" \
+  --containerd-address "$E2E_DIR/containerd.sock" --namespace "$E2E_NS" --work-dir "$E2E_DIR" \
+  "oci:$layout:py" "$E2E_REGISTRY/py:opt" -- python3 -c "$SCRIPT" 2>"$E2E_DIR/optimize.err") &&
+  files=$(jq '.manifests[0].layers[0].startup_files' <<<"$out") && [ "$files" -gt 20 ] &&
+  curl -sf -o /dev/null -H "Accept: application/vnd.oci.image.manifest.v1+json" "http://$E2E_REGISTRY/v2/py/manifests/opt"; then
+  pass "shoal optimize: ran the script once and converted with a startup set of $files files"
+else
+  fail "shoal optimize" "$(tail -n 10 "$E2E_DIR/optimize.err"; head -c 1000 <<<"${out:-}")"
+fi
