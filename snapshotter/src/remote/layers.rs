@@ -294,6 +294,7 @@ impl RemoteLayers {
         };
         let mount = shoal_fuse::mount(tree, reader.clone(), mountpoint, opts)
             .map_err(|e| format!("FUSE mount at {}: {e}", mountpoint.display()))?;
+        super::readahead::raise(mountpoint);
         self.cache.register(id, r.clone(), reader.clone());
         self.mounted.lock().unwrap().insert(
             id,

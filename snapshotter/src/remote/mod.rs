@@ -11,6 +11,7 @@
 //! - [`layers`]: detection in Prepare labels, TOC resolution, mounts,
 //!   prefetch and background fetch.
 //! - [`registry_blobs`]: layer blobs from registries.
+//! - [`readahead`]: larger kernel readahead on each FUSE mount.
 //! - [`layer`]: a mounted layer: FUSE reads → store or fetch.
 //! - [`fetch`]: merged Range fetches, decompression, verification, single
 //!   flight.
@@ -22,6 +23,7 @@ pub mod gc;
 pub mod index;
 pub mod layer;
 pub mod layers;
+pub mod readahead;
 pub mod registry_blobs;
 pub mod store;
 pub mod toc;
