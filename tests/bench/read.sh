@@ -10,9 +10,10 @@
 #   cold: chunks all in the store, daemon restarted (memory cache empty),
 #         `echo 3 > /proc/sys/vm/drop_caches` before each read;
 #   warm: the same file read again (kernel page cache hot).
-#   shoal+ra: as shoal, with the FUSE mount's read_ahead_kb raised to KB
-#         (default 4096; the kernel's default for FUSE is 128) through
-#         /sys/class/bdi, so the kernel sends larger and more reads at once.
+#   shoal+ra: as shoal, with the FUSE mount's read_ahead_kb then set to KB
+#         (default 4096) through /sys/class/bdi. The daemon itself sets 4096
+#         (remote::readahead); pass --readahead-kb 128 to see the kernel's
+#         FUSE default side by side.
 # Targets (issue 4): warm >= 0.9x native, cold >= 0.5x native.
 set -euo pipefail
 

@@ -341,6 +341,8 @@ impl RemoteLayers {
         };
         if !resumed {
             self.keep_fd(id, &mount);
+            // A resumed mount keeps the setting: it belongs to the superblock.
+            super::readahead::raise(mountpoint);
         }
         self.cache.register(id, r.clone(), reader.clone());
         self.mounted.lock().unwrap().insert(

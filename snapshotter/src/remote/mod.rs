@@ -16,6 +16,7 @@
 //!   Prepare.
 //! - [`recorder`]: startup profiles: first reads of a layer's files.
 //! - [`registry_blobs`]: layer blobs from registries.
+//! - [`readahead`]: larger kernel readahead on each FUSE mount.
 //! - [`layer`]: a mounted layer: FUSE reads → store or fetch.
 //! - [`fetch`]: merged Range fetches, decompression, verification, single
 //!   flight.
@@ -30,6 +31,7 @@ pub mod layer;
 pub mod layers;
 pub mod prefetch;
 pub mod recorder;
+pub mod readahead;
 pub mod registry_blobs;
 pub mod store;
 pub mod toc;
