@@ -35,18 +35,8 @@ source "$here/lib.sh"
 e2e_checks_begin profile
 [ "$build" = 0 ] || e2e_build
 
-CACHE=${SHOAL_BENCH_CACHE:-/var/cache/shoal-bench}
-ROOTFS=$CACHE/rootfs-bookworm-python3
-if ! [ -f "$CACHE/rootfs.done" ] || ! [ -d "$ROOTFS" ]; then
-  # Same root filesystem as tests/bench/lazy-pull.sh builds (and shares).
-  command -v debootstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
-  rm -rf --one-file-system "$ROOTFS.partial"
-  mkdir -p "$CACHE"
-  debootstrap --variant=minbase --include=python3 bookworm "$ROOTFS.partial" \
-    "${SHOAL_BENCH_MIRROR:-http://deb.debian.org/debian}" >/dev/null 2>&1 &&
-    chroot "$ROOTFS.partial" python3 -c pass && mv "$ROOTFS.partial" "$ROOTFS" &&
-    touch "$CACHE/rootfs.done" || { fail "debootstrap bookworm + python3 into $ROOTFS"; summary 1; exit 1; }
-fi
+# The benchmark's Debian bookworm + python3 root filesystem, shared.
+ROOTFS=$("$here/rootfs.sh") || { fail "setup: the python3 root filesystem (tests/e2e/rootfs.sh)"; summary 1; exit 1; }
 anyclient=$("$here/anyclient/build.sh" 2>"${TMPDIR:-/tmp}/anyclient-build.log") ||
   { fail "anyclient: build" "$(tail -n 20 "${TMPDIR:-/tmp}/anyclient-build.log")"; summary 1; exit 1; }
 
