@@ -360,7 +360,12 @@ async fn a_chunk_shared_by_two_layers_is_fetched_once_when_both_read_it_at_once(
             .unwrap();
         let chunks = toc.files[i].clone();
         assert_eq!(chunks.len(), 3);
-        spans.push(chunks.iter().map(|c| c.blob_end - c.blob_offset).sum::<u64>());
+        spans.push(
+            chunks
+                .iter()
+                .map(|c| c.blob_end - c.blob_offset)
+                .sum::<u64>(),
+        );
         for _ in 0..4 {
             let (f, src, chunks, c) = (
                 fetcher.clone(),

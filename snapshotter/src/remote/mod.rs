@@ -21,17 +21,17 @@
 //! - [`fetch`]: merged Range fetches, decompression, verification, single
 //!   flight.
 
+pub mod annotations;
 pub mod cache;
 pub mod clock;
-pub mod annotations;
 pub mod fetch;
 pub mod gc;
 pub mod index;
 pub mod layer;
 pub mod layers;
 pub mod prefetch;
-pub mod recorder;
 pub mod readahead;
+pub mod recorder;
 pub mod registry_blobs;
 pub mod store;
 pub mod toc;

@@ -371,7 +371,11 @@ impl ChunkStore {
             // once the index counts the chunk (or the write failed).
             let mut writing = self.writing.lock().unwrap();
             if limits.max_bytes > 0
-                && self.index.used().saturating_add(*writing).saturating_add(size)
+                && self
+                    .index
+                    .used()
+                    .saturating_add(*writing)
+                    .saturating_add(size)
                     > limits.max_bytes
             {
                 drop(writing);
