@@ -44,6 +44,16 @@ pub struct Challenge {
     pub params: HashMap<String, String>,
 }
 
+/// Every challenge in a 401 response's `WWW-Authenticate` headers.
+pub fn challenges(headers: &reqwest::header::HeaderMap) -> Vec<Challenge> {
+    headers
+        .get_all("www-authenticate")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(parse_www_authenticate)
+        .collect()
+}
+
 /// Parses every challenge in a `WWW-Authenticate` value (RFC 7235):
 /// `Bearer realm="https://a/token",service="reg",scope="repository:x:pull"`.
 /// Quoted values may contain commas and `\`-escapes.

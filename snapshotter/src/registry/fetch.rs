@@ -434,13 +434,7 @@ impl Registry {
                 if let Some(used) = &auth {
                     self.inner.auth.invalidate(&host.spec.host, &scope, used);
                 }
-                let challenges: Vec<_> = resp
-                    .headers()
-                    .get_all("www-authenticate")
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .flat_map(super::auth::parse_www_authenticate)
-                    .collect();
+                let challenges = super::auth::challenges(resp.headers());
                 auth = Some(
                     self.inner
                         .auth

@@ -82,13 +82,7 @@ impl Registry {
                 other => other?,
             };
             if resp.status() == StatusCode::UNAUTHORIZED && !answered {
-                let challenges: Vec<_> = resp
-                    .headers()
-                    .get_all("www-authenticate")
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .flat_map(super::auth::parse_www_authenticate)
-                    .collect();
+                let challenges = super::auth::challenges(resp.headers());
                 auth = Some(
                     self.inner
                         .auth
