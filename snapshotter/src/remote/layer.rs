@@ -248,6 +248,18 @@ fn assemble(chunks: &[Chunk], bufs: &[Bytes], offset: u64, end: u64) -> Vec<u8> 
     out
 }
 
+/// Counts `bytes` served to FUSE in the layer's counters and the daemon's
+/// (which outlive the layer, for metrics).
+fn count_served(layer: &ServedStats, fetcher: &Fetcher, cached: bool, bytes: u64) {
+    let (mine, all) = if cached {
+        (&layer.from_cache, &fetcher.stats.served_from_cache)
+    } else {
+        (&layer.after_fetch, &fetcher.stats.served_after_fetch)
+    };
+    mine.fetch_add(bytes, Ordering::Relaxed);
+    all.fetch_add(bytes, Ordering::Relaxed);
+}
+
 impl ChunkSource for LayerReader {
     fn read(&self, data_id: u64, file_size: u64, offset: u64, size: u32, reply: ReadReply) {
         self.recorder.touch(data_id);
@@ -256,13 +268,7 @@ impl ChunkSource for LayerReader {
                 .saturating_add(u64::from(size))
                 .min(f.json.len() as u64);
             let start = offset.min(end);
-            self.served
-                .from_cache
-                .fetch_add(end - start, Ordering::Relaxed);
-            self.fetcher
-                .stats
-                .served_from_cache
-                .fetch_add(end - start, Ordering::Relaxed);
+            count_served(&self.served, &self.fetcher, true, end - start);
             return reply.data(&f.json[start as usize..end as usize]);
         }
         let Some(chunks) = self.toc.files.get(data_id as usize) else {
@@ -282,13 +288,7 @@ impl ChunkSource for LayerReader {
             .map(|c| store.get(&c.digest))
             .collect::<Option<Vec<_>>>()
         {
-            self.served
-                .from_cache
-                .fetch_add(end - offset, Ordering::Relaxed);
-            self.fetcher
-                .stats
-                .served_from_cache
-                .fetch_add(end - offset, Ordering::Relaxed);
+            count_served(&self.served, &self.fetcher, true, end - offset);
             return match (needed, &bufs[..]) {
                 // One chunk: reply straight from its buffer, no copy.
                 ([c], [b]) => reply
@@ -311,13 +311,7 @@ impl ChunkSource for LayerReader {
             fetcher.demand_end();
             match result {
                 Ok(bufs) => {
-                    served
-                        .after_fetch
-                        .fetch_add(end - offset, Ordering::Relaxed);
-                    fetcher
-                        .stats
-                        .served_after_fetch
-                        .fetch_add(end - offset, Ordering::Relaxed);
+                    count_served(&served, &fetcher, false, end - offset);
                     reply.data(&assemble(&needed, &bufs, offset, end));
                 }
                 Err(e) => {
