@@ -382,19 +382,18 @@ async fn a_chunk_shared_by_two_layers_is_fetched_once_when_both_read_it_at_once(
         let bufs = t.await.unwrap().unwrap();
         assert_eq!(bufs.concat(), shared);
     }
-    // Each chunk is led by exactly one reader, so the shared file's three
-    // chunks cross the wire once in all, from one blob or the other: at most
-    // one request per chunk (the leaders may split them among themselves when
-    // they plan at the same moment) and the bytes of one copy.
+    // Readers plan all their chunks under one lock, so the first leads the
+    // shared file's three chunks as one merged request and the seven others
+    // wait for it: one request in all, carrying the bytes of one copy.
     let requests: u64 = sources
         .iter()
         .map(|s| s.requests.load(Ordering::SeqCst))
         .sum();
     let bytes: u64 = sources.iter().map(|s| s.bytes.load(Ordering::SeqCst)).sum();
     let one_copy = spans.iter().copied().max().unwrap();
-    assert!(
-        (1..=3).contains(&requests),
-        "eight readers over two layers made {requests} requests for 3 chunks"
+    assert_eq!(
+        requests, 1,
+        "eight readers over two layers: one merged request in all"
     );
     assert!(
         bytes <= one_copy,

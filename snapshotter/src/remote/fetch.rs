@@ -143,12 +143,6 @@ pub struct Fetcher {
     pub stats: FetchStats,
 }
 
-enum Plan {
-    Ready(Bytes),
-    Wait(Slot),
-    Lead(Lead),
-}
-
 /// Removes led chunks from the in-flight map however the leader exits.
 struct LeadGuard<'a> {
     fetcher: &'a Fetcher,
@@ -257,20 +251,7 @@ impl Fetcher {
     ) -> Result<Vec<Bytes>, FetchError> {
         let mut out: Vec<Option<Bytes>> = vec![None; chunks.len()];
         for _attempt in 0..3 {
-            let mut waits = Vec::new();
-            let mut leads = Vec::new();
-            {
-                for (i, c) in chunks.iter().enumerate() {
-                    if out[i].is_some() {
-                        continue;
-                    }
-                    match self.plan(c) {
-                        Plan::Ready(b) => out[i] = Some(b),
-                        Plan::Wait(rx) => waits.push((i, rx)),
-                        Plan::Lead(tx) => leads.push((i, tx)),
-                    }
-                }
-            }
+            let (waits, leads) = self.plan(chunks, &mut out);
             if !leads.is_empty() {
                 let guard = LeadGuard {
                     fetcher: self,
@@ -317,22 +298,44 @@ impl Fetcher {
             .collect()
     }
 
-    fn plan(&self, c: &Chunk) -> Plan {
-        if let Some(b) = self.store.get(&c.digest) {
-            return Plan::Ready(b);
+    /// Decides, for every chunk of `chunks` not yet in `out`, whether it is
+    /// ready (filled in), being fetched by another reader (wait), or ours to
+    /// fetch (lead). All decisions are taken under one hold of the in-flight
+    /// lock, so two readers of the same chunks never split them between
+    /// them: one leads every missing chunk (as merged runs), the other waits.
+    #[allow(clippy::type_complexity)]
+    fn plan(
+        &self,
+        chunks: &[Chunk],
+        out: &mut [Option<Bytes>],
+    ) -> (Vec<(usize, Slot)>, Vec<(usize, Lead)>) {
+        // The store first, without the lock (disk reads).
+        for (i, c) in chunks.iter().enumerate() {
+            if out[i].is_none() {
+                out[i] = self.store.get(&c.digest);
+            }
         }
+        let (mut waits, mut leads) = (Vec::new(), Vec::new());
         let mut m = self.inflight.lock().unwrap();
-        if let Some(rx) = m.get(&c.digest) {
-            return Plan::Wait(rx.clone());
+        for (i, c) in chunks.iter().enumerate() {
+            if out[i].is_some() {
+                continue;
+            }
+            if let Some(rx) = m.get(&c.digest) {
+                waits.push((i, rx.clone()));
+                continue;
+            }
+            // Re-check under the lock: a leader may have finished between
+            // the store lookup and taking the lock.
+            if let Some(b) = self.store.get(&c.digest) {
+                out[i] = Some(b);
+                continue;
+            }
+            let (tx, rx) = watch::channel(None);
+            m.insert(c.digest, rx);
+            leads.push((i, tx));
         }
-        // Re-check under the lock: a leader may have finished between the
-        // store lookup and taking the lock.
-        if let Some(b) = self.store.get(&c.digest) {
-            return Plan::Ready(b);
-        }
-        let (tx, rx) = watch::channel(None);
-        m.insert(c.digest, rx);
-        Plan::Lead(tx)
+        (waits, leads)
     }
 
     /// Fetches one merged run and returns a result per chunk.
