@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use shoal::cache_cli::human;
 use shoal::config::DEFAULT_ADDRESS;
 use shoal_proto::status::status_client::StatusClient;
 use shoal_proto::status::{LayersRequest, LayersResponse};
@@ -368,19 +369,4 @@ fn pull(
 fn short(digest: &str) -> String {
     let d = digest.strip_prefix("sha256:").unwrap_or(digest);
     d.chars().take(12).collect()
-}
-
-fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n}B")
-    } else {
-        format!("{v:.1}{}", UNITS[u])
-    }
 }
