@@ -26,6 +26,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::iomode::{Decision, IoModes};
 use crate::reply::{ChunkSource, ReadReply, Stats};
 use crate::tree::{Node, NodeKind, Tree};
 
@@ -40,14 +41,28 @@ pub(crate) struct LayerFs {
     tree: Tree,
     source: Arc<dyn ChunkSource>,
     stats: Arc<Stats>,
+    modes: IoModes,
 }
 
 impl LayerFs {
-    pub(crate) fn new(tree: Tree, source: Arc<dyn ChunkSource>, stats: Arc<Stats>) -> LayerFs {
+    pub(crate) fn new(
+        tree: Tree,
+        source: Arc<dyn ChunkSource>,
+        stats: Arc<Stats>,
+        modes: IoModes,
+    ) -> LayerFs {
+        // Inodes an earlier process answered with passthrough: let the
+        // source know their backing files are in use again.
+        for ino in modes.pending_passthrough() {
+            if let Some(id) = tree.get(ino).and_then(|n| n.data_id()) {
+                drop(source.backing(id));
+            }
+        }
         LayerFs {
             tree,
             source,
             stats,
+            modes,
         }
     }
 
@@ -172,6 +187,10 @@ impl Filesystem for LayerFs {
         ] {
             let _ = config.add_capabilities(flag);
         }
+        let passthrough = self.modes.wanted()
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        self.modes.set_enabled(passthrough);
         Ok(())
     }
 
@@ -208,7 +227,20 @@ impl Filesystem for LayerFs {
             Ok(n) if n.kind() == NodeKind::Dir => reply.error(Errno::EISDIR),
             Ok(_) if flags.acc_mode() != OpenAccMode::O_RDONLY => reply.error(Errno::EROFS),
             Ok(_) if flags.0 & libc::O_TRUNC != 0 => reply.error(Errno::EROFS),
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(n) => {
+                let data_id = n.data_id();
+                let decision = self.modes.decide(n.ino(), || {
+                    let fd = self.source.backing(data_id?)?;
+                    Some(reply.open_backing(&fd))
+                });
+                match decision {
+                    Decision::Passthrough(id) => {
+                        self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                        reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), &id)
+                    }
+                    Decision::Cached => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+                }
+            }
         }
     }
 

@@ -14,6 +14,7 @@
 //! - `reply.rs`: the read contract, [`ChunkSource`] and [`ReadReply`], and [`Stats`].
 //! - `fs.rs`: the `fuser::Filesystem` implementation.
 //! - `handover.rs`: [`resend`], for resuming a connection after a restart.
+//! - `iomode.rs`: per-inode kernel passthrough or page cache, fixed per mount.
 //! - `lib.rs` (this file): [`mount`], [`attach`], [`MountOptions`], [`Mounted`].
 //! - `test_util.rs` (feature `test-util`): in-memory `ChunkSource` doubles.
 //!
@@ -56,6 +57,7 @@ mod builder;
 mod entry;
 mod fs;
 mod handover;
+mod iomode;
 mod reply;
 #[cfg(feature = "test-util")]
 pub mod test_util;
@@ -95,6 +97,13 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// FUSE worker threads (at least 1), all reading the same `/dev/fuse` fd.
     pub threads: usize,
+    /// Offer kernel passthrough for files whose [`ChunkSource::backing`]
+    /// gives a backing file (Linux 6.9+, root). Needs `iomode_log`.
+    pub passthrough: bool,
+    /// Where each inode's I/O mode is logged, so a restarted daemon keeps
+    /// the kernel's view (see `iomode.rs`). A fresh mount empties it;
+    /// [`attach`] reads it back.
+    pub iomode_log: Option<PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -103,6 +112,8 @@ impl Default for MountOptions {
             fsname: "shoal".to_owned(),
             allow_other: true,
             threads: DEFAULT_THREADS,
+            passthrough: false,
+            iomode_log: None,
         }
     }
 }
@@ -131,7 +142,8 @@ pub fn mount(
         fuser::MountOption::DefaultPermissions,
     ];
     let stats = Arc::new(Stats::default());
-    let layer = fs::LayerFs::new(tree, source, stats.clone());
+    let modes = iomode::IoModes::fresh(opts.passthrough, opts.iomode_log.as_deref());
+    let layer = fs::LayerFs::new(tree, source, stats.clone(), modes);
     let mut session = fuser::Session::new(layer, &canonical, &config)?;
     let unmounter = Unmounter::Session(session.unmount_callable());
     let fd = session.as_fd().try_clone_to_owned()?;
@@ -157,7 +169,8 @@ pub fn attach(
 ) -> io::Result<Mounted> {
     let config = session_config(&opts);
     let stats = Arc::new(Stats::default());
-    let layer = fs::LayerFs::new(tree, source, stats.clone());
+    let modes = iomode::IoModes::resumed(opts.iomode_log.as_deref());
+    let layer = fs::LayerFs::new(tree, source, stats.clone(), modes);
     let keep = fd.try_clone()?;
     let session = fuser::Session::from_initialized_fd(layer, fd, config.acl, config);
     if let Err(e) = resend(keep.as_fd()) {

@@ -33,6 +33,17 @@ pub trait ChunkSource: Send + Sync + 'static {
     /// # Errors
     /// Answer `reply.error(libc::EIO)` for failed or unverifiable data.
     fn read(&self, data_id: u64, file_size: u64, offset: u64, size: u32, reply: ReadReply);
+
+    /// A read-only file holding exactly the verified bytes of file `data_id`
+    /// (same size), for kernel passthrough: the kernel then reads it
+    /// directly, without calling [`ChunkSource::read`]. `None` (the default)
+    /// serves the file through `read` and the page cache. Called on a FUSE
+    /// worker at most once per inode and mount (see `iomode.rs`); it must not
+    /// block on the network. The file's bytes must never change while the
+    /// mount lives.
+    fn backing(&self, _data_id: u64) -> Option<std::os::fd::OwnedFd> {
+        None
+    }
 }
 
 /// Counters of one mount, cheap enough for the read path.
@@ -46,6 +57,8 @@ pub struct Stats {
     pub read_errors: AtomicU64,
     /// Panics caught around [`ChunkSource::read`].
     pub source_panics: AtomicU64,
+    /// Opens answered with kernel passthrough (reads then bypass the daemon).
+    pub passthrough_opens: AtomicU64,
 }
 
 /// A snapshot of [`Stats`].
@@ -55,6 +68,7 @@ pub struct StatsSnapshot {
     pub read_bytes: u64,
     pub read_errors: u64,
     pub source_panics: u64,
+    pub passthrough_opens: u64,
 }
 
 impl Stats {
@@ -64,6 +78,7 @@ impl Stats {
             read_bytes: self.read_bytes.load(Ordering::Relaxed),
             read_errors: self.read_errors.load(Ordering::Relaxed),
             source_panics: self.source_panics.load(Ordering::Relaxed),
+            passthrough_opens: self.passthrough_opens.load(Ordering::Relaxed),
         }
     }
 }

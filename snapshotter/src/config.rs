@@ -84,6 +84,9 @@ pub struct RemoteSection {
     pub fuse_threads: usize,
     /// Bytes of verified chunks kept in memory.
     pub memory_cache_bytes: u64,
+    /// Serve large files whose chunks are all local by kernel passthrough
+    /// (Linux 6.9+): reads then go straight to a local file.
+    pub passthrough: bool,
 }
 
 impl Default for RemoteSection {
@@ -95,6 +98,7 @@ impl Default for RemoteSection {
             background_delay_secs: DEFAULT_BACKGROUND_DELAY_SECS,
             fuse_threads: DEFAULT_FUSE_THREADS,
             memory_cache_bytes: DEFAULT_MEMORY_CACHE_BYTES,
+            passthrough: true,
         }
     }
 }

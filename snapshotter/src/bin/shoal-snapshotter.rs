@@ -115,6 +115,7 @@ fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLa
         background_fetch: config.remote.background_fetch,
         background_delay: std::time::Duration::from_secs(config.remote.background_delay_secs),
         fuse_threads: config.remote.fuse_threads,
+        passthrough: config.remote.passthrough,
     };
     let tocs = config.root.join("tocs");
     let layers = RemoteLayers::new(

@@ -103,7 +103,17 @@ pub struct LayerReader {
     pub served: Arc<ServedStats>,
     /// First reads of files, for the startup profile.
     pub recorder: super::recorder::Recorder,
+    /// Offer kernel passthrough for files laid out as whole-file objects.
+    passthrough: bool,
+    /// Objects this mount handed to the kernel as backing files.
+    held: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
 }
+
+/// Files at least this large are laid out as whole-file objects once all
+/// their chunks are local, and then served by kernel passthrough. Smaller
+/// files are cheap through the page cache, and a per-file object would cost
+/// an inode and a copy each.
+pub const PASSTHROUGH_MIN_BYTES: u64 = 1 << 20;
 
 impl LayerReader {
     /// A reader for `toc`, fetching from `source` on runtime `rt`.
@@ -120,6 +130,8 @@ impl LayerReader {
             source,
             rt,
             stopped: AtomicBool::new(false),
+            passthrough: false,
+            held: Default::default(),
             served: Arc::default(),
             recorder: super::recorder::Recorder::new(
                 toc.entries.len(),
@@ -134,9 +146,84 @@ impl LayerReader {
         &self.toc
     }
 
-    /// Asks background work for this layer to stop (on unmount).
+    /// Offers kernel passthrough for large files that are all local.
+    pub fn with_passthrough(mut self, on: bool) -> LayerReader {
+        self.passthrough = on;
+        self
+    }
+
+    /// Asks background work for this layer to stop (on unmount), and lets
+    /// GC have the objects it held as backing files.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Relaxed);
+        let objects = self.fetcher.store().objects();
+        for key in self.held.lock().unwrap().drain() {
+            objects.release(&key);
+        }
+    }
+
+    /// A file's chunks as (digest, file offset, length), if it is large
+    /// enough for a whole-file object.
+    fn object_chunks(&self, data_id: usize) -> Option<Vec<([u8; 32], u64, u64)>> {
+        let chunks = self.toc.files.get(data_id)?;
+        let size: u64 = chunks.iter().map(|c| c.len).sum();
+        (size >= PASSTHROUGH_MIN_BYTES)
+            .then(|| chunks.iter().map(|c| (c.digest, c.file_offset, c.len)).collect())
+    }
+
+    /// Fetches every chunk not yet local (`background`: one request at a
+    /// time, only while on-demand reads are quiet), then, with passthrough
+    /// on, lays the large files out as whole-file objects.
+    ///
+    /// # Errors
+    /// The first fetch error.
+    pub async fn fetch_and_lay_out(self: Arc<Self>, background: bool) -> Result<(), String> {
+        let started = std::time::Instant::now();
+        self.fetch_all(self.all_chunks(), 1, background).await?;
+        if self.stopped.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        info!(layer = %self.layer, ms = started.elapsed().as_millis() as u64,
+              "background fetch complete: layer fully local");
+        if self.passthrough {
+            let started = std::time::Instant::now();
+            let me = self.clone();
+            if let Ok((files, bytes)) =
+                tokio::task::spawn_blocking(move || me.consolidate_all()).await
+            {
+                info!(layer = %self.layer, files, bytes, ms = started.elapsed().as_millis() as u64,
+                      "large files laid out for kernel passthrough");
+            }
+        }
+        Ok(())
+    }
+
+    /// Lays out every large file whose chunks are all local as a whole-file
+    /// object (blocking disk I/O: run it off the runtime's workers).
+    /// Returns files and bytes laid out.
+    pub fn consolidate_all(&self) -> (u64, u64) {
+        let (mut files, mut bytes) = (0, 0);
+        let store = self.fetcher.store();
+        for i in 0..self.toc.files.len() {
+            if self.stopped.load(Ordering::Relaxed) {
+                break;
+            }
+            let Some(chunks) = self.object_chunks(i) else {
+                continue;
+            };
+            match store.consolidate(&chunks) {
+                Ok(Some(o)) => {
+                    files += 1;
+                    bytes += o.size();
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    error!(layer = %self.layer, error = %e, "cannot lay out a file object; it stays on the page-cache path");
+                    break;
+                }
+            }
+        }
+        (files, bytes)
     }
 
     /// Fetches every chunk in `chunks` (in blob order), as merged requests,
@@ -222,14 +309,8 @@ impl LayerReader {
         let me = self.clone();
         self.rt.spawn(async move {
             tokio::time::sleep(delay).await;
-            let chunks = me.all_chunks();
-            let started = std::time::Instant::now();
-            match me.fetch_all(chunks, 1, true).await {
-                Ok(()) if !me.stopped.load(Ordering::Relaxed) => info!(
-                    layer = %me.layer,
-                    ms = started.elapsed().as_millis() as u64,
-                    "background fetch complete: layer fully local"
-                ),
+            match me.clone().fetch_and_lay_out(true).await {
+                Ok(()) if !me.stopped.load(Ordering::Relaxed) => {}
                 Ok(()) => debug!(layer = %me.layer, "background fetch stopped"),
                 Err(e) => error!(layer = %me.layer, error = %e, "background fetch failed; reads will fetch on demand"),
             }
@@ -261,6 +342,21 @@ fn count_served(layer: &ServedStats, fetcher: &Fetcher, cached: bool, bytes: u64
 }
 
 impl ChunkSource for LayerReader {
+    fn backing(&self, data_id: u64) -> Option<std::os::fd::OwnedFd> {
+        if !self.passthrough {
+            return None;
+        }
+        let chunks = self.object_chunks(usize::try_from(data_id).ok()?)?;
+        let store = self.fetcher.store();
+        let key = super::objects::key(chunks.iter().copied());
+        let o = store.backing_object(&key)?;
+        let f = std::fs::File::open(&o.path).ok()?;
+        if self.held.lock().unwrap().insert(key) {
+            store.objects().hold(key);
+        }
+        Some(f.into())
+    }
+
     fn read(&self, data_id: u64, file_size: u64, offset: u64, size: u32, reply: ReadReply) {
         self.recorder.touch(data_id);
         if let (Some(f), true) = (&self.toc.toc_file, data_id == self.toc.entries.len() as u64) {

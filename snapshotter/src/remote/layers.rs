@@ -62,6 +62,8 @@ pub struct RemoteConfig {
     pub fuse_threads: usize,
     /// Delay after mounting before the background fetch starts.
     pub background_delay: Duration,
+    /// Serve large, all-local files by kernel passthrough.
+    pub passthrough: bool,
 }
 
 /// Counters for status and metrics.
@@ -327,11 +329,15 @@ impl RemoteLayers {
             self.fetcher.clone(),
             self.blobs.source(r),
             self.rt.clone(),
-        ));
+        )
+        .with_passthrough(self.cfg.passthrough));
         let opts = shoal_fuse::MountOptions {
             fsname: format!("shoal:{}", r.layer_digest),
             allow_other: true,
             threads: self.cfg.fuse_threads,
+            passthrough: self.cfg.passthrough,
+            // Beside the mount point, in the snapshot's own directory.
+            iomode_log: mountpoint.parent().map(|d| d.join("iomodes")),
         };
         let mount = match fd {
             Some(fd) => shoal_fuse::attach(tree, reader.clone(), fd, mountpoint, opts)
@@ -429,6 +435,22 @@ impl RemoteLayers {
         if let Some(m) = self.mounted.lock().unwrap().get(&id) {
             m.reader.spawn_background(self.cfg.background_delay);
         }
+    }
+
+    /// Fetches the rest of snapshot `id` now and lays out its large files
+    /// for passthrough (what the background fetch does, awaited).
+    ///
+    /// # Errors
+    /// Not mounted, or the first fetch error.
+    pub async fn fetch_and_lay_out(&self, id: u64) -> Result<(), String> {
+        let reader = self
+            .mounted
+            .lock()
+            .unwrap()
+            .get(&id)
+            .map(|m| m.reader.clone())
+            .ok_or_else(|| format!("snapshot {id} is not a mounted remote layer"))?;
+        reader.fetch_and_lay_out(false).await
     }
 
     /// Crash recovery once the root lock is held: drops partial chunk

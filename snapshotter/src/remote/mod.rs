@@ -4,6 +4,8 @@
 //! - [`toc`]: eStargz / zstd:chunked footers and TOCs, verified against the
 //!   manifest's TOC digest, and the chunk table.
 //! - [`store`]: the content-addressed store of verified chunks.
+//! - [`objects`]: whole-file objects, the backing files of kernel
+//!   passthrough for large files that are all local.
 //! - [`index`]: the store's index in redb: sizes, last access, pins.
 //! - [`cache`]: references, pins, probes; runs GC.
 //! - [`gc`]: garbage collection: TTL for unreferenced chunks, then LRU.
@@ -29,6 +31,7 @@ pub mod gc;
 pub mod index;
 pub mod layer;
 pub mod layers;
+pub mod objects;
 pub mod prefetch;
 pub mod readahead;
 pub mod recorder;

@@ -37,6 +37,7 @@ use tracing::{error, warn};
 
 use super::clock::{Clock, SystemClock};
 use super::index::ChunkIndex;
+use super::objects::{self, Objects};
 
 /// Default byte budget of the in-memory chunk cache.
 pub const DEFAULT_MEMORY_BYTES: u64 = 256 << 20;
@@ -118,6 +119,9 @@ pub struct ChunkStore {
     last_full_log: AtomicU64,
     /// Woken when usage crosses the high watermark or the disk is full.
     pub gc_wake: tokio::sync::Notify,
+    /// Whole-file objects (passthrough backing files); their chunks are
+    /// read from there.
+    objects: Objects,
     /// Counters.
     pub stats: StoreStats,
 }
@@ -186,7 +190,9 @@ impl ChunkStore {
             .recursive(true)
             .mode(0o700)
             .create(&tmp)?;
+        let objects = Objects::open(&dir.join("files"))?;
         Ok(ChunkStore {
+            objects,
             dir: dir.to_owned(),
             tmp,
             memory: Mutex::new(Memory {
@@ -277,6 +283,13 @@ impl ChunkStore {
                 }
             }
         }
+        // Chunks in whole-file objects count as if in their own file.
+        out.extend(
+            self.objects
+                .chunks()
+                .into_iter()
+                .map(|(d, len)| (d, len + HEADER_LEN as u64)),
+        );
         out
     }
 
@@ -303,6 +316,9 @@ impl ChunkStore {
             self.index.touch(digest, self.clock.now());
             return Some(b);
         }
+        if let Some(b) = self.get_from_object(digest) {
+            return Some(b);
+        }
         let path = self.path(digest);
         let read = {
             *self.busy.lock().unwrap().entry(*digest).or_insert(0) += 1;
@@ -311,6 +327,14 @@ impl ChunkStore {
                 digest: *digest,
             };
             fs::read(&path)
+        };
+        // Moved into an object between the two looks (see `consolidate`).
+        let read = match read {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match self.get_from_object(digest) {
+                Some(b) => return Some(b),
+                None => Err(e),
+            },
+            r => r,
         };
         match read.map(|data| verify_file(data, digest)) {
             Ok(Some(b)) => {
@@ -342,7 +366,126 @@ impl ChunkStore {
 
     /// Whether `digest` is stored on disk (not just in memory).
     pub fn on_disk(&self, digest: &[u8; 32]) -> bool {
-        self.index.contains(digest) || self.path(digest).exists()
+        self.index.contains(digest)
+            || self.objects.locate(digest).is_some()
+            || self.path(digest).exists()
+    }
+
+    /// The whole-file objects.
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+
+    /// Chunk `digest` read from a whole-file object (crc32-checked), if one
+    /// holds it. An object that fails the check is removed whole (unless a
+    /// mounted layer holds it as a backing file: then only this read
+    /// misses, and the error is logged).
+    fn get_from_object(&self, digest: &[u8; 32]) -> Option<Bytes> {
+        let (o, p) = self.objects.locate(digest)?;
+        let read = {
+            *self.busy.lock().unwrap().entry(*digest).or_insert(0) += 1;
+            let _guard = ReadGuard {
+                store: self,
+                digest: *digest,
+            };
+            self.objects.read(&o, &p)
+        };
+        match read {
+            Ok(Some(b)) => {
+                self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+                self.index.touch(digest, self.clock.now());
+                self.remember(*digest, b.clone());
+                Some(b)
+            }
+            Ok(None) => {
+                self.stats.corrupt_on_disk.fetch_add(1, Ordering::Relaxed);
+                error!(chunk = %hex::encode(digest), object = %o.path.display(),
+                       "chunk in a file object failed its crc32; dropping the object");
+                if self.objects.remove(&o.key).is_ok() {
+                    self.forget_object_chunks(&o);
+                }
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// A whole-file object to hand to the kernel as a passthrough backing
+    /// file: its crc32s are checked once per process first; one that fails
+    /// is removed whole (its chunks are fetched again on demand).
+    pub fn backing_object(&self, key: &[u8; 32]) -> Option<Arc<objects::Object>> {
+        let o = self.objects.get(key)?;
+        match self.objects.verify_once(&o) {
+            Ok(true) => Some(o),
+            Ok(false) => {
+                self.stats.corrupt_on_disk.fetch_add(1, Ordering::Relaxed);
+                error!(object = %o.path.display(),
+                       "file object failed its crc32 check; dropping it");
+                if self.objects.remove(&o.key).is_ok() {
+                    self.forget_object_chunks(&o);
+                }
+                None
+            }
+            Err(e) => {
+                warn!(object = %o.path.display(), error = %e, "cannot check a file object");
+                None
+            }
+        }
+    }
+
+    /// Drops index and memory entries of a removed object's chunks that no
+    /// longer live anywhere on disk; returns the index bytes freed.
+    fn forget_object_chunks(&self, o: &objects::Object) -> u64 {
+        let mut freed = 0;
+        for c in &o.chunks {
+            if self.objects.locate(&c.digest).is_some() || self.path(&c.digest).exists() {
+                continue;
+            }
+            if let Some(e) = self.index.remove(&c.digest) {
+                freed += e.size;
+            }
+            let mut m = self.memory.lock().unwrap();
+            if let Some(b) = m.lru.pop(&c.digest) {
+                m.bytes -= b.len() as u64;
+            }
+        }
+        freed
+    }
+
+    /// Lays the chunks of one file (digest, file offset, length; end to end
+    /// from 0) out as a whole-file object, then drops their per-chunk files.
+    /// Returns the object, or `None` if some chunk is not stored. Already
+    /// laid out: returns the existing object.
+    ///
+    /// # Errors
+    /// Writing the object failed (the chunks stay where they were).
+    pub fn consolidate(
+        &self,
+        chunks: &[([u8; 32], u64, u64)],
+    ) -> io::Result<Option<Arc<objects::Object>>> {
+        let key = objects::key(chunks.iter().copied());
+        if let Some(o) = self.objects.get(&key) {
+            return Ok(Some(o));
+        }
+        let mut parts = Vec::with_capacity(chunks.len());
+        for &(d, off, len) in chunks {
+            match self.get(&d) {
+                Some(b) if b.len() as u64 == len => parts.push((d, off, b)),
+                _ => return Ok(None),
+            }
+        }
+        let o = self.objects.write(key, &parts, &self.tmp)?;
+        let now = self.clock.now();
+        for (d, _, b) in &parts {
+            // GC may have dropped the index entry while we read.
+            if !self.index.contains(d) {
+                self.index.insert(*d, (b.len() + HEADER_LEN) as u64, now);
+            }
+            // Readers look in objects first, and again on NotFound.
+            let _ = fs::remove_file(self.path(d));
+        }
+        Ok(Some(o))
     }
 
     /// Stores a chunk the caller has verified. It is always kept in memory;
@@ -457,6 +600,21 @@ impl ChunkStore {
             return Evicted::Busy;
         }
         let path = self.path(digest);
+        if !path.exists() && self.objects.locate(digest).is_some() {
+            // In whole-file objects: they go whole, unless held.
+            let mut freed = 0;
+            for key in self.objects.holding(digest) {
+                match self.objects.remove(&key) {
+                    Ok(o) => freed += self.forget_object_chunks(&o),
+                    Err(objects::NotRemoved::Held) => return Evicted::Busy,
+                    Err(objects::NotRemoved::Missing) => {}
+                }
+            }
+            drop(busy);
+            self.stats.evicted.fetch_add(1, Ordering::Relaxed);
+            self.stats.evicted_bytes.fetch_add(freed, Ordering::Relaxed);
+            return Evicted::Freed(freed);
+        }
         let size = self.index.remove(digest);
         let removed = fs::remove_file(&path).is_ok();
         drop(busy);

@@ -119,6 +119,7 @@ pub fn open_snapshotter_with(
             background_fetch: false,
             background_delay: Duration::from_secs(0),
             fuse_threads: 2,
+            passthrough: true,
         },
     )
     .unwrap();
