@@ -81,7 +81,11 @@ impl IoModes {
         let mut enabled = false;
         let text = path.map(std::fs::read_to_string);
         if let Some(Ok(text)) = &text {
-            for line in text.lines() {
+            // Only whole lines: a last line without its newline was torn.
+            for line in text.split_inclusive('\n') {
+                let Some(line) = line.strip_suffix('\n') else {
+                    break;
+                };
                 let mut it = line.split(' ');
                 match (it.next(), it.next().and_then(|n| n.parse::<u64>().ok())) {
                     (Some("passthrough"), Some(1)) => enabled = true,
@@ -91,7 +95,6 @@ impl IoModes {
                     (Some("P"), Some(ino)) => {
                         table.insert(ino, Mode::Passthrough(None));
                     }
-                    // A torn last line: the open it records was never answered.
                     _ => {}
                 }
             }
@@ -191,5 +194,56 @@ impl IoModes {
             .iter()
             .filter_map(|(ino, m)| matches!(m, Mode::Passthrough(None)).then_some(*ino))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decisions_are_fixed_and_a_resumed_mount_reads_them_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("iomodes");
+        let m = IoModes::fresh(true, Some(&log));
+        assert!(m.wanted());
+        // INIT did not grant passthrough: everything is cached.
+        m.set_enabled(false);
+        assert!(matches!(
+            m.decide(5, || panic!("not asked")),
+            Decision::Cached
+        ));
+        let m = IoModes::fresh(true, Some(&log));
+        m.set_enabled(true);
+        // No backing file yet: cached, and it stays cached even once one
+        // exists (an open in the other mode may still be alive).
+        assert!(matches!(m.decide(7, || None), Decision::Cached));
+        assert!(matches!(
+            m.decide(7, || panic!("decided")),
+            Decision::Cached
+        ));
+        // A torn last line (a crash mid-append) is ignored on resume.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .unwrap()
+            .write_all(b"P 9")
+            .unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(text, "passthrough 1\nC 7\nP 9");
+        let r = IoModes::resumed(Some(&log));
+        assert!(r.wanted());
+        assert!(matches!(
+            r.decide(7, || panic!("decided")),
+            Decision::Cached
+        ));
+        assert!(r.pending_passthrough().is_empty());
+        // No log at all: a resumed mount never offers passthrough.
+        let r = IoModes::resumed(Some(&dir.path().join("missing")));
+        assert!(!r.wanted());
+        assert!(matches!(
+            r.decide(1, || panic!("not asked")),
+            Decision::Cached
+        ));
     }
 }

@@ -34,6 +34,14 @@
 //! loop (`fuse/vendor/fuser/PATCHES.md`): that request is answered `EIO`
 //! and the worker goes on.
 //!
+//! # Passthrough
+//! With [`MountOptions::passthrough`], an open of a file for which
+//! [`ChunkSource::backing`] supplies a backing file is answered with
+//! `FOPEN_PASSTHROUGH`: the kernel reads that file itself and `read` is
+//! never called for it. An inode's mode is fixed at its first open for the
+//! mount's life and logged to [`MountOptions::iomode_log`], which [`attach`]
+//! reads back (`iomode.rs` says why).
+//!
 //! # Restarts
 //! Every worker thread reads the same open `/dev/fuse` file (no cloned fds).
 //! [`Mounted::fuse_fd`] duplicates it so the snapshotter can keep it outside

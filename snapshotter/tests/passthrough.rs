@@ -102,7 +102,11 @@ fn large_local_files_bypass_the_daemon_and_keep_their_backing_files_while_mounte
             .filter(|f| f.path().extension().is_none())
             .count()
     };
-    assert_eq!(object_files(), 2, "one object per large file, none for small");
+    assert_eq!(
+        object_files(),
+        2,
+        "one object per large file, none for small"
+    );
 
     // big1: passthrough; its bytes never pass through the daemon.
     let served = |s: &shoal::remote::fetch::FetchStats| {
@@ -166,7 +170,10 @@ fn a_rotted_object_is_dropped_before_the_kernel_reads_it() {
         // Dropping the snapshotter unmounts.
     }
     // Flip one byte of every object on disk while no daemon runs.
-    for d in std::fs::read_dir(dir.path().join("chunks/files")).unwrap().flatten() {
+    for d in std::fs::read_dir(dir.path().join("chunks/files"))
+        .unwrap()
+        .flatten()
+    {
         for f in std::fs::read_dir(d.path()).unwrap().flatten() {
             if f.path().extension().is_none() {
                 let mut b = std::fs::read(f.path()).unwrap();

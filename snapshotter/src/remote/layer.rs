@@ -167,8 +167,12 @@ impl LayerReader {
     fn object_chunks(&self, data_id: usize) -> Option<Vec<([u8; 32], u64, u64)>> {
         let chunks = self.toc.files.get(data_id)?;
         let size: u64 = chunks.iter().map(|c| c.len).sum();
-        (size >= PASSTHROUGH_MIN_BYTES)
-            .then(|| chunks.iter().map(|c| (c.digest, c.file_offset, c.len)).collect())
+        (size >= PASSTHROUGH_MIN_BYTES).then(|| {
+            chunks
+                .iter()
+                .map(|c| (c.digest, c.file_offset, c.len))
+                .collect()
+        })
     }
 
     /// Fetches every chunk not yet local (`background`: one request at a

@@ -323,14 +323,16 @@ impl RemoteLayers {
         let resumed = fd.is_some();
         let tree = shoal_fuse::Tree::build(entries(&resolved.toc).map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
-        let reader = Arc::new(LayerReader::new(
-            r.layer_digest.clone(),
-            resolved.toc.clone(),
-            self.fetcher.clone(),
-            self.blobs.source(r),
-            self.rt.clone(),
-        )
-        .with_passthrough(self.cfg.passthrough));
+        let reader = Arc::new(
+            LayerReader::new(
+                r.layer_digest.clone(),
+                resolved.toc.clone(),
+                self.fetcher.clone(),
+                self.blobs.source(r),
+                self.rt.clone(),
+            )
+            .with_passthrough(self.cfg.passthrough),
+        );
         let opts = shoal_fuse::MountOptions {
             fsname: format!("shoal:{}", r.layer_digest),
             allow_other: true,

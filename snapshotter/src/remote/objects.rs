@@ -450,7 +450,10 @@ mod tests {
         fs::write(&o.path, &bytes).unwrap();
         assert_eq!(again.read(&o2, &p).unwrap(), None);
         assert!(!again.verify_once(&o2).unwrap(), "a fresh process checks");
-        assert!(objs.verify_once(&o).unwrap(), "the writer trusts what it wrote");
+        assert!(
+            objs.verify_once(&o).unwrap(),
+            "the writer trusts what it wrote"
+        );
         // Held objects stay; released ones go, with their map.
         again.hold(k);
         assert_eq!(again.remove(&k).unwrap_err(), NotRemoved::Held);
