@@ -12,6 +12,11 @@
 //! it back. A file first opened before it was all local thus stays on the
 //! page-cache path until the layer is mounted again.
 //!
+//! The table's lock is held across `backing` so two first opens of one inode
+//! agree; a panic in there (caught by the worker loop, answered `EIO`) leaves
+//! the inode undecided and the lock usable (poisoning is ignored: the table
+//! is only ever changed by single inserts).
+//!
 //! Backing ids are kept for the mount's life: the kernel looks an id up after
 //! our reply, so closing it right after answering the open could fail it.
 
@@ -126,7 +131,7 @@ impl IoModes {
     }
 
     fn append(&self, line: &str) {
-        if let Some(f) = self.log.lock().unwrap().as_mut() {
+        if let Some(f) = self.log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             if let Err(e) = f.write_all(line.as_bytes()) {
                 tracing::warn!(cause = %e, "cannot append to the I/O mode log");
             }
@@ -141,7 +146,7 @@ impl IoModes {
         ino: u64,
         backing: impl FnOnce() -> Option<io::Result<BackingId>>,
     ) -> Decision {
-        let mut table = self.table.lock().unwrap();
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         match table.get(&ino) {
             Some(Mode::Cached) => return Decision::Cached,
             Some(Mode::Passthrough(Some(id))) => return Decision::Passthrough(id.clone()),
@@ -189,7 +194,7 @@ impl IoModes {
 
     /// Inodes in passthrough mode decided by an earlier process.
     pub(crate) fn pending_passthrough(&self) -> Vec<u64> {
-        let table = self.table.lock().unwrap();
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         table
             .iter()
             .filter_map(|(ino, m)| matches!(m, Mode::Passthrough(None)).then_some(*ino))

@@ -24,6 +24,11 @@ pub enum Behaviour {
     Short,
     /// Answer from a new thread after this delay.
     Delay(Duration),
+    /// Serve by passthrough from this file ([`ChunkSource::backing`]);
+    /// `read` answers from memory as [`Behaviour::Serve`].
+    Backing(std::path::PathBuf),
+    /// Panic inside [`ChunkSource::backing`], i.e. in the `open` handler.
+    PanicOnOpen,
 }
 
 /// An in-memory [`ChunkSource`].
@@ -76,7 +81,9 @@ impl ChunkSource for MemSource {
             return reply.error(libc::EIO);
         };
         match behaviour {
-            Behaviour::Serve => reply.data(slice(bytes, offset, size)),
+            Behaviour::Serve | Behaviour::Backing(_) | Behaviour::PanicOnOpen => {
+                reply.data(slice(bytes, offset, size))
+            }
             Behaviour::Fail(errno) => reply.error(*errno),
             Behaviour::Panic => panic!("MemSource told to panic for data_id {data_id}"),
             Behaviour::Short => {
@@ -90,6 +97,16 @@ impl ChunkSource for MemSource {
                     reply.data(slice(&bytes, offset, size));
                 });
             }
+        }
+    }
+
+    fn backing(&self, data_id: u64) -> Option<std::os::fd::OwnedFd> {
+        match self.files.get(&data_id) {
+            Some((_, Behaviour::Backing(path))) => std::fs::File::open(path).ok().map(Into::into),
+            Some((_, Behaviour::PanicOnOpen)) => {
+                panic!("MemSource told to panic opening data_id {data_id}")
+            }
+            _ => None,
         }
     }
 }

@@ -88,12 +88,17 @@ impl MountGuard {
 }
 
 pub fn mount_tree(tree: Tree, source: MemSource, fsname: &str) -> MountGuard {
-    let dir = tempfile::tempdir().unwrap();
     let opts = MountOptions {
         fsname: fsname.into(),
         ..MountOptions::default()
     };
-    let mounted = mount(tree, Arc::new(source), dir.path(), opts).expect("mount");
+    mount_tree_with(tree, Arc::new(source), opts)
+}
+
+/// [`mount_tree`] with options and a shared source.
+pub fn mount_tree_with(tree: Tree, source: Arc<MemSource>, opts: MountOptions) -> MountGuard {
+    let dir = tempfile::tempdir().unwrap();
+    let mounted = mount(tree, source, dir.path(), opts).expect("mount");
     MountGuard {
         mounted: Some(mounted),
         dir,

@@ -1,0 +1,72 @@
+//! Kernel passthrough on a real FUSE mount: a file with a backing file is
+//! read by the kernel without a single `read` reaching the source, the
+//! inode's mode is logged, and a handler that panics (here `open`, through
+//! `ChunkSource::backing`) fails only that request: the vendored fuser's
+//! worker loop catches it (fuse/vendor/fuser/PATCHES.md).
+
+mod common;
+
+use std::fs;
+use std::sync::Arc;
+
+use common::*;
+use shoal_fuse::test_util::{Behaviour, MemSource};
+use shoal_fuse::{MountOptions, Tree};
+
+#[test]
+fn passthrough_reads_skip_the_source_and_a_panicking_open_is_one_eio() {
+    if !fuse_available() {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let data = pattern(3 << 20, 11);
+    let backing = state.path().join("object");
+    fs::write(&backing, &data).unwrap();
+    let tree = Tree::build([
+        file("pt", 0o644, data.len() as u64, 1),
+        file("boom", 0o644, 4, 2),
+        file("plain", 0o644, 5, 3),
+    ])
+    .unwrap();
+    let mut src = MemSource::new();
+    src.insert_with(1, data.clone(), Behaviour::Backing(backing))
+        .insert_with(2, b"nope".to_vec(), Behaviour::PanicOnOpen)
+        .insert(3, b"plain".to_vec());
+    let src = Arc::new(src);
+    let log = state.path().join("iomodes");
+    let m = mount_tree_with(
+        tree,
+        src.clone(),
+        MountOptions {
+            fsname: "shoal-pt".into(),
+            passthrough: true,
+            iomode_log: Some(log.clone()),
+            ..MountOptions::default()
+        },
+    );
+    assert_eq!(fs::read(m.join("pt")).unwrap(), data);
+    assert_eq!(
+        src.reads(),
+        0,
+        "a passthrough file was read through the source"
+    );
+    assert_eq!(m.mounted().stats().passthrough_opens, 1);
+    // The panicking open: EIO for that open only; the mount serves on.
+    let err = fs::read(m.join("boom")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(fs::read(m.join("plain")).unwrap(), b"plain");
+    assert!(src.reads() >= 1);
+    assert_eq!(fs::read(m.join("pt")).unwrap(), data);
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.starts_with("passthrough 1\n"), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("P ")).count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("C ")).count(),
+        1,
+        "{text}"
+    );
+}
