@@ -136,36 +136,48 @@ read_mbps() {
   awk -v b=$((size_mib << 20)) -v t0="$t0" -v t1="$t1" 'BEGIN {printf "%.0f", b / (t1 - t0) / 1e6}'
 }
 median() { tr ' ' '\n' | sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
-# measure LOWER [restart]: cold and warm MB/s through an overlay on LOWER, into
-# COLD, WARM (medians) and ALL (every run). No subshell: daemons restarted
-# here must stay known to this shell.
-measure() {
-  local lower=$1 restart=${2:-0} cold=() warm=() i
-  for i in $(seq 1 "$runs"); do
-    if [ "$restart" = 1 ]; then
-      e2e_stop_pid shoal
-      start_shoal
-      for _ in $(seq 1 100); do [ -n "$(mnt "$big_layer")" ] && break; sleep 0.1; done
-      lower=$(mnt "$big_layer")
-      if [ -n "${RA:-}" ]; then
-        echo "$RA" >"/sys/class/bdi/$(mountpoint -d "$lower")/read_ahead_kb"
-      fi
-    fi
-    mount -t overlay overlay -o "ro,lowerdir=$lower:$empty" "$ov"
-    sync
-    echo 3 >/proc/sys/vm/drop_caches
-    cold+=("$(read_mbps "$ov")")
-    read_mbps "$ov" >/dev/null
-    warm+=("$(read_mbps "$ov")")
-    umount "$ov"
-  done
-  COLD=$(echo "${cold[@]}" | median) WARM=$(echo "${warm[@]}" | median)
-  ALL="cold ${cold[*]}, warm ${warm[*]}"
+# one_read LOWER: appends one cold and one warm MB/s through an overlay on
+# LOWER to the arrays named by $2 and $3.
+one_read() {
+  local -n c=$2 w=$3
+  mount -t overlay overlay -o "ro,lowerdir=$1:$empty" "$ov"
+  sync
+  echo 3 >/proc/sys/vm/drop_caches
+  c+=("$(read_mbps "$ov")")
+  read_mbps "$ov" >/dev/null
+  w+=("$(read_mbps "$ov")")
+  umount "$ov"
 }
-measure "$E2E_DIR/bundle-big/rootfs"
-nc=$COLD nw=$WARM nall=$ALL
-measure "$(mnt "$big_layer")" 1
-sc=$COLD sw=$WARM sall=$ALL
+# measure PREFIX: RUNS rounds, each restarting the daemon (memory cache
+# empty) and then reading native and Shoal back to back, so both see the
+# same machine load (this VM shares its cores). Sets PREFIX_cold/warm
+# (Shoal), native_cold/warm (appended) and PREFIX_rcold/rwarm (per-round
+# Shoal/native ratios). No subshell: daemons restarted here must stay known
+# to this shell.
+measure() {
+  local p=$1 i lower
+  local -n sc_=${p}_cold sw_=${p}_warm rc_=${p}_rcold rw_=${p}_rwarm
+  local nc_=() nw_=()
+  for i in $(seq 1 "$runs"); do
+    e2e_stop_pid shoal
+    start_shoal
+    for _ in $(seq 1 100); do [ -n "$(mnt "$big_layer")" ] && break; sleep 0.1; done
+    lower=$(mnt "$big_layer")
+    if [ -n "${RA:-}" ]; then
+      echo "$RA" >"/sys/class/bdi/$(mountpoint -d "$lower")/read_ahead_kb"
+    fi
+    one_read "$E2E_DIR/bundle-big/rootfs" nc_ nw_
+    one_read "$lower" sc_ sw_
+    rc_+=("$(ratio "${sc_[-1]}" "${nc_[-1]}")")
+    rw_+=("$(ratio "${sw_[-1]}" "${nw_[-1]}")")
+    native_cold+=("${nc_[-1]}") native_warm+=("${nw_[-1]}")
+  done
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
+native_cold=() native_warm=()
+shoal_cold=() shoal_warm=() shoal_rcold=() shoal_rwarm=()
+fuse_cold=() fuse_warm=() fuse_rcold=() fuse_rwarm=()
+measure shoal
 # Which path served it: the mount's I/O mode log (P = passthrough inode).
 iomodes="$(dirname "$(mnt "$big_layer")")/iomodes"
 pt_inodes=$(grep -c '^P ' "$iomodes" || true)
@@ -175,18 +187,22 @@ e2e_stop_pid shoal
 e2e_stop_fdholder
 e2e_unmount_all_under "$root"
 sed -i 's/^background_delay_secs = 0$/&\npassthrough = false/' "$config"
-start_shoal
-RA=$ra_kb measure "$(mnt "$big_layer")" 1
-rc=$COLD rw=$WARM rall=$ALL
+RA=$ra_kb measure fuse
 sed -i '/^passthrough = false$/d' "$config"
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
+
+m() { echo "$@" | median; }
 echo
-echo "Read throughput, $size_mib MiB file, through a read-only overlayfs, median of $runs (MB/s)"
-printf '%-8s %10s %10s %8s %10s %8s\n' "" native shoal ratio shoal-fuse ratio
-printf '%-8s %10s %10s %8s %10s %8s   target >= 0.5x and >= 1000 MB/s\n' cold "$nc" "$sc" "$(ratio "$sc" "$nc")" "$rc" "$(ratio "$rc" "$nc")"
-printf '%-8s %10s %10s %8s %10s %8s   target >= 0.9x\n' warm "$nw" "$sw" "$(ratio "$sw" "$nw")" "$rw" "$(ratio "$rw" "$nw")"
+echo "Read throughput, $size_mib MiB file, through a read-only overlayfs, MB/s (median of $runs rounds;"
+echo "each round reads native and Shoal back to back; ratio = median of the per-round ratios)"
+printf '%-6s %8s %8s %7s %11s %7s\n' "" native shoal ratio shoal-fuse ratio
+printf '%-6s %8s %8s %7s %11s %7s   target >= 0.5x and >= 1000 MB/s\n' cold "$(m "${native_cold[@]}")" \
+  "$(m "${shoal_cold[@]}")" "$(m "${shoal_rcold[@]}")" "$(m "${fuse_cold[@]}")" "$(m "${fuse_rcold[@]}")"
+printf '%-6s %8s %8s %7s %11s %7s   target >= 0.9x\n' warm "$(m "${native_warm[@]}")" \
+  "$(m "${shoal_warm[@]}")" "$(m "${shoal_rwarm[@]}")" "$(m "${fuse_warm[@]}")" "$(m "${fuse_rwarm[@]}")"
 echo "(shoal: kernel passthrough, $pt_inodes passthrough inode(s) on the mount; shoal-fuse: passthrough off, FUSE read_ahead_kb = $ra_kb)"
-echo "runs (MB/s): native: $nall; shoal: $sall; shoal-fuse: $rall"
+echo "runs (MB/s): native cold ${native_cold[*]}, warm ${native_warm[*]}"
+echo "             shoal cold ${shoal_cold[*]}, warm ${shoal_warm[*]}"
+echo "             shoal-fuse cold ${fuse_cold[*]}, warm ${fuse_warm[*]}"
 
 # --- memory --------------------------------------------------------------------
 e2e_stop_pid shoal

@@ -91,12 +91,17 @@ enum Command {
 layers allow (eStargz, zstd:chunked); other layers are unpacked normally.\n\n\
 Adds the snapshot labels Shoal needs itself (as `ctr-remote image rpull` does), so it \
 works without CRI. Afterwards: `ctr run --snapshotter shoal REF ID CMD`.\n\n\
-Registries: hosts.toml under /etc/containerd/certs.d and Docker's config.json \
-credentials, as the daemon uses them."
+Registries: the `[registry]` section of the daemon's config file (hosts.toml \
+directory, credentials, timeouts, retries), as the daemon uses it; without the file, \
+hosts.toml under /etc/containerd/certs.d and Docker's config.json credentials."
     )]
     Pull {
         #[command(flatten)]
         containerd: ContainerdArgs,
+        /// The daemon's config file, for its `[registry]` section (a missing
+        /// default file means defaults).
+        #[arg(long, value_name = "FILE", env = "SHOAL_CONFIG", default_value = shoal::config::DEFAULT_CONFIG)]
+        config: PathBuf,
         /// Snapshotter name in containerd's `proxy_plugins`.
         #[arg(long, default_value = shoal::pull::DEFAULT_SNAPSHOTTER)]
         snapshotter: String,
@@ -147,6 +152,7 @@ fn main() -> ExitCode {
         Command::Optimize(args) => shoal::convert::optimize::run(args),
         Command::Pull {
             containerd,
+            config,
             snapshotter,
             plain_http,
             platform,
@@ -154,6 +160,7 @@ fn main() -> ExitCode {
             reference,
         } => pull(
             &containerd,
+            &config,
             snapshotter,
             plain_http,
             platform,
@@ -279,8 +286,20 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The registry settings of the daemon's config file at `path`; defaults
+/// when the default file is missing.
+fn registry_config(path: &std::path::Path) -> anyhow::Result<shoal::registry::RegistryConfig> {
+    let explicit = path != std::path::Path::new(shoal::config::DEFAULT_CONFIG);
+    // The error names file, key and problem itself (its source repeats it).
+    let config = shoal::config::Config::load(path, explicit).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(shoal::registry::RegistryConfig::from_section(
+        &config.registry,
+    ))
+}
+
 fn pull(
     containerd: &ContainerdArgs,
+    config: &std::path::Path,
     snapshotter: String,
     plain_http: bool,
     platform: Option<String>,
@@ -304,7 +323,7 @@ fn pull(
         namespace: containerd.namespace.clone(),
         snapshotter,
         platform,
-        registry: shoal::registry::RegistryConfig::default(),
+        registry: registry_config(config)?,
     };
     // Progress on stdout, or on stderr when stdout carries the JSON.
     let say = |line: String| {
