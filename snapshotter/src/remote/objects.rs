@@ -69,7 +69,8 @@ impl Object {
 #[derive(Default)]
 struct Inner {
     objects: HashMap<[u8; 32], Arc<Object>>,
-    by_chunk: HashMap<[u8; 32], Vec<[u8; 32]>>,
+    /// Chunk digest → objects holding it, with the chunk's index there.
+    by_chunk: HashMap<[u8; 32], Vec<([u8; 32], usize)>>,
     /// Mounted layers holding an object as a passthrough backing file.
     held: HashMap<[u8; 32], u32>,
     /// Objects whose every crc32 checked out since this process started.
@@ -197,8 +198,8 @@ impl Objects {
                             path: obj_path,
                             chunks,
                         });
-                        for c in &o.chunks {
-                            inner.by_chunk.entry(c.digest).or_default().push(key);
+                        for (i, c) in o.chunks.iter().enumerate() {
+                            inner.by_chunk.entry(c.digest).or_default().push((key, i));
                         }
                         inner.objects.insert(key, o);
                     }
@@ -227,9 +228,9 @@ impl Objects {
     /// An object holding chunk `digest`, and the chunk's place in it.
     pub fn locate(&self, digest: &[u8; 32]) -> Option<(Arc<Object>, Placed)> {
         let inner = self.inner.lock().unwrap();
-        let key = inner.by_chunk.get(digest)?.first()?;
+        let (key, i) = inner.by_chunk.get(digest)?.first()?;
         let o = inner.objects.get(key)?.clone();
-        let p = *o.chunks.iter().find(|c| &c.digest == digest)?;
+        let p = *o.chunks.get(*i)?;
         Some((o, p))
     }
 
@@ -338,10 +339,10 @@ impl Objects {
         }
         let o = Arc::new(Object { key, path, chunks });
         let mut inner = self.inner.lock().unwrap();
-        for c in &o.chunks {
+        for (i, c) in o.chunks.iter().enumerate() {
             let keys = inner.by_chunk.entry(c.digest).or_default();
-            if !keys.contains(&key) {
-                keys.push(key);
+            if !keys.iter().any(|(k, _)| *k == key) {
+                keys.push((key, i));
             }
         }
         inner.objects.insert(key, o.clone());
@@ -385,7 +386,7 @@ impl Objects {
         inner.verified.remove(key);
         for c in &o.chunks {
             if let Some(keys) = inner.by_chunk.get_mut(&c.digest) {
-                keys.retain(|k| k != key);
+                keys.retain(|(k, _)| k != key);
                 if keys.is_empty() {
                     inner.by_chunk.remove(&c.digest);
                 }
@@ -404,7 +405,7 @@ impl Objects {
             .unwrap()
             .by_chunk
             .get(digest)
-            .cloned()
+            .map(|v| v.iter().map(|(k, _)| *k).collect())
             .unwrap_or_default()
     }
 }

@@ -455,8 +455,9 @@ impl ChunkStore {
 
     /// Lays the chunks of one file (digest, file offset, length; end to end
     /// from 0) out as a whole-file object, then drops their per-chunk files.
-    /// Returns the object, or `None` if some chunk is not stored. Already
-    /// laid out: returns the existing object.
+    /// Returns the object, or `None` if some chunk is not stored or the
+    /// cache has no room for the moment's second copy. Already laid out:
+    /// returns the existing object.
     ///
     /// # Errors
     /// Writing the object failed (the chunks stay where they were).
@@ -467,6 +468,13 @@ impl ChunkStore {
         let key = objects::key(chunks.iter().copied());
         if let Some(o) = self.objects.get(&key) {
             return Ok(Some(o));
+        }
+        // The object is written before the chunk files go: room for a
+        // second copy of the file, for a moment, within max_bytes.
+        let size: u64 = chunks.iter().map(|c| c.2).sum();
+        let max = self.limits().max_bytes;
+        if max > 0 && self.index.used().saturating_add(size) > max {
+            return Ok(None);
         }
         let mut parts = Vec::with_capacity(chunks.len());
         for &(d, off, len) in chunks {
