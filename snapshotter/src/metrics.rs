@@ -167,6 +167,26 @@ fn encode_remote(r: &RemoteLayers, mut enc: DescriptorEncoder) -> Result<(), std
         "cache.max_bytes (0: no limit).",
         store.limits().max_bytes,
     )?;
+    counter(
+        &mut enc,
+        "shoal_passthrough_files",
+        "Files handed to the kernel for passthrough (once per inode and mount); \
+         their reads bypass the daemon and are not in shoal_fuse_read_bytes.",
+        &[("", "", load(&f.passthrough_files))],
+    )?;
+    let (objects, object_bytes) = store.objects().totals();
+    gauge(
+        &mut enc,
+        "shoal_file_objects",
+        "Whole-file objects (large all-local files laid out for passthrough).",
+        objects,
+    )?;
+    gauge(
+        &mut enc,
+        "shoal_file_object_bytes",
+        "Bytes in whole-file objects (part of shoal_cache_bytes).",
+        object_bytes,
+    )?;
     gauge(
         &mut enc,
         "shoal_layers_mounted",

@@ -341,6 +341,14 @@ if d1=$(check_read 1) && d2=$(check_read 2) && p1=$(pt_inodes "$layer1") && p2=$
 else
   fail "passthrough: reads" "p1=${p1:-} p2=${p2:-} big=$big ${d1:-} ${d2:-}"
 fi
+m=$(metrics || true)
+ptf=$(awk '$1 == "shoal_passthrough_files_total" {print $2}' <<<"$m")
+objs=$(awk '$1 == "shoal_file_objects" {print $2}' <<<"$m")
+if [ "${ptf:-0}" -ge $((${p1:-0} + ${p2:-0})) ] && [ "${objs:-0}" -ge "$big" ]; then
+  pass "passthrough: metrics shoal_passthrough_files_total = $ptf, shoal_file_objects = $objs"
+else
+  fail "passthrough: metrics" "shoal_passthrough_files_total=${ptf:-none} shoal_file_objects=${objs:-none}"
+fi
 # kill -9: the resumed mounts keep each inode's mode and read back equal.
 kill -KILL "$(e2e_pid_of shoal)"
 e2e_stop_pid shoal 2>/dev/null

@@ -101,6 +101,9 @@ pub struct FetchStats {
     pub served_from_cache: AtomicU64,
     /// Bytes served to FUSE readers after a fetch from a source.
     pub served_after_fetch: AtomicU64,
+    /// Files handed to the kernel for passthrough (once per inode and
+    /// mount); their reads never reach the daemon.
+    pub passthrough_files: AtomicU64,
     /// Seconds per Range request, by source.
     pub latency: Arc<LatencyFamily>,
 }
@@ -116,6 +119,7 @@ impl Default for FetchStats {
             in_flight: AtomicU64::new(0),
             served_from_cache: AtomicU64::new(0),
             served_after_fetch: AtomicU64::new(0),
+            passthrough_files: AtomicU64::new(0),
             latency: Arc::new(Family::new_with_constructor(latency_histogram)),
         }
     }

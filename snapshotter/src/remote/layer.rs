@@ -358,6 +358,10 @@ impl ChunkSource for LayerReader {
         if self.held.lock().unwrap().insert(key) {
             store.objects().hold(key);
         }
+        self.fetcher
+            .stats
+            .passthrough_files
+            .fetch_add(1, Ordering::Relaxed);
         Some(f.into())
     }
 

@@ -270,6 +270,13 @@ impl Objects {
         Ok(true)
     }
 
+    /// Objects and their bytes.
+    pub fn totals(&self) -> (u64, u64) {
+        let inner = self.inner.lock().unwrap();
+        let bytes = inner.objects.values().map(|o| o.size()).sum();
+        (inner.objects.len() as u64, bytes)
+    }
+
     /// Every chunk held in an object, with its length (for the index scan).
     pub fn chunks(&self) -> Vec<([u8; 32], u64)> {
         let inner = self.inner.lock().unwrap();
