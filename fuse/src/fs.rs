@@ -301,6 +301,20 @@ impl Filesystem for LayerFs {
         reply.ok();
     }
 
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.modes.released(ino.0);
+        reply.ok();
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.node(ino) {
             Ok(n) if n.kind() == NodeKind::Dir => reply.opened(

@@ -38,9 +38,10 @@
 //! With [`MountOptions::passthrough`], an open of a file for which
 //! [`ChunkSource::backing`] supplies a backing file is answered with
 //! `FOPEN_PASSTHROUGH`: the kernel reads that file itself and `read` is
-//! never called for it. An inode's mode is fixed at its first open for the
-//! mount's life and logged to [`MountOptions::iomode_log`], which [`attach`]
-//! reads back (`iomode.rs` says why).
+//! never called for it. An inode never has opens in both modes at once: it
+//! changes from page cache to passthrough only when every open of it has
+//! been released. Decisions are logged to [`MountOptions::iomode_log`],
+//! which [`attach`] reads back (`iomode.rs` says why).
 //!
 //! # Restarts
 //! Every worker thread reads the same open `/dev/fuse` file (no cloned fds).

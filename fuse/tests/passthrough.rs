@@ -70,3 +70,53 @@ fn passthrough_reads_skip_the_source_and_a_panicking_open_is_one_eio() {
         "{text}"
     );
 }
+
+#[test]
+fn a_file_goes_passthrough_once_its_page_cache_opens_are_released() {
+    if !fuse_available() {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let data = pattern(2 << 20, 12);
+    let backing = state.path().join("object");
+    let tree = Tree::build([file("late", 0o644, data.len() as u64, 1)]).unwrap();
+    let mut src = MemSource::new();
+    // The backing file does not exist yet: the file is not all local.
+    src.insert_with(1, data.clone(), Behaviour::Backing(backing.clone()));
+    let src = Arc::new(src);
+    let m = mount_tree_with(
+        tree,
+        src.clone(),
+        MountOptions {
+            fsname: "shoal-pt-late".into(),
+            passthrough: true,
+            iomode_log: Some(state.path().join("iomodes")),
+            ..MountOptions::default()
+        },
+    );
+    // An open that stays alive across the moment the file becomes local.
+    let held = fs::File::open(m.join("late")).unwrap();
+    assert_eq!(fs::read(m.join("late")).unwrap(), data);
+    assert!(src.reads() > 0);
+    fs::write(&backing, &data).unwrap();
+    // Still cached while `held` is open (mixing modes would fail opens).
+    assert_eq!(fs::read(m.join("late")).unwrap(), data);
+    assert_eq!(m.mounted().stats().passthrough_opens, 0);
+    drop(held);
+    // Releases reach the daemon asynchronously; the next open after the
+    // last one is released is answered with passthrough.
+    let mut tries = 0;
+    while m.mounted().stats().passthrough_opens == 0 && tries < 100 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(fs::read(m.join("late")).unwrap(), data);
+        tries += 1;
+    }
+    assert_eq!(
+        m.mounted().stats().passthrough_opens,
+        1,
+        "after {tries} tries"
+    );
+    let reads = src.reads();
+    assert_eq!(fs::read(m.join("late")).unwrap(), data);
+    assert_eq!(src.reads(), reads, "passthrough reads reached the source");
+}
