@@ -21,21 +21,9 @@ use shoal::remote::gc::CacheConfig;
 
 mod common;
 use common::estargz::{Entry, Format, Layer};
-use common::{labels, open_snapshotter_with, MemBlob};
+use common::{labels, noise, open_snapshotter_with, MemBlob};
 
 const CHUNK: usize = 256 << 10;
-
-fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// Two large files (several chunks, over the passthrough threshold) and a
 /// small one.
@@ -45,6 +33,33 @@ fn files() -> Vec<(&'static str, Vec<u8>)> {
         ("big2", noise(3 * (1 << 19), 2)),
         ("small", noise(10_000, 3)),
     ]
+}
+
+/// The layer of [`files`] as an eStargz blob in memory, and its TOC digest.
+fn blob() -> (Arc<MemBlob>, String) {
+    let entries: Vec<Entry> = files()
+        .into_iter()
+        .map(|(n, d)| Entry::file(n, d))
+        .collect();
+    let (blob, toc) = Layer::new(Format::Estargz, CHUNK, &entries).blob();
+    (MemBlob::new(blob), toc)
+}
+
+/// A snapshotter at `dir` (no memory cache: FUSE reads come from the disk
+/// store) with the layer mounted, fetched and laid out: it and the mount.
+fn laid_out(
+    dir: &Path,
+    blob: &Arc<MemBlob>,
+    toc: &str,
+    rt: &tokio::runtime::Runtime,
+    clock: Arc<ManualClock>,
+) -> (Snapshotter, PathBuf) {
+    let sn = open_snapshotter_with(dir, blob.clone(), rt, 0, clock);
+    let root = prepare(&sn, toc);
+    let remote = sn.remote().unwrap();
+    let id = remote.status()[0].id;
+    rt.block_on(remote.fetch_and_lay_out(id)).unwrap();
+    (sn, root)
 }
 
 fn prepare(sn: &Snapshotter, toc: &str) -> PathBuf {
@@ -79,19 +94,10 @@ fn large_local_files_bypass_the_daemon_and_keep_their_backing_files_while_mounte
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let files = files();
-    let entries: Vec<Entry> = files
-        .iter()
-        .map(|(n, d)| Entry::file(n, d.clone()))
-        .collect();
-    let (blob, toc) = Layer::new(Format::Estargz, CHUNK, &entries).blob();
-    let blob = MemBlob::new(blob);
+    let (blob, toc) = blob();
     let clock = Arc::new(ManualClock::new(1_000_000));
-    // No memory cache: a FUSE read is served from the disk store.
-    let sn = open_snapshotter_with(dir.path(), blob.clone(), &rt, 0, clock.clone());
-    let root = prepare(&sn, &toc);
+    let (sn, root) = laid_out(dir.path(), &blob, &toc, &rt, clock);
     let remote = sn.remote().unwrap();
-    let id = remote.status()[0].id;
-    rt.block_on(remote.fetch_and_lay_out(id)).unwrap();
     let store = remote.fetcher().store().clone();
     let objects_dir = dir.path().join("chunks/files");
     let object_files = || {
@@ -154,21 +160,10 @@ fn a_rotted_object_is_dropped_before_the_kernel_reads_it() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let files = files();
-    let entries: Vec<Entry> = files
-        .iter()
-        .map(|(n, d)| Entry::file(n, d.clone()))
-        .collect();
-    let (blob, toc) = Layer::new(Format::Estargz, CHUNK, &entries).blob();
-    let blob = MemBlob::new(blob);
+    let (blob, toc) = blob();
     let clock = Arc::new(ManualClock::new(1_000_000));
-    {
-        let sn = open_snapshotter_with(dir.path(), blob.clone(), &rt, 0, clock.clone());
-        prepare(&sn, &toc);
-        let remote = sn.remote().unwrap();
-        let id = remote.status()[0].id;
-        rt.block_on(remote.fetch_and_lay_out(id)).unwrap();
-        // Dropping the snapshotter unmounts.
-    }
+    // Dropping the snapshotter unmounts.
+    drop(laid_out(dir.path(), &blob, &toc, &rt, clock.clone()));
     // Flip one byte of every object on disk while no daemon runs.
     for d in std::fs::read_dir(dir.path().join("chunks/files"))
         .unwrap()

@@ -320,14 +320,7 @@ impl ChunkStore {
             return Some(b);
         }
         let path = self.path(digest);
-        let read = {
-            *self.busy.lock().unwrap().entry(*digest).or_insert(0) += 1;
-            let _guard = ReadGuard {
-                store: self,
-                digest: *digest,
-            };
-            fs::read(&path)
-        };
+        let read = self.reading(digest, || fs::read(&path));
         // Moved into an object between the two looks (see `consolidate`).
         let read = match read {
             Err(e) if e.kind() == io::ErrorKind::NotFound => match self.get_from_object(digest) {
@@ -337,12 +330,7 @@ impl ChunkStore {
             r => r,
         };
         match read.map(|data| verify_file(data, digest)) {
-            Ok(Some(b)) => {
-                self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-                self.index.touch(digest, self.clock.now());
-                self.remember(*digest, b.clone());
-                Some(b)
-            }
+            Ok(Some(b)) => Some(self.disk_hit(digest, b)),
             Ok(None) => {
                 self.stats.corrupt_on_disk.fetch_add(1, Ordering::Relaxed);
                 warn!(chunk = %hex::encode(digest), path = %path.display(),
@@ -357,6 +345,26 @@ impl ChunkStore {
                 None
             }
         }
+    }
+
+    /// Counts a verified chunk read from disk, notes the access, keeps it
+    /// in memory.
+    fn disk_hit(&self, digest: &[u8; 32], b: Bytes) -> Bytes {
+        self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+        self.index.touch(digest, self.clock.now());
+        self.remember(*digest, b.clone());
+        b
+    }
+
+    /// Runs `f` (a disk read of chunk `digest`) with the reader guard
+    /// held, so GC leaves the chunk alone meanwhile.
+    fn reading<T>(&self, digest: &[u8; 32], f: impl FnOnce() -> T) -> T {
+        *self.busy.lock().unwrap().entry(*digest).or_insert(0) += 1;
+        let _guard = ReadGuard {
+            store: self,
+            digest: *digest,
+        };
+        f()
     }
 
     /// Whether `digest` is stored (without reading it).
@@ -382,21 +390,9 @@ impl ChunkStore {
     /// misses, and the error is logged).
     fn get_from_object(&self, digest: &[u8; 32]) -> Option<Bytes> {
         let (o, p) = self.objects.locate(digest)?;
-        let read = {
-            *self.busy.lock().unwrap().entry(*digest).or_insert(0) += 1;
-            let _guard = ReadGuard {
-                store: self,
-                digest: *digest,
-            };
-            self.objects.read(&o, &p)
-        };
+        let read = self.reading(digest, || self.objects.read(&o, &p));
         match read {
-            Ok(Some(b)) => {
-                self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-                self.index.touch(digest, self.clock.now());
-                self.remember(*digest, b.clone());
-                Some(b)
-            }
+            Ok(Some(b)) => Some(self.disk_hit(digest, b)),
             Ok(None) => {
                 self.stats.corrupt_on_disk.fetch_add(1, Ordering::Relaxed);
                 error!(chunk = %hex::encode(digest), object = %o.path.display(),

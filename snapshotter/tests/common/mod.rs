@@ -173,3 +173,16 @@ pub fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
     let text = String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned();
     (out, text)
 }
+
+/// Deterministic pseudo-random bytes (xorshift), distinct per seed.
+pub fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
