@@ -95,6 +95,16 @@ pub fn gc(address: &Path, dry_run: bool, as_json: bool) -> anyhow::Result<()> {
         r.skipped_busy,
         if r.disk_full { "; DISK FULL" } else { "" }
     );
+    println!(
+        "kept TOCs: {} {}, {} left",
+        r.tocs_removed,
+        if r.dry_run {
+            "would be removed"
+        } else {
+            "removed"
+        },
+        r.tocs_kept
+    );
     for l in &r.unfetchable_layers {
         println!("  cannot be fetched now: {l}");
     }
@@ -128,7 +138,7 @@ pub fn pin(address: &Path, target: &str, unpin: bool) -> anyhow::Result<()> {
         (true, false) => "was not pinned",
     };
     println!(
-        "{target}: {what} (covers {} mounted layer(s) now)",
+        "{target}: {what} (covers {} layer(s) now, mounted or with a kept TOC)",
         r.layers
     );
     Ok(())
@@ -152,6 +162,7 @@ pub fn report_json(r: &GcReport) -> Value {
         "freed_bytes": r.freed_bytes, "evicted_chunks": r.evicted_chunks,
         "evicted_expired": r.evicted_expired, "evicted_lru": r.evicted_lru,
         "evicted_unfetchable": r.evicted_unfetchable, "skipped_busy": r.skipped_busy,
+        "tocs_removed": r.tocs_removed, "tocs_kept": r.tocs_kept,
         "pinned_bytes": r.pinned_bytes, "kept_unfetchable_bytes": r.kept_unfetchable_bytes,
         "disk_full": r.disk_full, "unfetchable_layers": r.unfetchable_layers,
     })
