@@ -291,7 +291,7 @@ pub fn print_text(layers: &[LayerStatus], u: &CacheUsage) {
     }
     match &u.last_gc {
         Some(g) => println!(
-            "last GC ({}, {}s ago epoch {}): freed {} in {} chunk(s), cache {} -> {}{}",
+            "last GC ({}, {}s ago epoch {}): freed {} in {} chunk(s), cache {} -> {}; {} kept TOC(s) removed, {} left{}",
             g.trigger,
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -302,6 +302,8 @@ pub fn print_text(layers: &[LayerStatus], u: &CacheUsage) {
             g.evicted_chunks,
             human(g.used_before),
             human(g.used_after),
+            g.tocs_removed,
+            g.tocs_kept,
             if g.disk_full { ", DISK FULL" } else { "" }
         ),
         None => println!("last GC: none yet"),
