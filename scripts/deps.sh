@@ -13,6 +13,7 @@ packages=(
   fuse3 iproute2 jq          # FUSE mounts, netns/qdisc and ss, JSON
   golang-go golang-github-containerd-containerd-dev  # conformance suite
   systemd                    # systemd-analyze verify for the unit file
+  strace                     # daemon.rs: the directory fsyncs of a Prepare
   ca-certificates git build-essential pkg-config  # what cargo builds need
   protobuf-compiler          # protoc for containerd-client's build script
 )

@@ -95,6 +95,16 @@ pub fn gc(address: &Path, dry_run: bool, as_json: bool) -> anyhow::Result<()> {
         r.skipped_busy,
         if r.disk_full { "; DISK FULL" } else { "" }
     );
+    println!(
+        "kept TOCs: {} {}, {} left",
+        r.tocs_removed,
+        if r.dry_run {
+            "would be removed"
+        } else {
+            "removed"
+        },
+        r.tocs_kept
+    );
     for l in &r.unfetchable_layers {
         println!("  cannot be fetched now: {l}");
     }
@@ -128,7 +138,7 @@ pub fn pin(address: &Path, target: &str, unpin: bool) -> anyhow::Result<()> {
         (true, false) => "was not pinned",
     };
     println!(
-        "{target}: {what} (covers {} mounted layer(s) now)",
+        "{target}: {what} (covers {} layer(s) now, mounted or with a kept TOC)",
         r.layers
     );
     Ok(())
@@ -152,6 +162,7 @@ pub fn report_json(r: &GcReport) -> Value {
         "freed_bytes": r.freed_bytes, "evicted_chunks": r.evicted_chunks,
         "evicted_expired": r.evicted_expired, "evicted_lru": r.evicted_lru,
         "evicted_unfetchable": r.evicted_unfetchable, "skipped_busy": r.skipped_busy,
+        "tocs_removed": r.tocs_removed, "tocs_kept": r.tocs_kept,
         "pinned_bytes": r.pinned_bytes, "kept_unfetchable_bytes": r.kept_unfetchable_bytes,
         "disk_full": r.disk_full, "unfetchable_layers": r.unfetchable_layers,
     })
@@ -280,7 +291,7 @@ pub fn print_text(layers: &[LayerStatus], u: &CacheUsage) {
     }
     match &u.last_gc {
         Some(g) => println!(
-            "last GC ({}, {}s ago epoch {}): freed {} in {} chunk(s), cache {} -> {}{}",
+            "last GC ({}, {}s ago epoch {}): freed {} in {} chunk(s), cache {} -> {}; {} kept TOC(s) removed, {} left{}",
             g.trigger,
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -291,6 +302,8 @@ pub fn print_text(layers: &[LayerStatus], u: &CacheUsage) {
             g.evicted_chunks,
             human(g.used_before),
             human(g.used_after),
+            g.tocs_removed,
+            g.tocs_kept,
             if g.disk_full { ", DISK FULL" } else { "" }
         ),
         None => println!("last GC: none yet"),

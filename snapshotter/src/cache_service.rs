@@ -52,6 +52,8 @@ pub fn report_to_proto(r: gc::GcReport) -> GcReport {
         kept_unfetchable_bytes: r.kept_unfetchable_bytes,
         disk_full: r.disk_full,
         unfetchable_layers: r.unfetchable_layers,
+        tocs_removed: r.tocs_removed,
+        tocs_kept: r.tocs_kept,
     }
 }
 

@@ -149,6 +149,25 @@ fn decode(key: &str, bytes: &[u8]) -> Result<Record> {
     })
 }
 
+/// Every remote snapshot in `db`: `(name, id, remote)`. For readers that
+/// hold only the database (the TOC GC).
+///
+/// # Errors
+/// Store errors.
+pub fn remotes_in(db: &Database) -> Result<Vec<(String, u64, RemoteRef)>> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(SNAPSHOTS)?;
+    let mut out = Vec::new();
+    for entry in table.iter()? {
+        let (k, v) = entry?;
+        let rec = decode(k.value(), v.value())?;
+        if let Some(r) = rec.remote {
+            out.push((k.value().to_owned(), rec.id, r));
+        }
+    }
+    Ok(out)
+}
+
 fn encode(record: &Record) -> Vec<u8> {
     serde_json::to_vec(record).expect("a Record always serialises")
 }
@@ -381,17 +400,7 @@ impl MetaStore {
     /// # Errors
     /// Store errors.
     pub fn remotes(&self) -> Result<Vec<(String, u64, RemoteRef)>> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(SNAPSHOTS)?;
-        let mut out = Vec::new();
-        for entry in table.iter()? {
-            let (k, v) = entry?;
-            let rec = decode(k.value(), v.value())?;
-            if let Some(r) = rec.remote {
-                out.push((k.value().to_owned(), rec.id, r));
-            }
-        }
-        Ok(out)
+        remotes_in(&self.db)
     }
 
     /// Turns active snapshot `key` (whose id must be `id`) into committed

@@ -72,6 +72,7 @@ impl Snapshotter {
             .recursive(true)
             .mode(0o700)
             .create(root.join("snapshots"))
+            .and_then(|()| fsync_dir(root))
             .map_err(|e| Error::io(format!("create {}", root.display()), e))?;
         let lock_path = root.join("lock");
         let lock_file = File::options()
@@ -317,8 +318,10 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// Runs inside the create transaction: builds `new-ID`, then renames it to
-    /// `ID`, so the directory is complete before metadata names it. If the
+    /// Runs inside the create transaction: builds `new-ID`, fsyncs it, renames
+    /// it to `ID` and fsyncs `snapshots/`, so the directory is complete and
+    /// durable before metadata names it (the redb commit that follows is
+    /// durable too: an acknowledged Prepare survives a power cut). If the
     /// transaction then fails to commit (or the process dies), the directory
     /// is garbage: cleanup removes it, and since the id allocation was rolled
     /// back too, the next create of that id clears it first.
@@ -338,9 +341,11 @@ impl Snapshotter {
                 let md = fs::metadata(self.upper_path(pid))?;
                 std::os::unix::fs::lchown(tmp.join("fs"), Some(md.uid()), Some(md.gid()))?;
             }
+            fsync_dir(&tmp)?;
             let dst = self.dir(snap.id);
             remove_all(&dst)?;
-            fs::rename(&tmp, &dst)
+            fs::rename(&tmp, &dst)?;
+            fsync_dir(&self.snapshots_dir())
         })();
         result.map_err(|e| {
             let _ = remove_all(&tmp);
@@ -481,6 +486,11 @@ fn field(info: &Info, path: &[String]) -> Option<String> {
 /// Lazily detaches whatever is mounted at `path`, if anything.
 fn detach(path: &Path) {
     let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+}
+
+/// Makes `dir`'s entries (creations, renames) durable.
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 fn remove_all(path: &Path) -> io::Result<()> {

@@ -1,6 +1,7 @@
 //! The chunk cache with real FUSE mounts: GC while readers hammer a mounted
-//! layer, pins, the unreferenced TTL under an injected clock, layers whose
-//! registry is unreachable, and what survives a restart. The blob is served
+//! layer, pins (of mounted layers, and of layers unmounted and removed), the
+//! unreferenced TTL under an injected clock, the kept TOCs' GC, layers whose
+//! registry is unreachable or silent, and what survives a restart. The blob is served
 //! from memory (tests/common::MemBlob) so the source can be taken offline on
 //! demand; tests/e2e/cache.sh covers a real registry and containerd.
 
@@ -20,7 +21,7 @@ use shoal::remote::gc::CacheConfig;
 
 mod common;
 use common::estargz::{Entry, Format, Layer};
-use common::{labels, open_snapshotter_with, MemBlob};
+use common::{labels, labels_for, open_snapshotter_blobs, open_snapshotter_with, MemBlob};
 
 const IMAGE: &str = "127.0.0.1:5000/hostile:t";
 const FILES: usize = 24;
@@ -62,13 +63,13 @@ fn layer(seed: u64) -> (Vec<u8>, String, Files) {
 }
 
 fn prepare(sn: &Snapshotter, toc: &str, n: u32) -> PathBuf {
+    prepare_labelled(sn, n, labels(toc, &format!("chain-{n}")))
+}
+
+/// Mounts a layer as committed snapshot `chain-N` and a view `view-N` of it.
+fn prepare_labelled(sn: &Snapshotter, n: u32, labels: BTreeMap<String, String>) -> PathBuf {
     let chain = format!("chain-{n}");
-    let r = sn.create(
-        Kind::Active,
-        &format!("extract-{n}"),
-        None,
-        labels(toc, &chain),
-    );
+    let r = sn.create(Kind::Active, &format!("extract-{n}"), None, labels);
     assert!(matches!(r, Err(Error::AlreadyExists(_))), "{r:?}");
     let m = sn
         .create(
@@ -398,5 +399,219 @@ async fn a_chunk_shared_by_two_layers_is_fetched_once_when_both_read_it_at_once(
     assert!(
         bytes <= one_copy,
         "{bytes} bytes fetched for a file whose chunks take {one_copy} bytes in one blob"
+    );
+}
+
+fn stored(store: &shoal::remote::store::ChunkStore) -> std::collections::BTreeSet<[u8; 32]> {
+    store
+        .index()
+        .snapshot()
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect()
+}
+
+fn toc_files(root: &Path) -> usize {
+    std::fs::read_dir(root.join("tocs")).unwrap().count()
+}
+
+#[test]
+fn a_pin_keeps_an_unmounted_removed_layer_across_restart_and_its_toc_outlives_unpinned_ones() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pinned_layer = format!("sha256:{}", "a".repeat(64));
+    let other_layer = format!("sha256:{}", "b".repeat(64));
+    let (blob_a, toc_a, files_a) = layer(4);
+    let (blob_b, toc_b, files_b) = layer(5);
+    let blobs = Arc::new(common::MemBlobsByDigest(
+        [
+            (pinned_layer.clone(), MemBlob::new(blob_a)),
+            (other_layer.clone(), MemBlob::new(blob_b)),
+        ]
+        .into(),
+    ));
+    let clock = Arc::new(ManualClock::new(9_000_000));
+    let sn = open_snapshotter_blobs(dir.path(), blobs.clone(), &rt, 0, clock.clone());
+    let cache = sn.remote().unwrap().cache().clone();
+    let store = cache.store().clone();
+    let root = prepare_labelled(
+        &sn,
+        1,
+        labels_for(&toc_a, "chain-1", "127.0.0.1:5000/a:t", &pinned_layer),
+    );
+    for (name, want) in files_a.iter() {
+        assert_eq!(read_uncached(&root.join(name)).unwrap(), *want);
+    }
+    let set_a = stored(&store);
+    let root = prepare_labelled(
+        &sn,
+        2,
+        labels_for(&toc_b, "chain-2", "127.0.0.1:5000/b:t", &other_layer),
+    );
+    for (name, want) in files_b.iter() {
+        assert_eq!(read_uncached(&root.join(name)).unwrap(), *want);
+    }
+    let set_b: std::collections::BTreeSet<_> = stored(&store).difference(&set_a).copied().collect();
+    assert_eq!(set_a.len(), FILES * FILE_BYTES / CHUNK);
+    assert_eq!(set_b.len(), set_a.len());
+    let bytes_a: u64 = store
+        .index()
+        .snapshot()
+        .iter()
+        .filter(|(d, _)| set_a.contains(d))
+        .map(|(_, e)| e.size)
+        .sum();
+    assert_eq!(toc_files(dir.path()), 4, "two TOCs, two footers");
+
+    // Mounted TOCs are never collected, however old.
+    cache.configure(cfg(0, 90, 50, 100));
+    clock.advance(10_000);
+    let r = rt.block_on(cache.gc(false, "test"));
+    assert_eq!((r.tocs_removed, r.tocs_kept), (0, 2), "{r:?}");
+
+    let p = cache.pin(&pinned_layer).unwrap();
+    assert_eq!((p.changed, p.layers), (true, 1));
+    for n in [1, 2] {
+        sn.remove(&format!("view-{n}")).unwrap();
+        sn.remove(&format!("chain-{n}")).unwrap();
+    }
+    assert_eq!(sn.remote().unwrap().mounted_count(), 0);
+    // The pin still covers the unmounted layer, through its kept TOC.
+    let p = cache.pin(&pinned_layer).unwrap();
+    assert_eq!((p.changed, p.layers), (false, 1));
+
+    // A limit far below the pinned layer: everything else goes, it stays.
+    cache.configure(cfg(bytes_a / 8, 50, 10, 100));
+    let r = rt.block_on(cache.gc(false, "test"));
+    assert_eq!(r.evicted_chunks as usize, set_b.len(), "{r:?}");
+    assert_eq!(r.pinned_bytes, bytes_a);
+    assert_eq!(stored(&store), set_a);
+    // Both TOCs are kept: one pinned, one unreferenced for less than the TTL.
+    assert_eq!((r.tocs_removed, r.tocs_kept), (0, 2));
+    clock.advance(99);
+    let r = rt.block_on(cache.gc(false, "test"));
+    assert_eq!((r.tocs_removed, r.tocs_kept), (0, 2), "{r:?}");
+    let dry = rt.block_on(cache.gc(true, "test"));
+    assert_eq!(dry.tocs_removed, 0);
+    clock.advance(1);
+    let dry = rt.block_on(cache.gc(true, "test"));
+    assert_eq!((dry.tocs_removed, dry.tocs_kept), (1, 1), "{dry:?}");
+    assert_eq!(toc_files(dir.path()), 4, "a dry run removes nothing");
+    let r = rt.block_on(cache.gc(false, "test"));
+    assert_eq!((r.tocs_removed, r.tocs_kept), (1, 1), "{r:?}");
+    let (toc_path, footer_path) = cache.tocs().paths(&toc_b);
+    assert!(!toc_path.exists() && !footer_path.exists());
+    let (toc_path, footer_path) = cache.tocs().paths(&toc_a);
+    assert!(toc_path.exists() && footer_path.exists());
+
+    // A restart: no snapshot left, yet the pin still finds the layer's chunks.
+    drop((cache, store, root));
+    drop(sn);
+    let sn = open_snapshotter_blobs(dir.path(), blobs.clone(), &rt, 0, clock.clone());
+    let cache = sn.remote().unwrap().cache().clone();
+    let store = cache.store().clone();
+    assert_eq!(stored(&store), set_a);
+    cache.configure(cfg(bytes_a / 8, 50, 10, 100));
+    clock.advance(1000);
+    let r = rt.block_on(cache.gc(false, "test"));
+    assert_eq!((r.evicted_chunks, r.pinned_bytes), (0, bytes_a), "{r:?}");
+    assert_eq!((r.tocs_removed, r.tocs_kept), (0, 1));
+    assert_eq!(stored(&store), set_a);
+
+    // Unpinned, it goes like any other: chunks and TOC.
+    assert!(cache.unpin(&pinned_layer).unwrap().changed);
+    let r = rt.block_on(cache.gc(false, "test"));
+    assert_eq!(r.evicted_chunks as usize, set_a.len(), "{r:?}");
+    assert_eq!((r.tocs_removed, r.tocs_kept), (1, 0));
+    assert_eq!(store.index().used(), 0);
+    assert_eq!(toc_files(dir.path()), 0);
+    assert_eq!(cache.pin(&pinned_layer).unwrap().layers, 0);
+}
+
+/// Accepts TCP connections and never answers: a registry that hangs.
+fn silent_listener() -> (u16, Arc<AtomicU64>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in l.incoming().flatten() {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    (port, accepted)
+}
+
+#[test]
+fn probes_of_many_layers_from_a_silent_registry_take_about_one_timeout() {
+    use shoal::metadata::RemoteRef;
+    use shoal::registry::{Registry, RegistryConfig};
+    use shoal::remote::cache::{Cache, PROBE_CONCURRENCY, PROBE_TIMEOUT};
+    use shoal::remote::layer::LayerReader;
+    use shoal::remote::layers::Blobs;
+    use shoal::remote::toc::{parse_footer, Toc, FOOTER_FETCH};
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (port, accepted) = silent_listener();
+    let registry = Registry::new(RegistryConfig {
+        config_path: dir.path().join("certs.d"),
+        request_timeout: Duration::from_secs(60),
+        retries: 0,
+        max_concurrent: PROBE_CONCURRENCY,
+        credentials: Vec::new(),
+        docker_config: Some(dir.path().join("no-docker-config.json")),
+    })
+    .unwrap();
+    let blobs: Arc<dyn Blobs> =
+        Arc::new(shoal::remote::registry_blobs::RegistryBlobs::new(registry));
+    let store =
+        Arc::new(shoal::remote::store::ChunkStore::open(&dir.path().join("chunks"), 0).unwrap());
+    let fetcher = Arc::new(shoal::remote::fetch::Fetcher::new(store.clone()));
+    let tocs = Arc::new(shoal::remote::tocs::KeptTocs::new(dir.path().join("tocs")).unwrap());
+    let cache = Cache::new(store, blobs.clone(), tocs);
+    let (blob, digest, _) = layer(6);
+    let size = blob.len() as u64;
+    let footer = parse_footer(&blob[(size - FOOTER_FETCH) as usize..], size).unwrap();
+    let toc = &blob[footer.toc_offset as usize..(footer.toc_offset + footer.toc_len) as usize];
+    let toc = Arc::new(Toc::parse(toc, &footer, &digest).unwrap());
+    let n = PROBE_CONCURRENCY;
+    for i in 0..n {
+        let r = RemoteRef {
+            image_ref: format!("127.0.0.1:{port}/dead:t"),
+            layer_digest: format!("sha256:{i:064x}"),
+            toc_digest: digest.clone(),
+        };
+        let reader = Arc::new(LayerReader::new(
+            r.layer_digest.clone(),
+            toc.clone(),
+            fetcher.clone(),
+            blobs.source(&r),
+            rt.handle().clone(),
+        ));
+        cache.register(i as u64, r, reader);
+    }
+    let started = Instant::now();
+    let r = rt.block_on(cache.gc(true, "test"));
+    let took = started.elapsed();
+    eprintln!(
+        "GC probing {n} layers of a silent registry took {took:?} (probe timeout {PROBE_TIMEOUT:?}); {} connection(s) accepted",
+        accepted.load(Ordering::SeqCst)
+    );
+    assert_eq!(r.unfetchable_layers.len(), n, "{r:?}");
+    assert!(
+        accepted.load(Ordering::SeqCst) >= 1,
+        "the probes never reached the listener"
+    );
+    assert!(
+        took >= PROBE_TIMEOUT,
+        "the probes did not wait for the silent registry: {took:?}"
+    );
+    // One after another they would take n timeouts.
+    assert!(
+        took < PROBE_TIMEOUT * 2,
+        "{n} probes took {took:?}: not concurrent"
     );
 }

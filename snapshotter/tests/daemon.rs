@@ -496,3 +496,96 @@ async fn kill_9_during_a_burst_of_prepare_and_commit_loses_no_committed_snapshot
         acked.len()
     );
 }
+
+/// A Prepare makes its directory durable before it is acknowledged: the new
+/// directory is fsynced before its rename into place, and `snapshots/` after
+/// it (a power cut otherwise can lose a snapshot whose record redb kept).
+/// Observed with strace on the real daemon.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prepare_fsyncs_the_new_directory_and_snapshots_before_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, socket, log) = (
+        dir.path().join("root"),
+        dir.path().join("s.sock"),
+        dir.path().join("log"),
+    );
+    let trace = dir.path().join("strace");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut child = Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-y",
+            "-e",
+            "trace=fsync,rename,renameat,renameat2",
+            "-o",
+        ])
+        .arg(&trace)
+        .arg(BIN)
+        .args(["--root".as_ref(), root.as_os_str()])
+        .args(["--address".as_ref(), socket.as_os_str()])
+        .args(["--config".as_ref(), empty_config(&root).as_os_str()])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("strace (scripts/deps.sh installs it)");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not listen within 30s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = connect(&socket).await.unwrap();
+    c.prepare(prepare("durable", "")).await.unwrap();
+    assert_eq!(list(&mut c, &[]).await.unwrap().len(), 1);
+    // Stop the daemon itself (strace's child), so strace exits with it and
+    // never leaves it running detached.
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id())).unwrap();
+    let daemon: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(
+        wait_timeout(&mut child, Duration::from_secs(20)).is_some(),
+        "daemon did not stop"
+    );
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let snapshots = root.canonicalize().unwrap().join("snapshots");
+    let lines: Vec<&str> = text.lines().collect();
+    // rename(".../snapshots/new-ID", ".../snapshots/ID")
+    let (renamed, id) = lines
+        .iter()
+        .enumerate()
+        .find_map(|(i, l)| {
+            let rest = l.split("/snapshots/new-").nth(1)?.split('"').next()?;
+            (l.contains("rename") && l.contains(&format!("/snapshots/{rest}\"")))
+                .then(|| (i, rest.to_owned()))
+        })
+        .unwrap_or_else(|| panic!("no rename of snapshots/new-ID to ID in:\n{text}"));
+    let synced_new = lines.iter().position(|l| {
+        l.contains("fsync(") && l.contains(&format!("{}/new-{id}>", snapshots.display()))
+    });
+    let synced_parent = lines
+        .iter()
+        .skip(renamed)
+        .any(|l| l.contains("fsync(") && l.contains(&format!("{}>", snapshots.display())));
+    assert!(
+        synced_new.is_some_and(|i| i < renamed),
+        "new-{id} was not fsynced before its rename:\n{text}"
+    );
+    assert!(
+        synced_parent,
+        "snapshots/ was not fsynced after the rename:\n{text}"
+    );
+}

@@ -207,8 +207,10 @@ else
   pass "shoal pin refuses a bad target: $(tail -n 1 <<<"$out")"
 fi
 if g=$("$cli" gc --address "$sock" --json) && jq -e '.dry_run == false' <<<"$g" >/dev/null &&
+  tocs=$(status_json | jq '[.layers[].toc_digest] | unique | length') &&
+  jq -e --argjson n "$tocs" '.tocs_removed == 0 and .tocs_kept >= $n and $n > 0' <<<"$g" >/dev/null &&
   status_json | jq -e '.cache.last_gc.trigger == "manual"' >/dev/null; then
-  pass "shoal gc --json ran; status shows it as the last GC"
+  pass "shoal gc --json ran, kept the TOCs of the $tocs mounted layer(s) ($(jq -c '{tocs_kept, tocs_removed}' <<<"$g")); status shows it as the last GC"
 else
   fail "shoal gc --json" "${g:-no output}"
 fi

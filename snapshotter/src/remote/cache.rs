@@ -1,10 +1,15 @@
 //! The chunk cache's control half: which mounted layers reference which
 //! chunks, pins, "can this layer be fetched again?" probes, and running GC
 //! ([`super::gc`] decides, this applies) periodically, when usage crosses
-//! the high watermark, and on `shoal gc`.
+//! the high watermark, and on `shoal gc`. Each run also collects the kept
+//! TOCs ([`super::tocs`]), which name the chunks of pinned layers that are
+//! not mounted.
 //!
 //! Invariants:
 //! - One GC run at a time (`running`).
+//! - Probes run concurrently, at most [`PROBE_CONCURRENCY`] at a time, each
+//!   within [`PROBE_TIMEOUT`]: a dead registry costs a run about one
+//!   timeout, not one per layer.
 //! - Access times reach redb at most every [`FLUSH_INTERVAL`], and after
 //!   each GC run.
 //! - A layer counts as fetchable only if its blob's size was read from its
@@ -17,17 +22,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
 use super::gc::{plan, CacheConfig, GcReport, LayerRefs, Why, FLUSH_INTERVAL, PROBE_TTL};
 use super::layer::LayerReader;
 use super::layers::Blobs;
 use super::store::{ChunkStore, Evicted};
+use super::tocs::KeptTocs;
 use crate::metadata::RemoteRef;
 use crate::registry::Reference;
 
 /// How long one fetchability probe may take.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many fetchability probes run at once.
+pub const PROBE_CONCURRENCY: usize = 8;
 
 /// Counters for metrics.
 #[derive(Debug, Default)]
@@ -46,6 +56,7 @@ struct Mounted {
 pub struct Cache {
     store: Arc<ChunkStore>,
     blobs: Arc<dyn Blobs>,
+    tocs: Arc<KeptTocs>,
     cfg: Mutex<CacheConfig>,
     layers: Mutex<HashMap<u64, Mounted>>,
     probes: Mutex<HashMap<String, (Instant, bool)>>,
@@ -60,7 +71,7 @@ pub struct Cache {
 pub struct PinOutcome {
     /// The pin was added (pin) or removed (unpin); false: nothing changed.
     pub changed: bool,
-    /// Mounted layers it covers now.
+    /// Layers it covers now: mounted, or with a kept TOC.
     pub layers: u64,
 }
 
@@ -88,11 +99,13 @@ pub fn check_pin_target(target: &str) -> Result<(), String> {
 }
 
 impl Cache {
-    /// A cache over `store`, probing layers through `blobs`.
-    pub fn new(store: Arc<ChunkStore>, blobs: Arc<dyn Blobs>) -> Cache {
+    /// A cache over `store`, probing layers through `blobs`, with the
+    /// layers' TOCs kept in `tocs`.
+    pub fn new(store: Arc<ChunkStore>, blobs: Arc<dyn Blobs>, tocs: Arc<KeptTocs>) -> Cache {
         Cache {
             store,
             blobs,
+            tocs,
             cfg: Mutex::new(CacheConfig::default()),
             layers: Mutex::new(HashMap::new()),
             probes: Mutex::new(HashMap::new()),
@@ -118,7 +131,13 @@ impl Cache {
         &self.store
     }
 
+    /// The kept TOCs.
+    pub fn tocs(&self) -> &Arc<KeptTocs> {
+        &self.tocs
+    }
+
     /// Notes that snapshot `id` serves layer `remote` through `reader`.
+    /// Memory only: it runs inside the snapshot's write transaction.
     pub fn register(&self, id: u64, remote: RemoteRef, reader: Arc<LayerReader>) {
         self.layers
             .lock()
@@ -126,9 +145,18 @@ impl Cache {
             .insert(id, Mounted { remote, reader });
     }
 
-    /// Notes that snapshot `id` is unmounted.
+    /// Notes that snapshot `id` is unmounted, and records its layer with
+    /// its kept TOC so pins still cover it. Blocking (a database write the
+    /// first time a layer or image is unmounted); never call it inside a
+    /// redb write transaction.
     pub fn unregister(&self, id: u64) {
-        self.layers.lock().unwrap().remove(&id);
+        let Some(m) = self.layers.lock().unwrap().remove(&id) else {
+            return;
+        };
+        if let Err(e) = self.tocs.note_mounted(&m.remote) {
+            error!(layer = %m.remote.layer_digest, error = %e,
+                   "cannot record the layer; a pin will not keep its chunks now it is unmounted");
+        }
     }
 
     /// Whether `remote` is covered by a pin in `pins`.
@@ -144,18 +172,32 @@ impl Cache {
         })
     }
 
+    /// Distinct layers (by TOC) `target` covers: mounted, or recorded with
+    /// a kept TOC.
     fn covered(&self, target: &str) -> u64 {
         let pins = HashSet::from([target.to_owned()]);
-        self.layers
+        let mut tocs: HashSet<String> = self
+            .layers
             .lock()
             .unwrap()
             .values()
             .filter(|m| Self::is_pinned(&pins, &m.remote))
-            .count() as u64
+            .map(|m| m.remote.toc_digest.clone())
+            .collect();
+        match self.tocs.records() {
+            Ok(r) => tocs.extend(
+                r.into_iter()
+                    .filter(|(_, rec)| rec.pinned_by(&pins))
+                    .map(|(d, _)| d),
+            ),
+            Err(e) => warn!(error = %e, "cannot read the TOC records"),
+        }
+        tocs.len() as u64
     }
 
     /// Pins an image reference or a layer digest: GC never evicts the
-    /// chunks of a mounted layer it covers.
+    /// chunks of a layer it covers, mounted or not (found through its kept
+    /// TOC), nor removes that TOC. Blocking.
     ///
     /// # Errors
     /// A bad target, or the database failed.
@@ -201,29 +243,88 @@ impl Cache {
         serde_json::from_slice(&json).ok()
     }
 
-    async fn fetchable(&self, remote: &RemoteRef) -> bool {
-        let key = format!("{}\n{}", remote.image_ref, remote.layer_digest);
-        if let Some((at, ok)) = self.probes.lock().unwrap().get(&key) {
-            if at.elapsed() < PROBE_TTL {
-                return *ok;
+    /// Whether each layer can be fetched again now, by `image\nlayer`
+    /// key: answers younger than [`PROBE_TTL`] are reused, the others
+    /// probed concurrently (see the module doc).
+    async fn probe_all(&self, remotes: &[RemoteRef]) -> HashMap<String, bool> {
+        let key = |r: &RemoteRef| format!("{}\n{}", r.image_ref, r.layer_digest);
+        let mut out = HashMap::new();
+        let mut todo = Vec::new();
+        {
+            let probes = self.probes.lock().unwrap();
+            for r in remotes {
+                let k = key(r);
+                match probes.get(&k) {
+                    Some((at, ok)) if at.elapsed() < PROBE_TTL => {
+                        out.insert(k, *ok);
+                    }
+                    _ if out.contains_key(&k) || todo.iter().any(|(t, _)| *t == k) => {}
+                    _ => todo.push((k, r.clone())),
+                }
             }
         }
-        let ok = matches!(
-            tokio::time::timeout(PROBE_TIMEOUT, self.blobs.size(remote)).await,
-            Ok(Ok(_))
-        );
-        if !ok {
-            warn!(layer = %remote.layer_digest, image = %remote.image_ref,
-                  "layer cannot be fetched now; GC keeps its chunks");
+        let permits = Arc::new(Semaphore::new(PROBE_CONCURRENCY));
+        let mut set = JoinSet::new();
+        for (k, r) in todo {
+            let (blobs, permits) = (self.blobs.clone(), permits.clone());
+            set.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let ok = matches!(
+                    tokio::time::timeout(PROBE_TIMEOUT, blobs.size(&r)).await,
+                    Ok(Ok(_))
+                );
+                (k, r, ok)
+            });
         }
-        self.probes
-            .lock()
-            .unwrap()
-            .insert(key, (Instant::now(), ok));
-        ok
+        while let Some(done) = set.join_next().await {
+            // A probe that panicked leaves no answer: unfetchable.
+            let Ok((k, r, ok)) = done else { continue };
+            if !ok {
+                warn!(layer = %r.layer_digest, image = %r.image_ref,
+                      "layer cannot be fetched now; GC keeps its chunks");
+            }
+            self.probes
+                .lock()
+                .unwrap()
+                .insert(k.clone(), (Instant::now(), ok));
+            out.insert(k, ok);
+        }
+        out
     }
 
-    async fn layer_refs(&self) -> Vec<LayerRefs> {
+    async fn layer_refs(
+        &self,
+        pins: &HashSet<String>,
+        mounted: Vec<(RemoteRef, Arc<LayerReader>)>,
+    ) -> Vec<LayerRefs> {
+        // A pinned layer is kept whatever the answer: no need to ask.
+        let ask: Vec<RemoteRef> = mounted
+            .iter()
+            .filter(|(r, _)| !Self::is_pinned(pins, r))
+            .map(|(r, _)| r.clone())
+            .collect();
+        let answers = self.probe_all(&ask).await;
+        mounted
+            .into_iter()
+            .map(|(remote, reader)| {
+                let pinned = Self::is_pinned(pins, &remote);
+                let k = format!("{}\n{}", remote.image_ref, remote.layer_digest);
+                LayerRefs {
+                    layer: remote.layer_digest.clone(),
+                    chunks: reader.all_chunks().iter().map(|c| c.digest).collect(),
+                    pinned,
+                    fetchable: pinned || answers.get(&k).copied().unwrap_or(false),
+                }
+            })
+            .collect()
+    }
+
+    /// Runs GC once (see [`super::gc`]); a dry run only reports.
+    pub async fn gc(&self, dry_run: bool, trigger: &str) -> GcReport {
+        let _one = self.running.lock().await;
+        let started = Instant::now();
+        let cfg = self.config();
+        let now = self.store.clock().now();
         let pins = self.pins();
         let mounted: Vec<(RemoteRef, Arc<LayerReader>)> = self
             .layers
@@ -232,28 +333,24 @@ impl Cache {
             .values()
             .map(|m| (m.remote.clone(), m.reader.clone()))
             .collect();
-        let mut out = Vec::with_capacity(mounted.len());
-        for (remote, reader) in mounted {
-            let pinned = Self::is_pinned(&pins, &remote);
-            // A pinned layer is kept whatever the answer: no need to ask.
-            let fetchable = pinned || self.fetchable(&remote).await;
-            out.push(LayerRefs {
-                layer: remote.layer_digest.clone(),
-                chunks: reader.all_chunks().iter().map(|c| c.digest).collect(),
-                pinned,
-                fetchable,
-            });
-        }
-        out
-    }
-
-    /// Runs GC once (see [`super::gc`]); a dry run only reports.
-    pub async fn gc(&self, dry_run: bool, trigger: &str) -> GcReport {
-        let _one = self.running.lock().await;
-        let started = Instant::now();
-        let cfg = self.config();
-        let layers = self.layer_refs().await;
-        let now = self.store.clock().now();
+        let kept = {
+            let tocs = self.tocs.clone();
+            let in_use: Vec<RemoteRef> = mounted.iter().map(|(r, _)| r.clone()).collect();
+            let pins = pins.clone();
+            tokio::task::spawn_blocking(move || {
+                tocs.collect(&in_use, &pins, cfg.ttl_secs, now, dry_run)
+            })
+            .await
+            .unwrap_or_default()
+        };
+        let mut layers = self.layer_refs(&pins, mounted).await;
+        // Pinned layers no snapshot references: their chunks from the kept TOC.
+        layers.extend(kept.pinned.iter().map(|(rec, chunks)| LayerRefs {
+            layer: rec.layer_digest.clone(),
+            chunks: chunks.to_vec(),
+            pinned: true,
+            fetchable: true,
+        }));
         // Truly full: a write failed with ENOSPC since about the last run.
         let enospc = self.store.last_enospc();
         let disk_full = enospc > 0 && now.saturating_sub(enospc) <= cfg.interval.as_secs().max(60);
@@ -273,6 +370,8 @@ impl Cache {
                 .filter(|l| !l.fetchable)
                 .map(|l| l.layer.clone())
                 .collect(),
+            tocs_removed: kept.removed,
+            tocs_kept: kept.kept,
             ..GcReport::default()
         };
         let count = |r: &mut GcReport, why: Why| match why {

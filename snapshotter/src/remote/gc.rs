@@ -244,6 +244,13 @@ pub struct GcReport {
     pub disk_full: bool,
     /// Mounted layers whose registry could not be reached.
     pub unfetchable_layers: Vec<String>,
+    /// Kept TOCs removed (or that would be): no snapshot references them,
+    /// no pin covers them, unreferenced for the TTL.
+    #[serde(default)]
+    pub tocs_removed: u64,
+    /// Kept TOCs left.
+    #[serde(default)]
+    pub tocs_kept: u64,
 }
 
 #[cfg(test)]

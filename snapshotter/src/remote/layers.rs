@@ -10,7 +10,6 @@
 //!   reason and counted; it is never a failed Prepare.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -90,7 +89,7 @@ pub enum FallbackReason {
 
 /// The remote-layer half of the snapshotter.
 pub struct RemoteLayers {
-    tocs_dir: PathBuf,
+    tocs: Arc<super::tocs::KeptTocs>,
     blobs: Arc<dyn Blobs>,
     fetcher: Arc<Fetcher>,
     rt: Handle,
@@ -200,11 +199,14 @@ impl RemoteLayers {
         rt: Handle,
         cfg: RemoteConfig,
     ) -> std::io::Result<RemoteLayers> {
-        std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
-            .create(&tocs_dir)?;
-        let cache = Arc::new(Cache::new(fetcher.store().clone(), blobs.clone()));
+        let tocs = Arc::new(super::tocs::KeptTocs::new(tocs_dir)?);
+        let cache = Arc::new(Cache::new(
+            fetcher.store().clone(),
+            blobs.clone(),
+            tocs.clone(),
+        ));
         Ok(RemoteLayers {
-            tocs_dir,
+            tocs,
             blobs,
             cache,
             fetcher,
@@ -216,14 +218,6 @@ impl RemoteLayers {
             inflight: Arc::default(),
             stats: RemoteStats::default(),
         })
-    }
-
-    fn toc_paths(&self, toc_digest: &str) -> (PathBuf, PathBuf) {
-        let name = toc_digest.replace(':', "-");
-        (
-            self.tocs_dir.join(format!("{name}.toc")),
-            self.tocs_dir.join(format!("{name}.footer.json")),
-        )
     }
 
     /// Loads and verifies the TOC of `r`: from the local copy if there is
@@ -241,11 +235,8 @@ impl RemoteLayers {
                 r.toc_digest
             ));
         }
-        let (toc_path, footer_path) = self.toc_paths(&r.toc_digest);
-        let local = fs::read(&footer_path).ok().and_then(|f| {
-            let footer: Footer = serde_json::from_slice(&f).ok()?;
-            Some((footer, fs::read(&toc_path).ok()?))
-        });
+        let now = self.cache.store().clock().now();
+        let local = self.tocs.read_local(&r.toc_digest, now);
         let fetched = local.is_none();
         let (footer, compressed) = match local {
             Some(x) => x,
@@ -254,15 +245,7 @@ impl RemoteLayers {
         let toc = Toc::parse(&compressed, &footer, &r.toc_digest).map_err(|e| e.to_string())?;
         // Only a verified TOC is kept: a bad copy would refuse the layer for good.
         if fetched {
-            let write = |p: &Path, b: &[u8]| -> std::io::Result<()> {
-                let tmp = p.with_extension("tmp");
-                fs::write(&tmp, b)?;
-                fs::rename(&tmp, p)
-            };
-            // TOC first, footer last: a footer file means a complete pair.
-            if let Err(e) = write(&toc_path, &compressed)
-                .and_then(|()| write(&footer_path, &serde_json::to_vec(&footer).unwrap()))
-            {
+            if let Err(e) = self.tocs.write(&r.toc_digest, &footer, &compressed) {
                 warn!(layer = %r.layer_digest, error = %e, "cannot keep the TOC locally");
             }
         }
@@ -465,7 +448,8 @@ impl RemoteLayers {
         let store = self.fetcher.store();
         store.remove_stale_temp();
         let started = std::time::Instant::now();
-        store.attach_index(db)?;
+        store.attach_index(db.clone())?;
+        self.tocs.attach(&db)?;
         info!(
             chunks = store.index().len(),
             bytes = store.index().used(),
@@ -488,7 +472,10 @@ impl RemoteLayers {
 
     /// Unmounts snapshot `id` if it is mounted.
     pub fn unmount(&self, id: u64) {
-        if let Some(m) = self.mounted.lock().unwrap().remove(&id) {
+        // Not under the lock: unregister may wait for a Prepare's write
+        // transaction, whose mount takes this lock.
+        let m = self.mounted.lock().unwrap().remove(&id);
+        if let Some(m) = m {
             self.forget_fd(id);
             self.cache.unregister(id);
             m.reader.stop();

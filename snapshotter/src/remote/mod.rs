@@ -9,6 +9,8 @@
 //! - [`index`]: the store's index in redb: sizes, last access, pins.
 //! - [`cache`]: references, pins, probes; runs GC.
 //! - [`gc`]: garbage collection: TTL for unreferenced chunks, then LRU.
+//! - [`tocs`]: the kept TOCs under `ROOT/tocs/`, which layer and images each
+//!   belongs to (so pins cover unmounted layers), and their GC.
 //! - [`clock`]: wall-clock time, injectable for tests.
 //! - [`annotations`]: Shoal's own layer annotations (`shoal convert`), which
 //!   every containerd client passes to Prepare.
@@ -38,3 +40,4 @@ pub mod recorder;
 pub mod registry_blobs;
 pub mod store;
 pub mod toc;
+pub mod tocs;

@@ -77,6 +77,33 @@ impl RangeSource for MemBlob {
 
 struct MemBlobs(Arc<MemBlob>);
 
+/// Blobs by layer digest: each layer its own [`MemBlob`].
+pub struct MemBlobsByDigest(pub std::collections::HashMap<String, Arc<MemBlob>>);
+
+impl MemBlobsByDigest {
+    fn get(&self, r: &RemoteRef) -> Arc<MemBlob> {
+        self.0
+            .get(&r.layer_digest)
+            .unwrap_or_else(|| panic!("no test blob for layer {}", r.layer_digest))
+            .clone()
+    }
+}
+
+impl Blobs for MemBlobsByDigest {
+    fn source(&self, r: &RemoteRef) -> Arc<dyn RangeSource> {
+        self.get(r)
+    }
+    fn size<'a>(&'a self, r: &'a RemoteRef) -> BoxFuture<'a, Result<u64, String>> {
+        let b = self.get(r);
+        Box::pin(async move {
+            if b.offline.load(Ordering::SeqCst) {
+                return Err("offline".into());
+            }
+            Ok(b.bytes.len() as u64)
+        })
+    }
+}
+
 impl Blobs for MemBlobs {
     fn source(&self, _r: &RemoteRef) -> Arc<dyn RangeSource> {
         self.0.clone()
@@ -108,10 +135,21 @@ pub fn open_snapshotter_with(
     memory: u64,
     clock: Arc<dyn Clock>,
 ) -> Snapshotter {
+    open_snapshotter_blobs(root, Arc::new(MemBlobs(blob)), rt, memory, clock)
+}
+
+/// [`open_snapshotter_with`] over any [`Blobs`].
+pub fn open_snapshotter_blobs(
+    root: &Path,
+    blobs: Arc<dyn Blobs>,
+    rt: &tokio::runtime::Runtime,
+    memory: u64,
+    clock: Arc<dyn Clock>,
+) -> Snapshotter {
     let store = Arc::new(ChunkStore::open_with_clock(&root.join("chunks"), memory, clock).unwrap());
     let remote = RemoteLayers::new(
         root.join("tocs"),
-        Arc::new(MemBlobs(blob)),
+        blobs,
         Arc::new(Fetcher::new(store)),
         rt.handle().clone(),
         RemoteConfig {
@@ -129,19 +167,21 @@ pub fn open_snapshotter_with(
 /// Labels of an unpack Prepare for a layer with TOC digest `toc` whose chain
 /// ID is `chain`.
 pub fn labels(toc: &str, chain: &str) -> BTreeMap<String, String> {
+    labels_for(toc, chain, "127.0.0.1:5000/hostile:t", "sha256:hostile")
+}
+
+/// [`labels`] for a given image reference and layer digest.
+pub fn labels_for(toc: &str, chain: &str, image: &str, layer: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("containerd.io/snapshot.ref".to_owned(), chain.to_owned()),
         (
             "containerd.io/snapshot/stargz/toc.digest".into(),
             toc.into(),
         ),
-        (
-            "containerd.io/snapshot/cri.image-ref".into(),
-            "127.0.0.1:5000/hostile:t".into(),
-        ),
+        ("containerd.io/snapshot/cri.image-ref".into(), image.into()),
         (
             "containerd.io/snapshot/cri.layer-digest".into(),
-            "sha256:hostile".into(),
+            layer.into(),
         ),
     ])
 }
