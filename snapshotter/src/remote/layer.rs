@@ -168,9 +168,12 @@ impl LayerReader {
         let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
         let mut set = tokio::task::JoinSet::new();
         for b in batches {
+            // On-demand reads pre-empt both; every startup set goes before
+            // any background batch (see `super::priority`).
             if background {
-                // On-demand reads pre-empt the background stream.
-                self.fetcher.wait_for_quiet().await;
+                self.fetcher.priority().background_turn().await;
+            } else {
+                self.fetcher.priority().startup_turn().await;
             }
             if self.stopped.load(Ordering::Relaxed) {
                 break;
@@ -215,9 +218,9 @@ impl LayerReader {
     }
 
     /// Starts fetching the whole layer at low priority: after `delay`, one
-    /// request at a time, and only while on-demand reads are quiet (see
-    /// [`Fetcher::wait_for_quiet`]), so a starting container's reads never
-    /// queue behind it.
+    /// request at a time, and only when no startup set is in flight on any
+    /// layer and on-demand reads are quiet (see [`super::priority`]), so a
+    /// starting container's reads never queue behind it.
     pub fn spawn_background(self: &Arc<Self>, delay: std::time::Duration) {
         let me = self.clone();
         self.rt.spawn(async move {
@@ -305,10 +308,10 @@ impl ChunkSource for LayerReader {
         );
         let served = self.served.clone();
         let toc = self.toc.clone();
-        self.fetcher.demand_start();
+        let demand = self.fetcher.priority().demand();
         self.rt.spawn(async move {
             let result = fetcher.get(&*source, compression, &layer, &needed).await;
-            fetcher.demand_end();
+            drop(demand);
             match result {
                 Ok(bufs) => {
                     count_served(&served, &fetcher, false, end - offset);

@@ -99,7 +99,6 @@ pub struct RemoteLayers {
     fd_store: Option<crate::handover::FdStore>,
     /// Fds taken back from the store at start, not yet resumed or dropped.
     kept: Mutex<HashMap<String, std::os::fd::OwnedFd>>,
-    inflight: Arc<super::prefetch::InFlight>,
     /// Counters.
     pub stats: RemoteStats,
 }
@@ -211,7 +210,6 @@ impl RemoteLayers {
             mounted: Mutex::new(HashMap::new()),
             fd_store: None,
             kept: Mutex::new(HashMap::new()),
-            inflight: Arc::default(),
             stats: RemoteStats::default(),
         })
     }
@@ -377,7 +375,7 @@ impl RemoteLayers {
         let chunks = reader.prefetch_chunks();
         // Registered before the task runs, so a container Prepare right
         // after this one waits for it.
-        let running = (!chunks.is_empty()).then(|| self.inflight.begin(id));
+        let running = (!chunks.is_empty()).then(|| self.fetcher.priority().startup().begin(id));
         let cfg = self.cfg.clone();
         self.rt.spawn(async move {
             if let Some(_running) = running {
@@ -404,14 +402,17 @@ impl RemoteLayers {
     /// Waits, at most `remote.prefetch_timeout_secs`, until every startup
     /// prefetch in flight has ended. Blocking: call from a blocking thread.
     pub fn wait_for_prefetch(&self) {
-        if self.inflight.is_empty() {
+        if self.fetcher.priority().startup().is_empty() {
             return;
         }
         let started = std::time::Instant::now();
         let done = self.rt.block_on(async {
-            tokio::time::timeout(self.cfg.prefetch_timeout, self.inflight.wait_all())
-                .await
-                .is_ok()
+            tokio::time::timeout(
+                self.cfg.prefetch_timeout,
+                self.fetcher.priority().startup().wait_all(),
+            )
+            .await
+            .is_ok()
         });
         info!(
             ms = started.elapsed().as_millis() as u64,
