@@ -312,7 +312,7 @@ impl Fetcher {
         let first = &chunks[run[0].0];
         let last = &chunks[run[run.len() - 1].0];
         let (start, end) = (first.blob_offset, last.blob_end);
-        let data = match self.fetch_range(source, start, end - start).await {
+        let data = match self.fetch_range(source, layer, start, end - start).await {
             Ok(d) => d,
             Err(e) => return run.iter().map(|_| Err(e.clone())).collect(),
         };
@@ -326,7 +326,7 @@ impl Fetcher {
                     self.note_verify_failure(layer, c, source.name(), &problem);
                     // Once more, this chunk alone.
                     match self
-                        .fetch_range(source, c.blob_offset, c.blob_end - c.blob_offset)
+                        .fetch_range(source, layer, c.blob_offset, c.blob_end - c.blob_offset)
                         .await
                     {
                         Ok(again) => decode_chunk(compression, &again, c).map_err(|problem| {
@@ -355,6 +355,7 @@ impl Fetcher {
     async fn fetch_range(
         &self,
         source: &dyn RangeSource,
+        layer: &str,
         offset: u64,
         len: u64,
     ) -> Result<Bytes, FetchError> {
@@ -372,6 +373,7 @@ impl Fetcher {
                 self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
                 debug!(
                     source = source.name(),
+                    layer,
                     offset,
                     len,
                     ms = started.elapsed().as_millis() as u64,

@@ -106,13 +106,15 @@ pub struct LayerReader {
 }
 
 impl LayerReader {
-    /// A reader for `toc`, fetching from `source` on runtime `rt`.
+    /// A reader for `toc`, fetching from `source` on runtime `rt`, noting
+    /// first reads in `recorder`.
     pub fn new(
         layer: String,
         toc: Arc<Toc>,
         fetcher: Arc<Fetcher>,
         source: Arc<dyn RangeSource>,
         rt: Handle,
+        recorder: super::recorder::Recorder,
     ) -> LayerReader {
         LayerReader {
             layer,
@@ -121,10 +123,7 @@ impl LayerReader {
             rt,
             stopped: AtomicBool::new(false),
             served: Arc::default(),
-            recorder: super::recorder::Recorder::new(
-                toc.entries.len(),
-                super::recorder::DEFAULT_PROFILE_WINDOW,
-            ),
+            recorder,
             toc,
         }
     }

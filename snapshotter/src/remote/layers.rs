@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use super::cache::Cache;
 use super::fetch::{BoxFuture, Fetcher, RangeSource};
 use super::layer::{compression_name, entries, LayerReader};
+use super::recorder::{Activity, Recorder, Recording};
 use super::toc::{parse_digest, parse_footer, Footer, Toc, FOOTER_FETCH};
 use crate::metadata::{RemoteRef, Usage};
 
@@ -99,6 +100,9 @@ pub struct RemoteLayers {
     fd_store: Option<crate::handover::FdStore>,
     /// Fds taken back from the store at start, not yet resumed or dropped.
     kept: Mutex<HashMap<String, std::os::fd::OwnedFd>>,
+    /// How long mounted layers record first reads.
+    recording: Recording,
+    activity: Arc<Activity>,
     /// Counters.
     pub stats: RemoteStats,
 }
@@ -210,8 +214,17 @@ impl RemoteLayers {
             mounted: Mutex::new(HashMap::new()),
             fd_store: None,
             kept: Mutex::new(HashMap::new()),
+            recording: Recording::default(),
+            activity: Arc::default(),
             stats: RemoteStats::default(),
         })
+    }
+
+    /// Sets how long layers mounted from now on record first reads (the
+    /// `[profile]` config section).
+    pub fn with_recording(mut self, recording: Recording) -> RemoteLayers {
+        self.recording = recording;
+        self
     }
 
     fn toc_paths(&self, toc_digest: &str) -> (PathBuf, PathBuf) {
@@ -325,6 +338,11 @@ impl RemoteLayers {
             self.fetcher.clone(),
             self.blobs.source(r),
             self.rt.clone(),
+            Recorder::new(
+                resolved.toc.entries.len(),
+                self.recording,
+                self.activity.clone(),
+            ),
         ));
         let opts = shoal_fuse::MountOptions {
             fsname: format!("shoal:{}", r.layer_digest),
