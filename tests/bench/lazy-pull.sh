@@ -678,11 +678,11 @@ median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) 
 # Main
 
 need_tools
-if [ "$build" = 1 ] && wants shoal; then
+if [ "$build" = 1 ] && { wants shoal || wants shoal-profile; }; then
   say "cargo build --release --bins"
   (cd "$repo" && PATH="$HOME/.cargo/bin:$PATH" cargo build --release --bins) || die "cargo build failed"
 fi
-if wants shoal; then
+if wants shoal || wants shoal-profile; then
   [ -x "$E2E_SHOAL_BIN" ] || die "shoal-snapshotter not found at $E2E_SHOAL_BIN (run: cargo build --release --bins)"
 else
   E2E_SHOAL_BIN=
