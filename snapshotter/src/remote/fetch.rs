@@ -211,25 +211,6 @@ impl Fetcher {
         layer: &str,
         chunks: &[Chunk],
     ) -> Result<Vec<Bytes>, FetchError> {
-        self.get_holding(source, compression, layer, chunks, None)
-            .await
-    }
-
-    /// [`Fetcher::get`], holding `slot` (a transfer slot of the caller's)
-    /// until the bytes of the first request are in, or until it returns:
-    /// decompression and verification then overlap the caller's next
-    /// transfer.
-    ///
-    /// # Errors
-    /// As [`Fetcher::get`].
-    pub async fn get_holding(
-        &self,
-        source: &dyn RangeSource,
-        compression: Compression,
-        layer: &str,
-        chunks: &[Chunk],
-        mut slot: Option<tokio::sync::OwnedSemaphorePermit>,
-    ) -> Result<Vec<Bytes>, FetchError> {
         let mut out: Vec<Option<Bytes>> = vec![None; chunks.len()];
         for _attempt in 0..3 {
             let (waits, leads) = self.plan(chunks, &mut out);
@@ -241,14 +222,7 @@ impl Fetcher {
                 let mut first_err = None;
                 for run in runs(chunks, &leads) {
                     let result = self
-                        .fetch_run(
-                            source,
-                            compression,
-                            layer,
-                            chunks,
-                            &leads[run.clone()],
-                            &mut slot,
-                        )
+                        .fetch_run(source, compression, layer, chunks, &leads[run.clone()])
                         .await;
                     for ((i, tx), r) in leads[run].iter().zip(result) {
                         match &r {
@@ -334,15 +308,11 @@ impl Fetcher {
         layer: &str,
         chunks: &[Chunk],
         run: &[(usize, Lead)],
-        slot: &mut Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Vec<Result<Bytes, FetchError>> {
         let first = &chunks[run[0].0];
         let last = &chunks[run[run.len() - 1].0];
         let (start, end) = (first.blob_offset, last.blob_end);
-        let fetched = self.fetch_range(source, layer, start, end - start).await;
-        // The transfer is over: let the caller start its next one.
-        drop(slot.take());
-        let data = match fetched {
+        let data = match self.fetch_range(source, layer, start, end - start).await {
             Ok(d) => d,
             Err(e) => return run.iter().map(|_| Err(e.clone())).collect(),
         };

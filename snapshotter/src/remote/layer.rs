@@ -138,10 +138,8 @@ impl LayerReader {
         self.stopped.store(true, Ordering::Relaxed);
     }
 
-    /// Fetches every chunk in `chunks` (in blob order), as merged requests
-    /// of at most `max_batch` bytes, `parallel` transfers at a time (a
-    /// batch's decompression and verification overlap the next transfers).
-    /// Stops early when the layer is unmounted.
+    /// Fetches every chunk in `chunks` (in blob order), as merged requests,
+    /// `parallel` at a time. Stops early when the layer is unmounted.
     ///
     /// # Errors
     /// The first fetch error.
@@ -149,7 +147,6 @@ impl LayerReader {
         &self,
         chunks: Vec<Chunk>,
         parallel: usize,
-        max_batch: u64,
         background: bool,
     ) -> Result<(), String> {
         let mut batches: Vec<Vec<Chunk>> = Vec::new();
@@ -160,7 +157,7 @@ impl LayerReader {
             match batches.last_mut() {
                 Some(b)
                     if b.last().unwrap().blob_end == c.blob_offset
-                        && c.blob_end - b[0].blob_offset <= max_batch.min(MAX_MERGED_BYTES) =>
+                        && c.blob_end - b[0].blob_offset <= MAX_MERGED_BYTES =>
                 {
                     b.push(c)
                 }
@@ -170,10 +167,8 @@ impl LayerReader {
         let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
         let mut set = tokio::task::JoinSet::new();
         for b in batches {
-            let permit = sem.clone().acquire_owned().await.unwrap();
             // On-demand reads pre-empt both; every startup set goes before
-            // any background batch (see `super::priority`). Asked after the
-            // slot is ours, so the answer is fresh when the batch starts.
+            // any background batch (see `super::priority`).
             if background {
                 self.fetcher.priority().background_turn().await;
             } else {
@@ -182,6 +177,7 @@ impl LayerReader {
             if self.stopped.load(Ordering::Relaxed) {
                 break;
             }
+            let permit = sem.clone().acquire_owned().await.unwrap();
             let (fetcher, source, compression, layer) = (
                 self.fetcher.clone(),
                 self.source.clone(),
@@ -189,9 +185,8 @@ impl LayerReader {
                 self.layer.clone(),
             );
             set.spawn(async move {
-                let r = fetcher
-                    .get_holding(&*source, compression, &layer, &b, Some(permit))
-                    .await;
+                let r = fetcher.get(&*source, compression, &layer, &b).await;
+                drop(permit);
                 r.map(drop).map_err(|e| e.to_string())
             });
         }
@@ -231,7 +226,7 @@ impl LayerReader {
             tokio::time::sleep(delay).await;
             let chunks = me.all_chunks();
             let started = std::time::Instant::now();
-            match me.fetch_all(chunks, 1, MAX_MERGED_BYTES, true).await {
+            match me.fetch_all(chunks, 1, true).await {
                 Ok(()) if !me.stopped.load(Ordering::Relaxed) => info!(
                     layer = %me.layer,
                     ms = started.elapsed().as_millis() as u64,

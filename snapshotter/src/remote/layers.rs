@@ -44,14 +44,6 @@ pub const LABEL_STARGZ_REFERENCE: &str = "containerd.io/snapshot/remote/stargz.r
 /// Layer digest, same client.
 pub const LABEL_STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
 
-/// Transfers of a startup set in flight at once, per layer.
-pub const STARTUP_PARALLEL: usize = 2;
-/// Largest request of a startup set: small enough that decompressing and
-/// verifying one batch overlaps the next transfers (with 4 MiB batches all
-/// of a 14 MB startup set was decoded after its last byte came in), large
-/// enough that a set takes few requests.
-pub const STARTUP_BATCH_BYTES: u64 = 2 << 20;
-
 /// Access to layer blobs (the registry; later, peers in front of it).
 pub trait Blobs: Send + Sync {
     /// A source of the blob's bytes. Must not touch the network until used.
@@ -407,7 +399,7 @@ impl RemoteLayers {
             if let Some(_running) = running {
                 let n = chunks.len();
                 let started = std::time::Instant::now();
-                let r = tokio::time::timeout(cfg.prefetch_timeout, reader.fetch_all(chunks, STARTUP_PARALLEL, STARTUP_BATCH_BYTES, false))
+                let r = tokio::time::timeout(cfg.prefetch_timeout, reader.fetch_all(chunks, 4, false))
                     .await;
                 match r {
                     Ok(Ok(())) => info!(layer = %reader.layer, chunks = n,
