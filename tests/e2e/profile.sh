@@ -13,7 +13,7 @@
 #     the modules;
 #   - `shoal convert --profile` lays that startup set first and marks it;
 #   - on a fresh node (new Shoal root: nothing cached), the startup set is
-#     fetched before the container starts: at most 12 Range requests in all,
+#     fetched before the container starts: at most 10 Range requests in all,
 #     and the script's reads wait on fetches for at most 5% of the bytes
 #     they waited for without a profile (printed side by side);
 #   - `shoal optimize SRC DST -- CMD` does all of it in one command, and
@@ -175,11 +175,11 @@ for _ in $(seq 1 50); do e2e_ctr snapshots --snapshotter shoal ls >/dev/null 2>&
 if pull_and_run "$E2E_REGISTRY/py:prof"; then
   read -r rn rb <<<"$RANGES"
   read -r bn bb <<<"${base_ranges:-0 0}"
-  # The startup set is ~8 MB in one region: five or so merged ranges of at
-  # most 2 MiB (STARTUP_BATCH_BYTES), plus each layer's footer and TOC.
+  # The startup set is ~8 MB in one region: three merged ranges of at most
+  # 4 MiB (fetch::MAX_MERGED_BYTES), plus each layer's footer and TOC.
   # Reads must not wait for more than 5% of what the run without a profile
   # waited for.
-  if [ "$rb" -gt 0 ] && [ "$rn" -le 12 ] && [ $((WAITED * 20)) -le "${base_waited:-0}" ]; then
+  if [ "$rb" -gt 0 ] && [ "$rn" -le 10 ] && [ $((WAITED * 20)) -le "${base_waited:-0}" ]; then
     pass "fresh node with the profile: $rn Range requests, $rb bytes; reads waited on fetches for $WAITED bytes (without a profile: $bn requests, $bb bytes, ${base_waited:-0} bytes waited)"
   else
     fail "fresh node: startup set covers the script" "with profile: $rn requests, $rb bytes, $WAITED bytes waited; without: $bn requests, $bb bytes, ${base_waited:-0} bytes waited"

@@ -167,8 +167,10 @@ impl LayerReader {
         let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
         let mut set = tokio::task::JoinSet::new();
         for b in batches {
+            let permit = sem.clone().acquire_owned().await.unwrap();
             // On-demand reads pre-empt both; every startup set goes before
-            // any background batch (see `super::priority`).
+            // any background batch (see `super::priority`). Asked after the
+            // slot is ours, so the answer is fresh when the batch starts.
             if background {
                 self.fetcher.priority().background_turn().await;
             } else {
@@ -177,7 +179,6 @@ impl LayerReader {
             if self.stopped.load(Ordering::Relaxed) {
                 break;
             }
-            let permit = sem.clone().acquire_owned().await.unwrap();
             let (fetcher, source, compression, layer) = (
                 self.fetcher.clone(),
                 self.source.clone(),
