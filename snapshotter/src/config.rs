@@ -64,6 +64,8 @@ pub struct Config {
     pub cache: CacheSection,
     /// The Prometheus endpoint.
     pub metrics: MetricsSection,
+    /// Startup profile recording.
+    pub profile: ProfileSection,
 }
 
 /// `[remote]`: lazily pulled layers.
@@ -163,6 +165,7 @@ impl Default for Config {
             registry: RegistrySection::default(),
             cache: CacheSection::default(),
             metrics: MetricsSection::default(),
+            profile: ProfileSection::default(),
         }
     }
 }
@@ -213,6 +216,38 @@ impl CacheSection {
             return Err(("cache.gc_interval_secs", "must be at least 1".into()));
         }
         Ok(())
+    }
+}
+
+/// `[profile]`: how long mounted layers record their first reads (the
+/// startup profile; see [`crate::remote::recorder`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfileSection {
+    /// Longest recording, in seconds after a layer is mounted (0: none).
+    pub window_secs: u64,
+    /// Recording ends once no file was first-read for this many seconds
+    /// after the container started reading (0: only the window ends it).
+    pub idle_secs: u64,
+}
+
+impl Default for ProfileSection {
+    fn default() -> Self {
+        use crate::remote::recorder::*;
+        ProfileSection {
+            window_secs: DEFAULT_PROFILE_WINDOW_SECS,
+            idle_secs: DEFAULT_PROFILE_IDLE_SECS,
+        }
+    }
+}
+
+impl ProfileSection {
+    /// The recording settings.
+    pub fn recording(&self) -> crate::remote::recorder::Recording {
+        crate::remote::recorder::Recording {
+            window: std::time::Duration::from_secs(self.window_secs),
+            idle: (self.idle_secs > 0).then(|| std::time::Duration::from_secs(self.idle_secs)),
+        }
     }
 }
 
@@ -468,5 +503,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("key `metrics.address`"), "{e}");
+    }
+
+    #[test]
+    fn profile_section() {
+        use std::time::Duration;
+        let d = Config::default().profile.recording();
+        assert_eq!(d.window, Duration::from_secs(30));
+        assert_eq!(d.idle, Some(Duration::from_secs(10)));
+        let c = load_text("[profile]\nwindow_secs = 60\nidle_secs = 0\n").unwrap();
+        let r = c.profile.recording();
+        assert_eq!((r.window, r.idle), (Duration::from_secs(60), None));
+        let e = load_text("[profile]\nwindow = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `window`"), "{e}");
     }
 }

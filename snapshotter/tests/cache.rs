@@ -590,6 +590,11 @@ fn probes_of_many_layers_from_a_silent_registry_take_about_one_timeout() {
             fetcher.clone(),
             blobs.source(&r),
             rt.handle().clone(),
+            shoal::remote::recorder::Recorder::new(
+                toc.entries.len(),
+                Default::default(),
+                Default::default(),
+            ),
         ));
         cache.register(i as u64, r, reader);
     }

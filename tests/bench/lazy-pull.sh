@@ -23,7 +23,7 @@
 # and the bytes the registry sent for each (tx_bytes of the registry's side of
 # the veth). The last line is machine-readable:
 #
-#   bench: rate=100mbit overlayfs=14.1s shoal=1.2s ratio=0.085 overlayfs_bytes=N shoal_bytes=N
+#   bench: rate=100mbit latency_ms=0 overlayfs=14.1s shoal=1.2s ratio=0.085 overlayfs_bytes=N shoal_bytes=N
 #          stargz=1.1s stargz_ratio=0.078 stargz_bytes=N
 #          overlayfs_http_bytes=N shoal_http_bytes=N stargz_http_bytes=N
 #          overlayfs_warm=0.3s shoal_warm=0.4s stargz_warm=0.3s
@@ -36,6 +36,13 @@
 # Usage: tests/bench/lazy-pull.sh [options]
 #   --rate RATE     link rate, tc syntax (default 100mbit)
 #   --burst SIZE    tbf burst, tc syntax (default: 10 ms worth of RATE, >=32kb)
+#   --latency-ms N  add N ms to every round trip (so to every request/response)
+#                   with tests/bench/delayproxy.py, a userspace TCP proxy that
+#                   forwards each byte N/2 ms late in each direction; it runs
+#                   in the registry's namespace on the registry's address,
+#                   in front of the registry (then on 127.0.0.1:5001), so it
+#                   sits between the shaped link and the registry (default 0:
+#                   no proxy)
 #   --runs N        measure each snapshotter N times, report the median (default 1)
 #   --only LIST     comma-separated subset of overlayfs,shoal,shoal-profile,stargz
 #                   (default: all three; stargz only where it can be built)
@@ -84,12 +91,15 @@ drop_caches=0
 stargz=1
 shoal_bg=true
 workload=hello
+latency_ms=0
 while [ $# -gt 0 ]; do
   case $1 in
     --rate) rate=${2:?--rate needs a value}; shift ;;
     --rate=*) rate=${1#*=} ;;
     --burst) burst=${2:?--burst needs a value}; shift ;;
     --burst=*) burst=${1#*=} ;;
+    --latency-ms) latency_ms=${2:?--latency-ms needs a value}; shift ;;
+    --latency-ms=*) latency_ms=${1#*=} ;;
     --runs) runs=${2:?--runs needs a value}; shift ;;
     --runs=*) runs=${1#*=} ;;
     --only) only=${2:?--only needs a value}; shift ;;
@@ -116,6 +126,7 @@ fi
 wants() { local w; for w in "${want[@]}"; do [ "$w" = "$1" ] && return 0; done; return 1; }
 wants stargz || stargz=0
 [[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "lazy-pull.sh: --runs must be a positive integer" >&2; exit 2; }
+[[ $latency_ms =~ ^[0-9]+$ ]] || { echo "lazy-pull.sh: --latency-ms must be a whole number of milliseconds" >&2; exit 2; }
 
 CACHE=${SHOAL_BENCH_CACHE:-/var/cache/shoal-bench}
 SUITE=bookworm
@@ -349,6 +360,8 @@ registry_up() {
 }
 
 start_registry() {
+  local registry_addr=$NS_IP:5000
+  [ "$latency_ms" = 0 ] || registry_addr=127.0.0.1:5001
   mkdir -p "$E2E_DIR/registry/data"
   cat >"$E2E_DIR/registry/config.yml" <<EOF
 version: 0.1
@@ -362,9 +375,14 @@ storage:
   delete:
     enabled: true
 http:
-  addr: $NS_IP:5000
+  addr: $registry_addr
 EOF
   e2e_start registry ip netns exec "$NETNS" docker-registry serve "$E2E_DIR/registry/config.yml"
+  if [ "$latency_ms" -gt 0 ]; then
+    e2e_start delayproxy ip netns exec "$NETNS" python3 -u "$here/delayproxy.py" \
+      --listen "$NS_IP:5000" --upstream "$registry_addr" --rtt-ms "$latency_ms"
+    say "delay proxy: $NS_IP:5000 -> registry at $registry_addr in the namespace, +$latency_ms ms per round trip"
+  fi
   e2e_wait_for registry "HTTP on $NS_IP:5000" registry_up
   REGISTRY=$NS_IP:5000
 }
@@ -660,11 +678,11 @@ median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) 
 # Main
 
 need_tools
-if [ "$build" = 1 ] && wants shoal; then
+if [ "$build" = 1 ] && { wants shoal || wants shoal-profile; }; then
   say "cargo build --release --bins"
   (cd "$repo" && PATH="$HOME/.cargo/bin:$PATH" cargo build --release --bins) || die "cargo build failed"
 fi
-if wants shoal; then
+if wants shoal || wants shoal-profile; then
   [ -x "$E2E_SHOAL_BIN" ] || die "shoal-snapshotter not found at $E2E_SHOAL_BIN (run: cargo build --release --bins)"
 else
   E2E_SHOAL_BIN=
@@ -764,7 +782,7 @@ done
 has() { [ -n "${med[$1]:-}" ]; }
 div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
 
-line="bench: rate=$rate"
+line="bench: rate=$rate latency_ms=$latency_ms"
 has overlayfs && line+=" overlayfs=${med[overlayfs]}s"
 has shoal && line+=" shoal=${med[shoal]}s"
 has overlayfs && has shoal && line+=" ratio=$(div "${med[shoal]}" "${med[overlayfs]}")"
@@ -783,7 +801,9 @@ line+=" workload=$workload image_bytes=$IMAGE_BYTES layer_bytes=$LAYER_BYTES esg
 echo
 printf 'Debian %s + python3: %s uncompressed, one gzip layer of %s (eStargz: %s)\n' \
   "$SUITE" "$(mb "$IMAGE_BYTES")" "$(mb "$LAYER_BYTES")" "$(mb "$ESGZ_LAYER_BYTES")"
-printf 'workload %s; link: tbf %s; timed from pull start to the first "hello"; median of %s run(s)\n' "$workload" "$rate" "$runs"
+link="tbf $rate"
+[ "$latency_ms" = 0 ] || link+=" + ${latency_ms} ms per round trip (delay proxy)"
+printf 'workload %s; link: %s; timed from pull start to the first "hello"; median of %s run(s)\n' "$workload" "$link" "$runs"
 for sn in "${snapshotters[@]}"; do
   printf '  %-14s %7ss   registry sent %s on the wire, %s of HTTP bodies   warm run %ss   (runs:%s)\n' \
     "$sn" "${med[$sn]}" "$(mb "${med[${sn}_bytes]}")" "$(mb "${med[${sn}_http]}")" "${med[${sn}_warm]}" "${times[$sn]}"

@@ -16,7 +16,13 @@
 #     fetched before the container starts: at most 10 Range requests in all,
 #     and the script's reads wait on fetches for at most 5% of the bytes
 #     they waited for without a profile (printed side by side);
-#   - `shoal optimize SRC DST -- CMD` does all of it in one command.
+#   - `shoal optimize SRC DST -- CMD` does all of it in one command, and
+#     leaves no trial tag in the registry or image in containerd;
+#   - strict fetch priority (remote::priority): on another fresh node with
+#     the background fetch on (no delay), no Range request for bytes outside
+#     the layers' startup sets (the python layer's rest, and a 16 MiB filler
+#     layer the startup set doesn't touch) starts before the last
+#     startup-set request has completed (request times from Shoal's log).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -52,13 +58,23 @@ status_json() { "$cli" status --address "$E2E_DIR/shoal.sock" --json; }
 SCRIPT='import argparse, asyncio, csv, decimal, difflib, email.parser, http.client, json, logging, pydoc, tarfile, unittest, xml.etree.ElementTree, zipfile
 print("imported")'
 
-# The image: the root filesystem as one plain tar layer in an OCI layout.
+# The image: the root filesystem as a plain tar layer in an OCI layout, and
+# on top a filler layer of 16 MiB of incompressible bytes under /opt/filler
+# that the script never reads (a layer outside every startup set).
 layout="$E2E_DIR/py-oci"
 tar -C "$ROOTFS" --numeric-owner -cf "$E2E_DIR/py.tar" .
-python3 - "$layout" "$E2E_DIR/py.tar" <<'PY'
-import hashlib, json, os, shutil, sys
-d, tar = sys.argv[1], sys.argv[2]
+python3 - "$layout" "$E2E_DIR/py.tar" "$E2E_DIR/filler.tar" <<'PY'
+import hashlib, io, json, os, random, shutil, sys, tarfile
+d, tar, filler = sys.argv[1], sys.argv[2], sys.argv[3]
 os.makedirs(d + "/blobs/sha256")
+rnd = random.Random(5)
+with tarfile.open(filler, "w", format=tarfile.PAX_FORMAT) as t:
+    for name in ["opt", "opt/filler"]:
+        i = tarfile.TarInfo(name); i.type = tarfile.DIRTYPE; i.mode = 0o755; t.addfile(i)
+    for k in range(4):
+        b = rnd.randbytes(4 << 20)
+        i = tarfile.TarInfo(f"opt/filler/f{k}"); i.size = len(b); i.mode = 0o644
+        t.addfile(i, io.BytesIO(b))
 def digest_file(p):
     h = hashlib.sha256()
     with open(p, "rb") as f:
@@ -69,15 +85,18 @@ def put(b):
     dg = "sha256:" + hashlib.sha256(b).hexdigest()
     open(f"{d}/blobs/sha256/{dg[7:]}", "wb").write(b)
     return dg
-ld = digest_file(tar)
-shutil.move(tar, f"{d}/blobs/sha256/{ld[7:]}")
-size = os.path.getsize(f"{d}/blobs/sha256/{ld[7:]}")
+layers = []
+for p in (tar, filler):
+    ld = digest_file(p)
+    shutil.move(p, f"{d}/blobs/sha256/{ld[7:]}")
+    layers.append((ld, os.path.getsize(f"{d}/blobs/sha256/{ld[7:]}")))
 cfg = json.dumps({"architecture": "amd64", "os": "linux",
                   "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["python3"]},
-                  "rootfs": {"type": "layers", "diff_ids": [ld]}}).encode()
+                  "rootfs": {"type": "layers", "diff_ids": [ld for ld, _ in layers]}}).encode()
 m = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(cfg), "size": len(cfg)},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": size}]}).encode()
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": size}
+                           for ld, size in layers]}).encode()
 json.dump({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
            "digest": put(m), "size": len(m), "annotations": {"org.opencontainers.image.ref.name": "py"}}]},
           open(d + "/index.json", "w"))
@@ -137,6 +156,7 @@ else
   fail "shoal profile show" "$(cat "$E2E_DIR/profile.err"; head -c 2000 "$prof" 2>/dev/null)"
 fi
 if out=$(conv --json --profile "$prof" "oci:$layout:py" "$E2E_REGISTRY/py:prof") &&
+  prof_summary=$out &&
   files=$(jq '.manifests[0].layers[0].startup_files' <<<"$out") && [ "$files" -gt 20 ]; then
   pass "shoal convert --profile: $files files laid out first ($(jq '.manifests[0].layers[0].startup_bytes' <<<"$out") bytes)"
 else
@@ -155,13 +175,82 @@ for _ in $(seq 1 50); do e2e_ctr snapshots --snapshotter shoal ls >/dev/null 2>&
 if pull_and_run "$E2E_REGISTRY/py:prof"; then
   read -r rn rb <<<"$RANGES"
   read -r bn bb <<<"${base_ranges:-0 0}"
-  # The startup set is ~8 MB in one region: a few merged ranges, plus the
-  # footer and TOC. Reads must not wait for more than 5% of what the run
-  # without a profile waited for.
+  # The startup set is ~8 MB in one region: three merged ranges of at most
+  # 4 MiB (fetch::MAX_MERGED_BYTES), plus each layer's footer and TOC.
+  # Reads must not wait for more than 5% of what the run without a profile
+  # waited for.
   if [ "$rb" -gt 0 ] && [ "$rn" -le 10 ] && [ $((WAITED * 20)) -le "${base_waited:-0}" ]; then
     pass "fresh node with the profile: $rn Range requests, $rb bytes; reads waited on fetches for $WAITED bytes (without a profile: $bn requests, $bb bytes, ${base_waited:-0} bytes waited)"
   else
     fail "fresh node: startup set covers the script" "with profile: $rn requests, $rb bytes, $WAITED bytes waited; without: $bn requests, $bb bytes, ${base_waited:-0} bytes waited"
+  fi
+fi
+
+# Strict fetch priority (remote::priority) on a third fresh node, with the
+# background fetch on and no delay: the python layer's startup set goes
+# first; neither the rest of that layer nor the filler layer may get a byte
+# until it is in. Request start and end times come from Shoal's debug log
+# ("fetched": layer, offset, len, ms, logged when the body is in).
+restart_shoal() { # ROOT CONFIG
+  e2e_stop_pid shoal
+  e2e_start shoal "$E2E_SHOAL_BIN" --root "$1" --address "$E2E_DIR/shoal.sock" \
+    --config "$2" --log-level "info,shoal=debug"
+  e2e_wait_for shoal "its socket" e2e_sock_ready "$E2E_DIR/shoal.sock"
+  for _ in $(seq 1 50); do e2e_ctr snapshots --snapshotter shoal ls >/dev/null 2>&1 && break; sleep 0.2; done
+}
+layers_local() { status_json | jq -e '.layers | length >= 2 and all(.chunks_local == .chunks_total)'; }
+if [ -n "${prof_summary:-}" ]; then
+  e2e_ctr image rm --sync "$E2E_REGISTRY/py:prof" >/dev/null 2>&1 || true
+  e2e_ctr content ls -q | xargs -r -n 20 "$(command -v ctr)" --address "$E2E_DIR/containerd.sock" --namespace "$E2E_NS" content rm >/dev/null 2>&1 || true
+  printf 'version = 1\n[remote]\nbackground_fetch = true\nbackground_delay_secs = 0\n' >"$E2E_DIR/shoal-prio.toml"
+  restart_shoal "$E2E_DIR/shoal-prio" "$E2E_DIR/shoal-prio.toml"
+  m=$(log_mark)
+  out=""
+  for try in 1 2 3 4 5; do
+    out=$("$anyclient" -address "$E2E_DIR/containerd.sock" -namespace "$E2E_NS" "$E2E_REGISTRY/py:prof" 2>&1) && break
+    grep -q unavailable <<<"$out" || break
+    sleep 1
+  done
+  for _ in $(seq 1 300); do layers_local >/dev/null 2>&1 && break; sleep 0.2; done
+  tail -n +"$((m + 1))" "$E2E_DIR/logs/shoal.log" >"$E2E_DIR/prio.log"
+  if ! layers_local >/dev/null 2>&1; then
+    fail "fetch priority: both layers fully local after the background fetch" "$out$(status_json | jq -c '[.layers[] | {chunks_local, chunks_total}]')"
+  elif printf '%s' "$prof_summary" >"$E2E_DIR/prof-summary.json" &&
+    verdict=$(python3 - "$E2E_DIR/prio.log" "$E2E_DIR/prof-summary.json" 2>&1 <<'PY'
+import json, re, sys
+from datetime import datetime
+summary = json.load(open(sys.argv[2]))
+# Blob offset where each layer's startup set ends (0: none).
+ends = {l["digest"]: l["startup_bytes"] for l in summary["manifests"][0]["layers"]}
+line = re.compile(r'^(\S+)\s.*\bfetched\b.*\blayer="?(sha256:[0-9a-f]{64})"?.*\boffset=(\d+).*\blen=(\d+).*\bms=(\d+)')
+startup, rest = [], []
+for l in open(sys.argv[1], errors="replace"):
+    mm = line.match(re.sub(r"\x1b\[[0-9;]*m", "", l))
+    if not mm or mm.group(2) not in ends:
+        continue
+    end_t = datetime.fromisoformat(mm.group(1).replace("Z", "+00:00")).timestamp()
+    start_t = end_t - int(mm.group(5)) / 1000
+    off, n = int(mm.group(3)), int(mm.group(4))
+    # The startup set is the chunks that start below the mark.
+    (startup if off < ends[mm.group(2)] else rest).append((start_t, end_t, mm.group(2), off, n))
+if not startup or not rest:
+    sys.exit(f"expected startup-set and other requests; got {len(startup)} and {len(rest)}")
+last_end = max(e for _, e, *_ in startup)
+first = min(rest)
+layers_rest = len({r[2] for r in rest})
+gap_ms = (first[0] - last_end) * 1000
+print(f"{len(startup)} startup-set requests, then {len(rest)} others on {layers_rest} layers; "
+      f"the first other started {gap_ms:.0f} ms after the last startup-set request ended")
+if gap_ms < -1 or layers_rest < 2:
+    print("startup ends:", ends)
+    for r in sorted(startup + rest)[:8]:
+        print("  start %.3f end %.3f %s offset %d len %d %s" % (r[0], r[1], r[2][:19], r[3], r[4], "startup" if r in startup else "other"))
+    sys.exit(1)
+PY
+  ); then
+    pass "fetch priority: $verdict"
+  else
+    fail "fetch priority: no byte outside the startup sets before the startup sets are in" "$verdict"
   fi
 fi
 
@@ -175,4 +264,12 @@ if out=$(timeout 900 "$cli" optimize -q --json --address "$E2E_DIR/shoal.sock" \
   pass "shoal optimize: ran the script once and converted with a startup set of $files files"
 else
   fail "shoal optimize" "$(tail -n 10 "$E2E_DIR/optimize.err"; head -c 1000 <<<"${out:-}")"
+fi
+# It leaves no trial tag in the registry and no trial image in containerd.
+tags=$(curl -sf "http://$E2E_REGISTRY/v2/py/tags/list" | jq -r '.tags[]' | sort | tr '\n' ' ')
+trial=$(e2e_ctr image ls -q | grep -E '/py@sha256:|unoptimized' || true)
+if [ -n "$tags" ] && ! grep -q unoptimized <<<"$tags" && [ -z "$trial" ]; then
+  pass "shoal optimize leaves nothing behind (registry tags of py: $tags)"
+else
+  fail "shoal optimize leaves nothing behind" "registry tags of py: ${tags:-?}; containerd images: $trial"
 fi

@@ -125,7 +125,8 @@ fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLa
         tokio::runtime::Handle::current(),
         cfg,
     )
-    .with_context(|| format!("create {}", tocs.display()))?;
+    .with_context(|| format!("create {}", tocs.display()))?
+    .with_recording(config.profile.recording());
     let c = &config.cache;
     layers.cache().configure(CacheConfig {
         limits: CacheConfig::limits(

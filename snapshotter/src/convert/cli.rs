@@ -75,6 +75,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<()> {
         work_dir: a.work_dir,
         source_repository: a.source_repository,
         profile,
+        untagged: false,
     };
     let registry = crate::registry::Registry::new(crate::registry::RegistryConfig {
         config_path: a.hosts_dir.clone(),

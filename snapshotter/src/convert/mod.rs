@@ -120,6 +120,9 @@ pub struct Options {
     pub source_repository: Option<String>,
     /// Startup profile: its files go first in each layer.
     pub profile: Option<profile::Profile>,
+    /// Push by digest only and write no tag (`shoal optimize`'s trial
+    /// image, which must leave nothing behind).
+    pub untagged: bool,
 }
 
 /// One converted layer, for the summary.
@@ -229,7 +232,9 @@ pub async fn convert(
         dst.put_manifest(media_type, bytes).await.map_err(dst_err)?;
     }
     dst.put_manifest(&top.0, &top.1).await.map_err(dst_err)?;
-    dst.tag(&top.0, &top.1).await.map_err(dst_err)?;
+    if !opts.untagged {
+        dst.tag(&top.0, &top.1).await.map_err(dst_err)?;
+    }
     Ok(Summary {
         source: opts.src.to_string(),
         destination: opts.dst.to_string(),

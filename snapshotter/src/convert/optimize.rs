@@ -2,11 +2,14 @@
 //! through containerd and Shoal while the daemon records its first reads,
 //! then convert again with that startup profile.
 //!
-//! The first conversion goes to DST's repository under the tag
-//! `TAG-unoptimized` (the run pulls it from there, and it stays for
-//! reference); the image is pulled with `shoal pull` semantics and run with
-//! containerd's `ctr run --rm` (killed after `--timeout`). Only DST's own tag
-//! needs `--force` to be overwritten.
+//! The first conversion is pushed to DST's repository by digest only, with
+//! no tag (the run pulls it as `REPO@DIGEST`); the image is pulled with
+//! `shoal pull` semantics and run with containerd's `ctr run --rm` (killed
+//! after `--timeout`). Once its first reads are taken, the trial image is
+//! removed from containerd, so the command leaves no tag behind in either
+//! place (the untagged manifest and blobs stay in the registry until its own
+//! garbage collection). Only DST's own tag needs `--force` to be
+//! overwritten.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -72,11 +75,6 @@ pub fn run(a: OptimizeArgs) -> anyhow::Result<()> {
     };
     let mut tmp_ref = dst_ref.clone();
     tmp_ref.digest = None;
-    tmp_ref.tag = Some(format!(
-        "{}-unoptimized",
-        dst_ref.tag.as_deref().unwrap_or("latest")
-    ));
-    let tmp = tmp_ref.to_string();
     let reg_cfg = RegistryConfig {
         config_path: a.hosts_dir.clone(),
         ..Default::default()
@@ -99,12 +97,19 @@ pub fn run(a: OptimizeArgs) -> anyhow::Result<()> {
         work_dir: a.work_dir.clone(),
         source_repository: None,
         profile: None,
+        untagged: true,
     };
     if !a.force && rt.block_on(registry.manifest_exists(dst_ref))? {
         bail!("destination {} exists; pass --force to overwrite it", a.dst);
     }
-    progress.note(&format!("1/4 converting {} -> {tmp}", a.src));
-    rt.block_on(convert(registry.clone(), &base, &progress))?;
+    progress.note(&format!(
+        "1/4 converting {} -> {}/{} (untagged)",
+        a.src, tmp_ref.registry, tmp_ref.repository
+    ));
+    let trial = rt.block_on(convert(registry.clone(), &base, &progress))?;
+    tmp_ref.tag = None;
+    tmp_ref.digest = Some(trial.digest);
+    let tmp = tmp_ref.to_string();
 
     progress.note(&format!("2/4 pulling {tmp} through {}", a.snapshotter));
     let pull_opts = crate::pull::PullOptions {
@@ -127,7 +132,17 @@ pub fn run(a: OptimizeArgs) -> anyhow::Result<()> {
     progress.note(&format!("3/4 running {tmp} (at most {}s)", a.timeout));
     run_once(&a, &tmp)?;
 
-    let (profile, _, _) = rt.block_on(super::profile_cli::recorded(&a.address, &tmp, &reg_cfg))?;
+    let recorded = rt.block_on(super::profile_cli::recorded(&a.address, &tmp, &reg_cfg));
+    // The trial image is not for use: drop it from containerd whatever the
+    // outcome (its layers are unmounted once containerd's GC removes them).
+    match ctr(&a, &["image", "rm", &tmp])
+        .stdout(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => {}
+        r => eprintln!("optimize: could not remove the trial image {tmp} from containerd: {r:?}"),
+    }
+    let (profile, _, _) = recorded?;
     progress.note(&format!(
         "4/4 converting with a profile of {} files -> {}",
         profile.paths.len(),
@@ -137,6 +152,7 @@ pub fn run(a: OptimizeArgs) -> anyhow::Result<()> {
         dst,
         force: a.force,
         profile: Some(profile),
+        untagged: false,
         ..base
     };
     let summary = rt.block_on(convert(registry, &opts, &progress))?;
@@ -157,19 +173,24 @@ pub fn run(a: OptimizeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A `ctr` command against containerd and the namespace of `a`.
+fn ctr(a: &OptimizeArgs, args: &[&str]) -> Command {
+    let mut c = Command::new("ctr");
+    c.arg("--address")
+        .arg(&a.containerd_address)
+        .arg("--namespace")
+        .arg(&a.namespace)
+        .args(args);
+    c
+}
+
 /// `ctr run --rm` the image once, killing the task after the timeout.
 fn run_once(a: &OptimizeArgs, image: &str) -> anyhow::Result<()> {
     let id = format!("shoal-optimize-{}", std::process::id());
-    let ctr = |args: &[&str]| {
-        let mut c = Command::new("ctr");
-        c.arg("--address")
-            .arg(&a.containerd_address)
-            .arg("--namespace")
-            .arg(&a.namespace)
-            .args(args);
-        c
-    };
-    let mut run = ctr(&["run", "--rm", "--snapshotter", &a.snapshotter, image, &id]);
+    let mut run = ctr(
+        a,
+        &["run", "--rm", "--snapshotter", &a.snapshotter, image, &id],
+    );
     run.args(&a.cmd).stdin(Stdio::null()).stdout(Stdio::null());
     let mut child = run
         .spawn()
@@ -183,7 +204,7 @@ fn run_once(a: &OptimizeArgs, image: &str) -> anyhow::Result<()> {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            let _ = ctr(&["task", "kill", "-s", "SIGKILL", &id]).status();
+            let _ = ctr(a, &["task", "kill", "-s", "SIGKILL", &id]).status();
             let _ = child.wait();
             return Ok(());
         }

@@ -27,6 +27,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
+use super::priority::Priority;
 use super::store::ChunkStore;
 use super::toc::{Chunk, Compression};
 
@@ -130,19 +131,11 @@ type Outcome = Option<Result<Bytes, FetchError>>;
 type Slot = watch::Receiver<Outcome>;
 type Lead = watch::Sender<Outcome>;
 
-/// How long on-demand reads must have been quiet before background fetches
-/// go on: reads pre-empt streaming in the rest of a layer.
-pub const DEMAND_QUIET: std::time::Duration = std::time::Duration::from_millis(1000);
-
 /// Fetches and verifies chunks into a [`ChunkStore`].
 pub struct Fetcher {
     store: Arc<ChunkStore>,
     inflight: Mutex<HashMap<[u8; 32], Slot>>,
-    epoch: std::time::Instant,
-    /// Milliseconds since `epoch` of the last on-demand fetch start or end.
-    last_demand: AtomicU64,
-    /// On-demand fetches under way.
-    demand_in_flight: AtomicU64,
+    priority: Arc<Priority>,
     /// Counters.
     pub stats: FetchStats,
 }
@@ -195,45 +188,14 @@ impl Fetcher {
         Fetcher {
             store,
             inflight: Mutex::new(HashMap::new()),
-            epoch: std::time::Instant::now(),
-            last_demand: AtomicU64::new(0),
-            demand_in_flight: AtomicU64::new(0),
+            priority: Arc::default(),
             stats: FetchStats::default(),
         }
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// Marks the start of an on-demand (reader-blocking) fetch; background
-    /// work waits while any is under way. Pair with [`Fetcher::demand_end`].
-    pub fn demand_start(&self) {
-        self.demand_in_flight.fetch_add(1, Ordering::Relaxed);
-        self.last_demand.store(self.now_ms(), Ordering::Relaxed);
-    }
-
-    /// Marks the end of an on-demand fetch.
-    pub fn demand_end(&self) {
-        self.last_demand.store(self.now_ms(), Ordering::Relaxed);
-        self.demand_in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// Waits until no on-demand fetch is under way and none has been for
-    /// [`DEMAND_QUIET`].
-    pub async fn wait_for_quiet(&self) {
-        loop {
-            let quiet = self
-                .now_ms()
-                .saturating_sub(self.last_demand.load(Ordering::Relaxed));
-            let busy = self.demand_in_flight.load(Ordering::Relaxed) > 0;
-            let want = DEMAND_QUIET.as_millis() as u64;
-            if !busy && quiet >= want {
-                return;
-            }
-            let wait = if busy { want } else { want - quiet };
-            tokio::time::sleep(std::time::Duration::from_millis(wait.max(10))).await;
-        }
+    /// The gate between on-demand, startup and background fetches.
+    pub fn priority(&self) -> &Arc<Priority> {
+        &self.priority
     }
 
     /// The store.
@@ -354,7 +316,7 @@ impl Fetcher {
         let first = &chunks[run[0].0];
         let last = &chunks[run[run.len() - 1].0];
         let (start, end) = (first.blob_offset, last.blob_end);
-        let data = match self.fetch_range(source, start, end - start).await {
+        let data = match self.fetch_range(source, layer, start, end - start).await {
             Ok(d) => d,
             Err(e) => return run.iter().map(|_| Err(e.clone())).collect(),
         };
@@ -368,7 +330,7 @@ impl Fetcher {
                     self.note_verify_failure(layer, c, source.name(), &problem);
                     // Once more, this chunk alone.
                     match self
-                        .fetch_range(source, c.blob_offset, c.blob_end - c.blob_offset)
+                        .fetch_range(source, layer, c.blob_offset, c.blob_end - c.blob_offset)
                         .await
                     {
                         Ok(again) => decode_chunk(compression, &again, c).map_err(|problem| {
@@ -397,6 +359,7 @@ impl Fetcher {
     async fn fetch_range(
         &self,
         source: &dyn RangeSource,
+        layer: &str,
         offset: u64,
         len: u64,
     ) -> Result<Bytes, FetchError> {
@@ -414,6 +377,7 @@ impl Fetcher {
                 self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
                 debug!(
                     source = source.name(),
+                    layer,
                     offset,
                     len,
                     ms = started.elapsed().as_millis() as u64,

@@ -116,13 +116,15 @@ pub struct LayerReader {
 pub const PASSTHROUGH_MIN_BYTES: u64 = 1 << 20;
 
 impl LayerReader {
-    /// A reader for `toc`, fetching from `source` on runtime `rt`.
+    /// A reader for `toc`, fetching from `source` on runtime `rt`, noting
+    /// first reads in `recorder`.
     pub fn new(
         layer: String,
         toc: Arc<Toc>,
         fetcher: Arc<Fetcher>,
         source: Arc<dyn RangeSource>,
         rt: Handle,
+        recorder: super::recorder::Recorder,
     ) -> LayerReader {
         LayerReader {
             layer,
@@ -133,10 +135,7 @@ impl LayerReader {
             passthrough: false,
             held: Default::default(),
             served: Arc::default(),
-            recorder: super::recorder::Recorder::new(
-                toc.entries.len(),
-                super::recorder::DEFAULT_PROFILE_WINDOW,
-            ),
+            recorder,
             toc,
         }
     }
@@ -259,14 +258,18 @@ impl LayerReader {
         let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
         let mut set = tokio::task::JoinSet::new();
         for b in batches {
+            let permit = sem.clone().acquire_owned().await.unwrap();
+            // On-demand reads pre-empt both; every startup set goes before
+            // any background batch (see `super::priority`). Asked after the
+            // slot is ours, so the answer is fresh when the batch starts.
             if background {
-                // On-demand reads pre-empt the background stream.
-                self.fetcher.wait_for_quiet().await;
+                self.fetcher.priority().background_turn().await;
+            } else {
+                self.fetcher.priority().startup_turn().await;
             }
             if self.stopped.load(Ordering::Relaxed) {
                 break;
             }
-            let permit = sem.clone().acquire_owned().await.unwrap();
             let (fetcher, source, compression, layer) = (
                 self.fetcher.clone(),
                 self.source.clone(),
@@ -306,9 +309,9 @@ impl LayerReader {
     }
 
     /// Starts fetching the whole layer at low priority: after `delay`, one
-    /// request at a time, and only while on-demand reads are quiet (see
-    /// [`Fetcher::wait_for_quiet`]), so a starting container's reads never
-    /// queue behind it.
+    /// request at a time, and only when no startup set is in flight on any
+    /// layer and on-demand reads are quiet (see [`super::priority`]), so a
+    /// starting container's reads never queue behind it.
     pub fn spawn_background(self: &Arc<Self>, delay: std::time::Duration) {
         let me = self.clone();
         self.rt.spawn(async move {
@@ -409,10 +412,10 @@ impl ChunkSource for LayerReader {
         );
         let served = self.served.clone();
         let toc = self.toc.clone();
-        self.fetcher.demand_start();
+        let demand = self.fetcher.priority().demand();
         self.rt.spawn(async move {
             let result = fetcher.get(&*source, compression, &layer, &needed).await;
-            fetcher.demand_end();
+            drop(demand);
             match result {
                 Ok(bufs) => {
                     count_served(&served, &fetcher, false, end - offset);

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use super::cache::Cache;
 use super::fetch::{BoxFuture, Fetcher, RangeSource};
 use super::layer::{compression_name, entries, LayerReader};
+use super::recorder::{Activity, Recorder, Recording};
 use super::toc::{parse_digest, parse_footer, Footer, Toc, FOOTER_FETCH};
 use crate::metadata::{RemoteRef, Usage};
 
@@ -100,7 +101,9 @@ pub struct RemoteLayers {
     fd_store: Option<crate::handover::FdStore>,
     /// Fds taken back from the store at start, not yet resumed or dropped.
     kept: Mutex<HashMap<String, std::os::fd::OwnedFd>>,
-    inflight: Arc<super::prefetch::InFlight>,
+    /// How long mounted layers record first reads.
+    recording: Recording,
+    activity: Arc<Activity>,
     /// Counters.
     pub stats: RemoteStats,
 }
@@ -215,9 +218,17 @@ impl RemoteLayers {
             mounted: Mutex::new(HashMap::new()),
             fd_store: None,
             kept: Mutex::new(HashMap::new()),
-            inflight: Arc::default(),
+            recording: Recording::default(),
+            activity: Arc::default(),
             stats: RemoteStats::default(),
         })
+    }
+
+    /// Sets how long layers mounted from now on record first reads (the
+    /// `[profile]` config section).
+    pub fn with_recording(mut self, recording: Recording) -> RemoteLayers {
+        self.recording = recording;
+        self
     }
 
     /// Loads and verifies the TOC of `r`: from the local copy if there is
@@ -313,6 +324,11 @@ impl RemoteLayers {
                 self.fetcher.clone(),
                 self.blobs.source(r),
                 self.rt.clone(),
+                Recorder::new(
+                    resolved.toc.entries.len(),
+                    self.recording,
+                    self.activity.clone(),
+                ),
             )
             .with_passthrough(self.cfg.passthrough),
         );
@@ -368,7 +384,7 @@ impl RemoteLayers {
         let chunks = reader.prefetch_chunks();
         // Registered before the task runs, so a container Prepare right
         // after this one waits for it.
-        let running = (!chunks.is_empty()).then(|| self.inflight.begin(id));
+        let running = (!chunks.is_empty()).then(|| self.fetcher.priority().startup().begin(id));
         let cfg = self.cfg.clone();
         self.rt.spawn(async move {
             if let Some(_running) = running {
@@ -395,14 +411,17 @@ impl RemoteLayers {
     /// Waits, at most `remote.prefetch_timeout_secs`, until every startup
     /// prefetch in flight has ended. Blocking: call from a blocking thread.
     pub fn wait_for_prefetch(&self) {
-        if self.inflight.is_empty() {
+        if self.fetcher.priority().startup().is_empty() {
             return;
         }
         let started = std::time::Instant::now();
         let done = self.rt.block_on(async {
-            tokio::time::timeout(self.cfg.prefetch_timeout, self.inflight.wait_all())
-                .await
-                .is_ok()
+            tokio::time::timeout(
+                self.cfg.prefetch_timeout,
+                self.fetcher.priority().startup().wait_all(),
+            )
+            .await
+            .is_ok()
         });
         info!(
             ms = started.elapsed().as_millis() as u64,

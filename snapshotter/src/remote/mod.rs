@@ -18,6 +18,8 @@
 //!   prefetch and background fetch.
 //! - [`prefetch`]: startup prefetches in flight, awaited by the container's
 //!   Prepare.
+//! - [`priority`]: the gate between on-demand, startup and background
+//!   fetches.
 //! - [`recorder`]: startup profiles: first reads of a layer's files.
 //! - [`registry_blobs`]: layer blobs from registries.
 //! - [`readahead`]: larger kernel readahead on each FUSE mount.
@@ -35,6 +37,7 @@ pub mod layer;
 pub mod layers;
 pub mod objects;
 pub mod prefetch;
+pub mod priority;
 pub mod readahead;
 pub mod recorder;
 pub mod registry_blobs;
