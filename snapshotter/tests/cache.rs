@@ -21,24 +21,12 @@ use shoal::remote::gc::CacheConfig;
 
 mod common;
 use common::estargz::{Entry, Format, Layer};
-use common::{labels, labels_for, open_snapshotter_blobs, open_snapshotter_with, MemBlob};
+use common::{labels, labels_for, noise, open_snapshotter_blobs, open_snapshotter_with, MemBlob};
 
 const IMAGE: &str = "127.0.0.1:5000/hostile:t";
 const FILES: usize = 24;
 const FILE_BYTES: usize = 96 << 10;
 const CHUNK: usize = 16 << 10;
-
-fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// File names and contents.
 type Files = Vec<(String, Vec<u8>)>;

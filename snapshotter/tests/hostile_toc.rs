@@ -22,6 +22,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::estargz::{self, Entry, Format, Layer, DEFAULT_CHUNK};
+use common::noise;
 use serde_json::json;
 use shoal::error::Error;
 use shoal::metadata::Kind;
@@ -35,18 +36,6 @@ use shoal_fuse::{NodeKind, Tree, TreeError, NAME_MAX};
 const FORMATS: [Format; 2] = [Format::Estargz, Format::ZstdChunked];
 
 /// Deterministic, poorly compressible bytes.
-fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn footer(blob: &[u8]) -> Result<Footer, TocError> {
     let size = blob.len() as u64;
     let tail = &blob[blob.len().saturating_sub(FOOTER_FETCH as usize)..];
