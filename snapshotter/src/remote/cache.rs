@@ -389,10 +389,11 @@ impl Cache {
         } else {
             let store = self.store.clone();
             let victims = p.victims.clone();
+            let protected = p.protected.clone();
             let applied = tokio::task::spawn_blocking(move || {
                 victims
                     .iter()
-                    .map(|v| (v.why, store.evict(&v.digest)))
+                    .map(|v| (v.why, store.evict_keeping(&v.digest, &protected)))
                     .collect::<Vec<_>>()
             })
             .await

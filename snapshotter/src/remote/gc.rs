@@ -122,6 +122,10 @@ pub struct Plan {
     pub kept_unfetchable_bytes: u64,
     /// Usage after the plan is applied.
     pub used_after: u64,
+    /// Chunks that must stay (pinned, or of a layer that cannot be fetched
+    /// now): evicting a victim must not take them along (a whole-file object
+    /// goes whole; see `ChunkStore::evict_keeping`).
+    pub protected: std::collections::HashSet<[u8; 32]>,
 }
 
 #[derive(Clone, Copy)]
@@ -166,7 +170,10 @@ pub fn plan(
                 });
             }
             None => rest.push((d, e, false)),
-            Some(r) if r.pinned => out.pinned_bytes += e.size,
+            Some(r) if r.pinned => {
+                out.pinned_bytes += e.size;
+                out.protected.insert(*d);
+            }
             Some(r) if r.unfetchable => unfetchable.push((d, e)),
             Some(_) => rest.push((d, e, true)),
         }
@@ -193,6 +200,7 @@ pub fn plan(
         for (d, e) in unfetchable {
             if used <= low || !disk_full {
                 out.kept_unfetchable_bytes += e.size;
+                out.protected.insert(*d);
                 continue;
             }
             used -= e.size;
@@ -204,6 +212,7 @@ pub fn plan(
         }
     } else {
         out.kept_unfetchable_bytes = unfetchable.iter().map(|(_, e)| e.size).sum();
+        out.protected.extend(unfetchable.iter().map(|(d, _)| **d));
     }
     out.used_after = used;
     out
@@ -324,6 +333,10 @@ mod tests {
         assert_eq!(p.used_after, 50);
         assert_eq!(p.pinned_bytes, 20);
         assert_eq!(p.kept_unfetchable_bytes, 10);
+        // What eviction must not take along: the pinned and the kept chunks.
+        let mut protected: Vec<u8> = p.protected.iter().map(|d| d[0]).collect();
+        protected.sort_unstable();
+        assert_eq!(protected, [1, 2, 3]);
         // Below the high watermark nothing referenced goes.
         assert!(plan(&entries[..9], &layers, &c, 50, false)
             .victims

@@ -22,7 +22,7 @@
 //! - [`ChunkStore::evict`] never removes a chunk while a reader is reading its
 //!   file (the `busy` guard).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -599,6 +599,13 @@ impl ChunkStore {
     /// Removes chunk `digest` from disk and memory, unless a reader is
     /// reading its file.
     pub fn evict(&self, digest: &[u8; 32]) -> Evicted {
+        self.evict_keeping(digest, &HashSet::new())
+    }
+
+    /// [`ChunkStore::evict`], except that a whole-file object holding
+    /// `digest` is left alone (`Busy`) if it also holds a chunk in `keep`:
+    /// an object is only ever removed whole.
+    pub fn evict_keeping(&self, digest: &[u8; 32], keep: &HashSet<[u8; 32]>) -> Evicted {
         let busy = self.busy.lock().unwrap();
         if busy.contains_key(digest) {
             return Evicted::Busy;
@@ -607,7 +614,18 @@ impl ChunkStore {
         if !path.exists() && self.objects.locate(digest).is_some() {
             // In whole-file objects: they go whole, unless held.
             let mut freed = 0;
-            for key in self.objects.holding(digest) {
+            let keys = self.objects.holding(digest);
+            let keeps = |key: &[u8; 32]| {
+                self.objects.get(key).is_some_and(|o| {
+                    o.chunks
+                        .iter()
+                        .any(|c| &c.digest != digest && keep.contains(&c.digest))
+                })
+            };
+            if keys.iter().any(keeps) {
+                return Evicted::Busy;
+            }
+            for key in keys {
                 match self.objects.remove(&key) {
                     Ok(o) => freed += self.forget_object_chunks(&o),
                     Err(objects::NotRemoved::Held) => return Evicted::Busy,
@@ -757,5 +775,32 @@ mod tests {
         assert_eq!(s.evict(&d0), Evicted::Missing);
         assert_eq!(s.index().used(), one);
         assert!(s.get(&d0).is_none());
+    }
+
+    #[test]
+    fn an_object_goes_whole_and_never_takes_a_kept_chunk_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ChunkStore::open(dir.path(), 0).unwrap();
+        let (a, b) = (Bytes::from(vec![1u8; 3000]), Bytes::from(vec![2u8; 2000]));
+        let (da, db) = (digest(&a), digest(&b));
+        s.put(da, a.clone()).unwrap();
+        s.put(db, b.clone()).unwrap();
+        let o = s
+            .consolidate(&[(da, 0, 3000), (db, 3000, 2000)])
+            .unwrap()
+            .unwrap();
+        assert!(!s.path(&da).exists(), "chunk files go once laid out");
+        assert_eq!(s.get(&db).unwrap(), b, "served from the object");
+        // b must stay (say, pinned by another layer): evicting a is refused.
+        let keep: HashSet<[u8; 32]> = [db].into_iter().collect();
+        assert_eq!(s.evict_keeping(&da, &keep), Evicted::Busy);
+        assert!(o.path.exists());
+        assert_eq!(s.get(&da).unwrap(), a);
+        // Nothing to keep: the object goes whole, both chunks with it.
+        assert!(matches!(s.evict(&da), Evicted::Freed(n) if n > 0));
+        assert!(!o.path.exists());
+        assert!(s.get(&da).is_none() && s.get(&db).is_none());
+        assert!(!s.on_disk(&db));
+        assert_eq!(s.index().used(), 0);
     }
 }
