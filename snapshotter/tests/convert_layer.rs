@@ -7,31 +7,41 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
+use shoal::convert::chunked::LayerInfo;
 use shoal::convert::layer::{convert, SourceCompression};
 use shoal::convert::Layout;
 use shoal::remote::fetch::decode_chunk;
 use shoal::remote::toc::{parse_footer, Toc, FOOTER_FETCH};
 
+mod common;
+use common::noise;
+
 const CHUNK: usize = 64 << 10;
+
+/// [`convert`] without a profile or progress.
+fn conv(
+    src: &Path,
+    compression: SourceCompression,
+    lazy_source: bool,
+    dst: &Path,
+    layout: Layout,
+) -> Result<LayerInfo, String> {
+    convert(
+        src,
+        compression,
+        lazy_source,
+        dst,
+        layout,
+        None,
+        &mut |_| {},
+    )
+}
 
 fn layout() -> Layout {
     Layout {
         chunk_size: CHUNK,
         level: 3,
     }
-}
-
-/// Deterministic pseudo-random bytes.
-fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
@@ -116,16 +126,7 @@ fn converted_layer_round_trips_through_the_reader() {
     gz.write_all(&tar).unwrap();
     let src = write(dir.path(), "src.tar.gz", &gz.finish().unwrap());
     let out = dir.path().join("out");
-    let info = convert(
-        &src,
-        SourceCompression::Gzip,
-        false,
-        &out,
-        layout(),
-        None,
-        &mut |_| {},
-    )
-    .unwrap();
+    let info = conv(&src, SourceCompression::Gzip, false, &out, layout()).unwrap();
     let blob = std::fs::read(&out).unwrap();
     assert_eq!(info.size, blob.len() as u64);
     assert_eq!(info.digest, sha(&blob));
@@ -208,34 +209,28 @@ fn conversion_is_reproducible_and_independent_of_source_compression() {
         "src.tar.zst",
         &zstd::stream::encode_all(&tar[..], 19).unwrap(),
     );
-    let a = convert(
+    let a = conv(
         &plain,
         SourceCompression::None,
         false,
         &dir.path().join("a"),
         layout(),
-        None,
-        &mut |_| {},
     )
     .unwrap();
-    let b = convert(
+    let b = conv(
         &plain,
         SourceCompression::None,
         false,
         &dir.path().join("b"),
         layout(),
-        None,
-        &mut |_| {},
     )
     .unwrap();
-    let c = convert(
+    let c = conv(
         &zst,
         SourceCompression::Zstd,
         false,
         &dir.path().join("c"),
         layout(),
-        None,
-        &mut |_| {},
     )
     .unwrap();
     assert_eq!(a.digest, b.digest);
@@ -245,14 +240,12 @@ fn conversion_is_reproducible_and_independent_of_source_compression() {
         chunk_size: CHUNK * 2,
         level: 3,
     };
-    let d = convert(
+    let d = conv(
         &plain,
         SourceCompression::None,
         false,
         &dir.path().join("d"),
         other,
-        None,
-        &mut |_| {},
     )
     .unwrap();
     assert_ne!(a.digest, d.digest, "chunk size is part of the layout");
@@ -272,24 +265,20 @@ fn lazy_format_artefacts_are_dropped_only_for_lazy_sources() {
         .unwrap();
     }
     let src = write(dir.path(), "src.tar", &b.into_inner().unwrap());
-    let lazy = convert(
+    let lazy = conv(
         &src,
         SourceCompression::None,
         true,
         &dir.path().join("a"),
         layout(),
-        None,
-        &mut |_| {},
     )
     .unwrap();
-    let plain = convert(
+    let plain = conv(
         &src,
         SourceCompression::None,
         false,
         &dir.path().join("b"),
         layout(),
-        None,
-        &mut |_| {},
     )
     .unwrap();
     assert_eq!((lazy.files, plain.files), (1, 3));
@@ -330,14 +319,12 @@ fn escaping_paths_and_corrupt_tars_are_refused() {
     .enumerate()
     {
         let src = write(dir.path(), &format!("bad{i}"), &raw_entry(name, kind, link));
-        let err = convert(
+        let err = conv(
             &src,
             SourceCompression::None,
             false,
             &dir.path().join("o"),
             layout(),
-            None,
-            &mut |_| {},
         )
         .unwrap_err();
         assert!(err.contains("escapes the layer root"), "{name}: {err}");
@@ -346,28 +333,24 @@ fn escaping_paths_and_corrupt_tars_are_refused() {
     let (mut tar, _) = sample_tar();
     tar[10] ^= 1;
     let src = write(dir.path(), "corrupt", &tar);
-    let err = convert(
+    let err = conv(
         &src,
         SourceCompression::None,
         false,
         &dir.path().join("o"),
         layout(),
-        None,
-        &mut |_| {},
     )
     .unwrap_err();
     assert!(err.contains("checksum"), "{err}");
     // Truncated content.
     let (tar, _) = sample_tar();
     let src = write(dir.path(), "short", &tar[..3000]);
-    let err = convert(
+    let err = conv(
         &src,
         SourceCompression::None,
         false,
         &dir.path().join("o"),
         layout(),
-        None,
-        &mut |_| {},
     )
     .unwrap_err();
     assert!(err.contains("ends inside"), "{err}");
@@ -476,14 +459,12 @@ fn a_profile_puts_the_startup_set_first_and_marks_it() {
     .unwrap();
     assert_eq!(again.digest, info.digest);
     // An empty or entirely stale profile is no profile.
-    let none = convert(
+    let none = conv(
         &src,
         SourceCompression::None,
         false,
         &dir.path().join("none"),
         layout(),
-        None,
-        &mut |_| {},
     )
     .unwrap();
     let stale = convert(
