@@ -27,17 +27,9 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-build=1
-for arg in "$@"; do
-  case $arg in
-    --no-build) build=0 ;;
-    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
-    *) echo "faults.sh: unknown argument $arg" >&2; exit 2 ;;
-  esac
-done
-
 # shellcheck source=tests/e2e/lib.sh
 source "$here/lib.sh"
+e2e_simple_args "$@"
 
 e2e_checks_begin faults
 info() { printf "      %s\n" "$@"; }

@@ -398,6 +398,21 @@ e2e_tree_container() {
 # e2e_checks_begin NAME: start counting; the summary line is
 # `NAME: N passed, M failed (Ts)`. `pass MSG`, `fail MSG [DETAIL]`, and
 # `summary STATUS` (also usable as E2E_EXIT_HOOK) report.
+# e2e_simple_args "$@": the arguments of a test script that takes only
+# --no-build (sets build=0; build=1 otherwise) and --help (prints the
+# script's header comment, line 2 up to `set -euo pipefail`).
+e2e_simple_args() {
+  local arg
+  build=1
+  for arg in "$@"; do
+    case $arg in
+      --no-build) build=0 ;;
+      -h | --help) sed -n '2,/^set -euo pipefail$/{/^set -euo pipefail$/!p}' "$0"; exit 0 ;;
+      *) echo "$(basename "$0"): unknown argument $arg" >&2; exit 2 ;;
+    esac
+  done
+}
+
 e2e_checks_begin() {
   E2E_REPORT=$1 passed=0 failed=0 failed_names=() started=$SECONDS
 }
