@@ -75,8 +75,13 @@ pub struct RemoteSection {
     /// Mount eStargz / zstd:chunked layers lazily; when false every layer is
     /// pulled and unpacked by containerd.
     pub enable: bool,
-    /// Seconds Prepare waits for a layer's prefetch set (0: don't wait).
+    /// Seconds a layer's prefetch set may take to fetch (and, with
+    /// `wait_for_startup_set`, how long a container's Prepare waits for it).
     pub prefetch_timeout_secs: u64,
+    /// A container's Prepare waits for the startup sets in flight. Off by
+    /// default: the container starts at once, and a read of a chunk still
+    /// on its way waits for that chunk alone (fetches stream chunk by chunk).
+    pub wait_for_startup_set: bool,
     /// Fetch the rest of each layer in the background after mounting.
     pub background_fetch: bool,
     /// Seconds after mounting before the background fetch starts; it then
@@ -96,6 +101,7 @@ impl Default for RemoteSection {
         RemoteSection {
             enable: true,
             prefetch_timeout_secs: DEFAULT_PREFETCH_TIMEOUT_SECS,
+            wait_for_startup_set: false,
             background_fetch: true,
             background_delay_secs: DEFAULT_BACKGROUND_DELAY_SECS,
             fuse_threads: DEFAULT_FUSE_THREADS,

@@ -84,6 +84,12 @@ fn encode_remote(r: &RemoteLayers, mut enc: DescriptorEncoder) -> Result<(), std
     )?;
     counter(
         &mut enc,
+        "shoal_fetch_on_demand_bytes",
+        "Uncompressed chunk bytes that reads fetched themselves (outside every prefetch).",
+        &[("", "", load(&f.fetched_on_demand))],
+    )?;
+    counter(
+        &mut enc,
         "shoal_fetch_requests",
         "Range requests sent to sources.",
         &[("", "", load(&f.requests))],

@@ -63,6 +63,7 @@ fn report(sn: &Snapshotter) -> LayersResponse {
             served_from_cache: l.served_from_cache,
             served_after_fetch: l.served_after_fetch,
             read_errors: l.read_errors,
+            fetched_on_demand: l.fetched_on_demand,
         })
         .collect();
     let f = &remote.fetcher().stats;

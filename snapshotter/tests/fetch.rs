@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
-use shoal::remote::fetch::{BoxFuture, FetchError, Fetcher, RangeSource};
+use shoal::remote::fetch::{BoxFuture, FetchError, Fetcher, RangeSource, Sink};
 use shoal::remote::store::ChunkStore;
 use shoal::remote::toc::{parse_footer, Chunk, Toc, FOOTER_FETCH};
 
@@ -133,4 +133,106 @@ async fn a_source_that_keeps_lying_yields_an_error_and_caches_nothing() {
         !f.store().contains(&chunks[0].digest),
         "unverified bytes must not be cached"
     );
+}
+
+/// Streams the first half of every range at once, then holds the rest until
+/// the gate opens (a slow link, frozen mid-body on demand).
+struct Gated {
+    inner: Arc<Source>,
+    gate: tokio::sync::Semaphore,
+}
+
+impl RangeSource for Gated {
+    fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, String>> {
+        self.inner.fetch(offset, len)
+    }
+    fn fetch_streamed(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: Sink,
+    ) -> BoxFuture<'_, Result<Bytes, String>> {
+        Box::pin(async move {
+            let b = self.inner.fetch(offset, len).await?;
+            let half = b.len() / 2;
+            let _ = sink.send((offset, b.slice(..half)));
+            let _permit = self.gate.acquire().await.unwrap();
+            let _ = sink.send((offset + half as u64, b.slice(half..)));
+            Ok(b)
+        })
+    }
+    fn name(&self) -> &str {
+        "gated-source"
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunk_is_served_as_soon_as_it_is_in_not_when_its_merged_request_ends() {
+    let (src, toc, chunks) = setup(0);
+    assert!(
+        chunks.len() >= 4,
+        "the fixture's big file has several chunks"
+    );
+    let (_d, f) = fetcher();
+    let gated = Arc::new(Gated {
+        inner: src.clone(),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    let compression = toc.compression;
+    let leader = {
+        let (f, g, all) = (f.clone(), gated.clone(), chunks.clone());
+        tokio::spawn(async move { f.get(&*g, compression, "layer", &all).await })
+    };
+    while src.requests.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // The first chunk lies in the half already sent: a reader gets it (from
+    // the leader's request, not a new one) while the request is held open.
+    let (first, led) = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        f.get_on_demand(&*gated, compression, "layer", &chunks[..1]),
+    )
+    .await
+    .expect("the first chunk must not wait for the end of the merged request")
+    .unwrap();
+    assert_eq!(Sha256::digest(&first[0]).as_slice(), chunks[0].digest);
+    // Waiting for a chunk another fetch has under way is not an on-demand
+    // fetch (it would make that very fetch's later batches give way).
+    assert_eq!(led, 0);
+    assert_eq!(f.stats.fetched_on_demand.load(Ordering::SeqCst), 0);
+    assert!(
+        !leader.is_finished(),
+        "the merged request is still held open"
+    );
+    assert_eq!(src.requests.load(Ordering::SeqCst), 1);
+    gated.gate.add_permits(1);
+    let all = leader.await.unwrap().unwrap();
+    assert_eq!(all.len(), chunks.len());
+    for (b, c) in all.iter().zip(&chunks) {
+        assert_eq!(Sha256::digest(b).as_slice(), c.digest);
+    }
+    assert_eq!(
+        src.requests.load(Ordering::SeqCst),
+        1,
+        "one merged request in all"
+    );
+}
+
+#[tokio::test]
+async fn a_read_that_fetches_for_itself_counts_as_on_demand() {
+    let (src, toc, chunks) = setup(0);
+    let (_d, f) = fetcher();
+    let want: u64 = chunks[..2].iter().map(|c| c.len).sum();
+    let (_, led) = f
+        .get_on_demand(&*src, toc.compression, "layer", &chunks[..2])
+        .await
+        .unwrap();
+    assert_eq!(led, want);
+    // Now local: nothing more to fetch.
+    let (_, led) = f
+        .get_on_demand(&*src, toc.compression, "layer", &chunks[..2])
+        .await
+        .unwrap();
+    assert_eq!(led, 0);
+    assert_eq!(f.stats.fetched_on_demand.load(Ordering::SeqCst), want);
 }

@@ -764,6 +764,62 @@ async fn full_body_answer_to_a_range_yields_the_window() {
     assert!(err.to_string().contains("20000 bytes"), "{err}");
 }
 
+/// Collects what a streamed fetch sent to its sink and checks that the
+/// pieces, in order, tile `[off, off + want.len())` and equal `want`.
+fn assert_pieces_tile(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(u64, bytes::Bytes)>,
+    off: u64,
+    want: &[u8],
+) -> usize {
+    let mut at = off;
+    let mut pieces = 0;
+    while let Ok((pos, piece)) = rx.try_recv() {
+        assert_eq!(pos, at, "piece {pieces} starts where the last ended");
+        let rel = (pos - off) as usize;
+        assert_eq!(&piece[..], &want[rel..rel + piece.len()], "piece {pieces}");
+        at += piece.len() as u64;
+        pieces += 1;
+    }
+    assert_eq!(at, off + want.len() as u64, "pieces cover the range");
+    pieces
+}
+
+#[tokio::test]
+async fn real_registry_streams_a_range_in_pieces_with_their_offsets() {
+    let reg = RealRegistry::start(None);
+    let data = blob(3_000_000);
+    let digest = reg.push_blob("test/app", &data, None).await;
+    let certs = tempfile::tempdir().unwrap();
+    let r = client(certs.path(), None, vec![]);
+    let reference: Reference = format!("{}/test/app:v1", reg.host()).parse().unwrap();
+    let (off, len) = (123_457u64, 2_500_000u64);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let got = r
+        .fetch_range_streamed(&reference, &digest, off, len, Some(&tx))
+        .await
+        .unwrap();
+    let want = &data[off as usize..(off + len) as usize];
+    assert_eq!(&got[..], want);
+    let pieces = assert_pieces_tile(rx, off, want);
+    assert!(pieces > 1, "a 2.5 MB body arrives in more than one piece");
+}
+
+#[tokio::test]
+async fn full_body_answer_streams_only_the_window() {
+    let data = Arc::new(blob(20_000));
+    let d = data.clone();
+    let fake = Fake::start(move |_| Action::Send(response("200 OK", &[], &d))).await;
+    let certs = tempfile::tempdir().unwrap();
+    let (r, reference) = fake_client(certs.path(), &fake, vec![]);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let got = r
+        .fetch_range_streamed(&reference, &digest_of(&data), 15_000, 3_000, Some(&tx))
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &data[15_000..18_000]);
+    assert_pieces_tile(rx, 15_000, &data[15_000..18_000]);
+}
+
 #[tokio::test]
 async fn bearer_token_flow_and_cache() {
     let data = Arc::new(blob(2_048));

@@ -112,6 +112,7 @@ fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLa
         .with_context(|| format!("open chunk store {}", chunks.display()))?;
     let cfg = RemoteConfig {
         prefetch_timeout: std::time::Duration::from_secs(config.remote.prefetch_timeout_secs),
+        wait_for_startup: config.remote.wait_for_startup_set,
         background_fetch: config.remote.background_fetch,
         background_delay: std::time::Duration::from_secs(config.remote.background_delay_secs),
         fuse_threads: config.remote.fuse_threads,

@@ -215,6 +215,7 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
                     "bytes_total": l.bytes_total, "bytes_local": l.bytes_local,
                     "served_from_cache": l.served_from_cache,
                     "served_after_fetch": l.served_after_fetch, "read_errors": l.read_errors,
+                    "fetched_on_demand": l.fetched_on_demand,
                     "hit_rate": shoal::cache_cli::layer_hit_rate(l),
                     "pinned": shoal::cache_cli::pinned(&pins, l),
                 })

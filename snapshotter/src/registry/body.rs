@@ -103,9 +103,17 @@ pub(crate) async fn read_to_end(
     }
 }
 
+/// Where a body's bytes go as they arrive, besides the returned buffer:
+/// each piece with the blob offset of its first byte. A retried request
+/// sends its range again from the start; a receiver keeps what it has.
+pub type BodySink = tokio::sync::mpsc::UnboundedSender<(u64, Bytes)>;
+
 /// Reads `want` bytes after skipping `skip`, with `timeout` between chunks.
 /// With `exact`, a body longer than `skip + want` is an error; otherwise
-/// the rest is left unread (the connection is dropped).
+/// the rest is left unread (the connection is dropped). With `sink`
+/// (and the blob offset of the first wanted byte), every piece kept is also
+/// sent there as it arrives, unverified and possibly followed by an error.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn read_body(
     resp: &mut Response,
     site: &Site,
@@ -113,6 +121,7 @@ pub(crate) async fn read_body(
     mut skip: u64,
     want: u64,
     exact: bool,
+    sink: Option<(&BodySink, u64)>,
 ) -> Result<Bytes, RegistryError> {
     let cap = usize::try_from(want.min(MAX_PREALLOC.max(MAX_MANIFEST_BYTES))).unwrap_or(0);
     let mut buf = BytesMut::with_capacity(cap);
@@ -126,20 +135,26 @@ pub(crate) async fn read_body(
             Ok(Ok(None)) => return Err(site.short(buf.len() as u64, want)),
             Ok(Ok(Some(c))) => c,
         };
-        let mut c = &chunk[..];
+        let mut from = 0;
         if skip > 0 {
-            let n = skip.min(c.len() as u64) as usize;
-            skip -= n as u64;
-            c = &c[n..];
+            from = skip.min(chunk.len() as u64) as usize;
+            skip -= from as u64;
         }
         let room = (want - buf.len() as u64) as usize;
-        if c.len() > room {
+        let mut to = chunk.len();
+        if to - from > room {
             if exact {
                 return Err(site.bad(format!("body longer than the {want} bytes asked for")));
             }
-            c = &c[..room];
+            to = from + room;
         }
-        buf.extend_from_slice(c);
+        if let Some((sink, base)) = sink {
+            if to > from {
+                // A receiver that went away only stops wanting the pieces.
+                let _ = sink.send((base + buf.len() as u64, chunk.slice(from..to)));
+            }
+        }
+        buf.extend_from_slice(&chunk[from..to]);
     }
     if exact {
         if let Ok(Ok(Some(c))) = tokio::time::timeout(timeout, resp.chunk()).await {

@@ -20,6 +20,7 @@ use tracing::{debug, instrument, warn};
 
 use super::body::{
     content_length, header_str, hv, parse_content_range, read_body, read_to_end, status_error,
+    BodySink,
 };
 use super::error::{RegistryError, Site};
 use super::hosts::Capability;
@@ -62,6 +63,7 @@ enum Op<'a> {
         digest: &'a str,
         offset: u64,
         len: u64,
+        sink: Option<&'a BodySink>,
     },
     Size {
         digest: &'a str,
@@ -82,13 +84,31 @@ impl Registry {
     /// # Errors
     /// Every host failed: the last host's error (status, timeout, auth,
     /// short read, mismatching `Content-Range`).
-    #[instrument(skip_all, fields(registry = %reference.registry, repo = %reference.repository, digest, offset, len))]
     pub async fn fetch_range(
         &self,
         reference: &Reference,
         digest: &str,
         offset: u64,
         len: u64,
+    ) -> Result<Bytes, RegistryError> {
+        self.fetch_range_streamed(reference, digest, offset, len, None)
+            .await
+    }
+
+    /// [`Registry::fetch_range`], also sending the body's pieces to `sink`
+    /// as they arrive (see [`BodySink`]), so a caller can use the start of a
+    /// large range before its end is in.
+    ///
+    /// # Errors
+    /// As [`Registry::fetch_range`].
+    #[instrument(skip_all, fields(registry = %reference.registry, repo = %reference.repository, digest, offset, len))]
+    pub async fn fetch_range_streamed(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        sink: Option<&BodySink>,
     ) -> Result<Bytes, RegistryError> {
         self.check_digest(reference, digest)?;
         if len == 0 {
@@ -107,6 +127,7 @@ impl Registry {
                     digest,
                     offset,
                     len,
+                    sink,
                 },
             )
             .await?
@@ -257,6 +278,7 @@ impl Registry {
                 digest,
                 offset,
                 len,
+                sink,
             } => {
                 let site = self.site(reference, &host.spec.host, digest);
                 let last = offset + len - 1;
@@ -281,9 +303,17 @@ impl Registry {
                                     .bad(format!("206 with Content-Length {cl}, expected {len}")));
                             }
                         }
-                        read_body(&mut resp, &site, timeout, 0, len, true)
-                            .await
-                            .map(Outcome::Bytes)
+                        read_body(
+                            &mut resp,
+                            &site,
+                            timeout,
+                            0,
+                            len,
+                            true,
+                            sink.map(|s| (s, offset)),
+                        )
+                        .await
+                        .map(Outcome::Bytes)
                     }
                     StatusCode::OK => {
                         if let Some(cl) = content_length(&resp) {
@@ -295,9 +325,17 @@ impl Registry {
                             }
                         }
                         warn!(host = %site.host, offset, len, "server ignored Range; skipping to the window in the full body");
-                        read_body(&mut resp, &site, timeout, offset, len, false)
-                            .await
-                            .map(Outcome::Bytes)
+                        read_body(
+                            &mut resp,
+                            &site,
+                            timeout,
+                            offset,
+                            len,
+                            false,
+                            sink.map(|s| (s, offset)),
+                        )
+                        .await
+                        .map(Outcome::Bytes)
                     }
                     StatusCode::RANGE_NOT_SATISFIABLE => Err(site.bad(format!(
                         "range bytes={offset}-{last} not satisfiable (Content-Range {:?})",
@@ -353,7 +391,7 @@ impl Registry {
                             "manifest of {n} bytes exceeds {MAX_MANIFEST_BYTES}"
                         )));
                     }
-                    Some(n) => read_body(&mut resp, &site, timeout, 0, n, true).await?,
+                    Some(n) => read_body(&mut resp, &site, timeout, 0, n, true, None).await?,
                     None => read_to_end(&mut resp, &site, timeout, MAX_MANIFEST_BYTES).await?,
                 };
                 if body.len() as u64 > MAX_MANIFEST_BYTES {

@@ -58,6 +58,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use body::BodySink;
 pub use error::RegistryError;
 pub use fetch::{
     backoff, BACKOFF_BASE, BACKOFF_MAX, MANIFEST_ACCEPT, MAX_REDIRECTS, MAX_RETRY_AFTER,

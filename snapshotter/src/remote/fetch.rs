@@ -45,9 +45,30 @@ pub trait RangeSource: Send + Sync {
     /// # Errors
     /// Any failure, as a message naming the source.
     fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, String>>;
+    /// [`RangeSource::fetch`], also sending pieces of the range to `sink` as
+    /// they arrive (each with its blob offset; a retry may send a range
+    /// again from its start). The default sends the whole range at the end.
+    ///
+    /// # Errors
+    /// As [`RangeSource::fetch`].
+    fn fetch_streamed(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: Sink,
+    ) -> BoxFuture<'_, Result<Bytes, String>> {
+        Box::pin(async move {
+            let b = self.fetch(offset, len).await?;
+            let _ = sink.send((offset, b.clone()));
+            Ok(b)
+        })
+    }
     /// Name for logs and metrics (`registry`, a peer address).
     fn name(&self) -> &str;
 }
+
+/// Where a source sends the pieces of a range as they arrive.
+pub type Sink = crate::registry::BodySink;
 
 /// Why a chunk could not be produced.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -102,6 +123,8 @@ pub struct FetchStats {
     pub served_from_cache: AtomicU64,
     /// Bytes served to FUSE readers after a fetch from a source.
     pub served_after_fetch: AtomicU64,
+    /// Uncompressed chunk bytes that reads fetched themselves.
+    pub fetched_on_demand: AtomicU64,
     /// Files handed to the kernel for passthrough (once per inode and
     /// mount); their reads never reach the daemon.
     pub passthrough_files: AtomicU64,
@@ -120,6 +143,7 @@ impl Default for FetchStats {
             in_flight: AtomicU64::new(0),
             served_from_cache: AtomicU64::new(0),
             served_after_fetch: AtomicU64::new(0),
+            fetched_on_demand: AtomicU64::new(0),
             passthrough_files: AtomicU64::new(0),
             latency: Arc::new(Family::new_with_constructor(latency_histogram)),
         }
@@ -215,10 +239,44 @@ impl Fetcher {
         layer: &str,
         chunks: &[Chunk],
     ) -> Result<Vec<Bytes>, FetchError> {
+        self.fetch(source, compression, layer, chunks, false)
+            .await
+            .map(|(bufs, _)| bufs)
+    }
+
+    /// [`Fetcher::get`] for a reader that is waiting: a fetch it leads
+    /// itself counts as on-demand (startup and background batches give way
+    /// to it, see [`Priority`]); waiting for chunks another fetch already
+    /// has under way does not. Also returns the uncompressed bytes of the
+    /// chunks it fetched itself.
+    ///
+    /// # Errors
+    /// As [`Fetcher::get`].
+    pub async fn get_on_demand(
+        &self,
+        source: &dyn RangeSource,
+        compression: Compression,
+        layer: &str,
+        chunks: &[Chunk],
+    ) -> Result<(Vec<Bytes>, u64), FetchError> {
+        self.fetch(source, compression, layer, chunks, true).await
+    }
+
+    async fn fetch(
+        &self,
+        source: &dyn RangeSource,
+        compression: Compression,
+        layer: &str,
+        chunks: &[Chunk],
+        on_demand: bool,
+    ) -> Result<(Vec<Bytes>, u64), FetchError> {
         let mut out: Vec<Option<Bytes>> = vec![None; chunks.len()];
+        let mut led_bytes = 0;
         for _attempt in 0..3 {
             let (waits, leads) = self.plan(chunks, &mut out);
             if !leads.is_empty() {
+                let _demand = on_demand.then(|| self.priority.demand());
+                led_bytes += leads.iter().map(|(i, _)| chunks[*i].len).sum::<u64>();
                 let guard = LeadGuard {
                     fetcher: self,
                     keys: leads.iter().map(|(i, _)| chunks[*i].digest).collect(),
@@ -228,14 +286,14 @@ impl Fetcher {
                     let result = self
                         .fetch_run(source, compression, layer, chunks, &leads[run.clone()])
                         .await;
-                    for ((i, tx), r) in leads[run].iter().zip(result) {
-                        match &r {
-                            Ok(b) => out[*i] = Some(b.clone()),
+                    // Waiters were answered chunk by chunk, in `fetch_run`.
+                    for ((i, _), r) in leads[run].iter().zip(result) {
+                        match r {
+                            Ok(b) => out[*i] = Some(b),
                             Err(e) => {
-                                first_err.get_or_insert_with(|| e.clone());
+                                first_err.get_or_insert(e);
                             }
                         }
-                        let _ = tx.send(Some(r));
                     }
                 }
                 drop(guard);
@@ -258,10 +316,17 @@ impl Fetcher {
                 break;
             }
         }
-        out.into_iter()
+        let bufs = out
+            .into_iter()
             .zip(chunks)
             .map(|(b, c)| b.ok_or_else(|| FetchError::Abandoned(hex::encode(c.digest))))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        if on_demand {
+            self.stats
+                .fetched_on_demand
+                .fetch_add(led_bytes, Ordering::Relaxed);
+        }
+        Ok((bufs, led_bytes))
     }
 
     /// Decides, for every chunk of `chunks` not yet in `out`, whether it is
@@ -304,7 +369,10 @@ impl Fetcher {
         (waits, leads)
     }
 
-    /// Fetches one merged run and returns a result per chunk.
+    /// Fetches one merged run and returns a result per chunk. The range is
+    /// streamed: each chunk is verified, stored and handed to its waiters as
+    /// soon as its last byte is in, so a reader of the run's first chunk
+    /// does not wait for the run's end, and decoding overlaps the transfer.
     async fn fetch_run(
         &self,
         source: &dyn RangeSource,
@@ -316,44 +384,133 @@ impl Fetcher {
         let first = &chunks[run[0].0];
         let last = &chunks[run[run.len() - 1].0];
         let (start, end) = (first.blob_offset, last.blob_end);
-        let data = match self.fetch_range(source, layer, start, end - start).await {
-            Ok(d) => d,
-            Err(e) => return run.iter().map(|_| Err(e.clone())).collect(),
+        let mut results: Vec<Option<Result<Bytes, FetchError>>> = vec![None; run.len()];
+        let mut failed = Vec::new();
+        let mut next = 0;
+        // The run's bytes so far: blob offsets [start, start + have.len()).
+        let mut have: Vec<u8> = Vec::new();
+        let (sink, mut pieces) = tokio::sync::mpsc::unbounded_channel();
+        let take = |have: &mut Vec<u8>, (pos, piece): (u64, Bytes)| {
+            let have_end = start + have.len() as u64;
+            let piece_end = pos + piece.len() as u64;
+            if pos <= have_end && piece_end > have_end {
+                have.extend_from_slice(&piece[(have_end - pos) as usize..]);
+            }
         };
-        let mut results = Vec::with_capacity(run.len());
-        for (i, _) in run {
-            let c = &chunks[*i];
-            let slice = &data[(c.blob_offset - start) as usize..(c.blob_end - start) as usize];
-            let r = match decode_chunk(compression, slice, c) {
-                Ok(b) => Ok(b),
-                Err(problem) => {
-                    self.note_verify_failure(layer, c, source.name(), &problem);
-                    // Once more, this chunk alone.
-                    match self
-                        .fetch_range(source, layer, c.blob_offset, c.blob_end - c.blob_offset)
-                        .await
-                    {
-                        Ok(again) => decode_chunk(compression, &again, c).map_err(|problem| {
-                            self.note_verify_failure(layer, c, source.name(), &problem);
-                            FetchError::Verify {
-                                chunk: hex::encode(c.digest),
-                                source_name: source.name().to_owned(),
-                                problem,
-                            }
-                        }),
-                        Err(e) => Err(e),
+        let fetch = self.fetch_range(source, layer, start, end - start, Some(sink));
+        tokio::pin!(fetch);
+        let outcome = loop {
+            tokio::select! {
+                r = &mut fetch => break r,
+                Some(p) = pieces.recv() => {
+                    take(&mut have, p);
+                    while next < run.len() && chunks[run[next].0].blob_end - start <= have.len() as u64 {
+                        let c = &chunks[run[next].0];
+                        let slice = &have[(c.blob_offset - start) as usize..(c.blob_end - start) as usize];
+                        self.settle(compression, layer, source, c, slice, &run[next].1, &mut results[next], &mut failed, next);
+                        next += 1;
                     }
                 }
-            };
-            if let Ok(b) = &r {
-                if let Err(e) = self.store.put(c.digest, b.clone()) {
-                    self.stats.not_cached.fetch_add(1, Ordering::Relaxed);
-                    self.store.log_not_cached(layer, &c.digest, &e);
+            }
+        };
+        while let Ok(p) = pieces.try_recv() {
+            take(&mut have, p);
+        }
+        match outcome {
+            Ok(data) => {
+                for k in next..run.len() {
+                    let c = &chunks[run[k].0];
+                    let slice =
+                        &data[(c.blob_offset - start) as usize..(c.blob_end - start) as usize];
+                    self.settle(
+                        compression,
+                        layer,
+                        source,
+                        c,
+                        slice,
+                        &run[k].1,
+                        &mut results[k],
+                        &mut failed,
+                        k,
+                    );
                 }
             }
-            results.push(r);
+            Err(e) => {
+                for k in next..run.len() {
+                    let _ = run[k].1.send(Some(Err(e.clone())));
+                    results[k] = Some(Err(e.clone()));
+                }
+            }
+        }
+        // Chunks that did not verify: once more each, alone.
+        for k in failed {
+            let c = &chunks[run[k].0];
+            let r = match self
+                .fetch_range(
+                    source,
+                    layer,
+                    c.blob_offset,
+                    c.blob_end - c.blob_offset,
+                    None,
+                )
+                .await
+            {
+                Ok(again) => decode_chunk(compression, &again, c).map_err(|problem| {
+                    self.note_verify_failure(layer, c, source.name(), &problem);
+                    FetchError::Verify {
+                        chunk: hex::encode(c.digest),
+                        source_name: source.name().to_owned(),
+                        problem,
+                    }
+                }),
+                Err(e) => Err(e),
+            };
+            if let Ok(b) = &r {
+                self.keep(layer, c, b);
+            }
+            let _ = run[k].1.send(Some(r.clone()));
+            results[k] = Some(r);
         }
         results
+            .into_iter()
+            .map(|r| r.expect("every chunk of the run settled"))
+            .collect()
+    }
+
+    /// Verifies one chunk's compressed bytes; a good chunk is stored and
+    /// handed to its waiters now, a bad one is noted and left for a refetch.
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &self,
+        compression: Compression,
+        layer: &str,
+        source: &dyn RangeSource,
+        c: &Chunk,
+        compressed: &[u8],
+        tx: &Lead,
+        result: &mut Option<Result<Bytes, FetchError>>,
+        failed: &mut Vec<usize>,
+        k: usize,
+    ) {
+        match decode_chunk(compression, compressed, c) {
+            Ok(b) => {
+                self.keep(layer, c, &b);
+                let _ = tx.send(Some(Ok(b.clone())));
+                *result = Some(Ok(b));
+            }
+            Err(problem) => {
+                self.note_verify_failure(layer, c, source.name(), &problem);
+                failed.push(k);
+            }
+        }
+    }
+
+    /// Puts a verified chunk in the store (memory, and disk if it can).
+    fn keep(&self, layer: &str, c: &Chunk, b: &Bytes) {
+        if let Err(e) = self.store.put(c.digest, b.clone()) {
+            self.stats.not_cached.fetch_add(1, Ordering::Relaxed);
+            self.store.log_not_cached(layer, &c.digest, &e);
+        }
     }
 
     async fn fetch_range(
@@ -362,11 +519,15 @@ impl Fetcher {
         layer: &str,
         offset: u64,
         len: u64,
+        sink: Option<Sink>,
     ) -> Result<Bytes, FetchError> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
-        let r = source.fetch(offset, len).await;
+        let r = match sink {
+            Some(sink) => source.fetch_streamed(offset, len, sink).await,
+            None => source.fetch(offset, len).await,
+        };
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.stats
             .latency

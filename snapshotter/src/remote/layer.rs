@@ -26,6 +26,9 @@ pub struct ServedStats {
     pub after_fetch: AtomicU64,
     /// Reads answered with EIO.
     pub errors: AtomicU64,
+    /// Uncompressed chunk bytes that reads fetched themselves: not local,
+    /// and not already on their way in a startup or background fetch.
+    pub fetched_on_demand: AtomicU64,
 }
 
 /// Converts a verified TOC into FUSE entries. `data_id` is the entry's index
@@ -412,12 +415,13 @@ impl ChunkSource for LayerReader {
         );
         let served = self.served.clone();
         let toc = self.toc.clone();
-        let demand = self.fetcher.priority().demand();
         self.rt.spawn(async move {
-            let result = fetcher.get(&*source, compression, &layer, &needed).await;
-            drop(demand);
+            let result = fetcher
+                .get_on_demand(&*source, compression, &layer, &needed)
+                .await;
             match result {
-                Ok(bufs) => {
+                Ok((bufs, led)) => {
+                    served.fetched_on_demand.fetch_add(led, Ordering::Relaxed);
                     count_served(&served, &fetcher, false, end - offset);
                     reply.data(&assemble(&needed, &bufs, offset, end));
                 }

@@ -54,8 +54,10 @@ pub trait Blobs: Send + Sync {
 /// Knobs for remote layers (from the config file).
 #[derive(Clone, Debug)]
 pub struct RemoteConfig {
-    /// How long Prepare waits for a layer's prefetch set.
+    /// How long a layer's prefetch set may take (and a waiting Prepare waits).
     pub prefetch_timeout: Duration,
+    /// A container's Prepare waits for the startup sets in flight.
+    pub wait_for_startup: bool,
     /// Fetch the rest of each layer in the background.
     pub background_fetch: bool,
     /// FUSE worker threads per mount.
@@ -140,6 +142,8 @@ pub struct LayerStatus {
     pub served_from_cache: u64,
     /// Bytes served to FUSE after fetching.
     pub served_after_fetch: u64,
+    /// Chunk bytes that reads fetched themselves (outside every prefetch).
+    pub fetched_on_demand: u64,
     /// Reads answered with EIO.
     pub read_errors: u64,
     /// Pinned (the layer or its image): GC keeps its chunks.
@@ -408,10 +412,13 @@ impl RemoteLayers {
         });
     }
 
-    /// Waits, at most `remote.prefetch_timeout_secs`, until every startup
-    /// prefetch in flight has ended. Blocking: call from a blocking thread.
+    /// With `remote.wait_for_startup_set`, waits at most
+    /// `remote.prefetch_timeout_secs` until every startup prefetch in flight
+    /// has ended; otherwise returns at once (the container's reads of chunks
+    /// still on their way wait for those chunks alone). Blocking: call from
+    /// a blocking thread.
     pub fn wait_for_prefetch(&self) {
-        if self.fetcher.priority().startup().is_empty() {
+        if !self.cfg.wait_for_startup || self.fetcher.priority().startup().is_empty() {
             return;
         }
         let started = std::time::Instant::now();
@@ -536,6 +543,7 @@ impl RemoteLayers {
                     bytes_local: local.iter().map(|c| c.len).sum(),
                     served_from_cache: reader.served.from_cache.load(Ordering::Relaxed),
                     served_after_fetch: reader.served.after_fetch.load(Ordering::Relaxed),
+                    fetched_on_demand: reader.served.fetched_on_demand.load(Ordering::Relaxed),
                     read_errors: reader.served.errors.load(Ordering::Relaxed),
                     pinned,
                 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::fetch::{BoxFuture, RangeSource};
+use super::fetch::{BoxFuture, RangeSource, Sink};
 use super::layers::Blobs;
 use crate::metadata::RemoteRef;
 use crate::registry::{Reference, Registry};
@@ -34,6 +34,21 @@ impl RangeSource for BlobSource {
             let reference = self.reference.as_ref().map_err(Clone::clone)?;
             self.registry
                 .fetch_range(reference, &self.digest, offset, len)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn fetch_streamed(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: Sink,
+    ) -> BoxFuture<'_, Result<Bytes, String>> {
+        Box::pin(async move {
+            let reference = self.reference.as_ref().map_err(Clone::clone)?;
+            self.registry
+                .fetch_range_streamed(reference, &self.digest, offset, len, Some(&sink))
                 .await
                 .map_err(|e| e.to_string())
         })

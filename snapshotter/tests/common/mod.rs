@@ -154,6 +154,7 @@ pub fn open_snapshotter_blobs(
         rt.handle().clone(),
         RemoteConfig {
             prefetch_timeout: Duration::from_secs(5),
+            wait_for_startup: true,
             background_fetch: false,
             background_delay: Duration::from_secs(0),
             fuse_threads: 2,
