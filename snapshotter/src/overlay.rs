@@ -220,7 +220,8 @@ impl Snapshotter {
         if self.store.get(&target).is_ok() {
             return Ok(Some(target));
         }
-        let resolved = match remote.resolve(&rref) {
+        let hints = crate::remote::annotations::hints(labels);
+        let resolved = match remote.resolve_with(&rref, hints) {
             Ok(r) => r,
             Err(reason) => {
                 remote.fallback(&rref.layer_digest, FallbackReason::Toc, &reason);

@@ -236,3 +236,70 @@ async fn a_read_that_fetches_for_itself_counts_as_on_demand() {
     assert_eq!(led, 0);
     assert_eq!(f.stats.fetched_on_demand.load(Ordering::SeqCst), want);
 }
+
+/// Chunks of `chunks` whose bytes lie wholly below blob offset `end`.
+fn below(chunks: &[Chunk], end: u64) -> Vec<Chunk> {
+    chunks
+        .iter()
+        .filter(|c| c.blob_end <= end)
+        .copied()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_primed_window_serves_the_startup_fetch_from_its_one_early_request() {
+    use shoal::remote::primed::PrimedSource;
+    let (src, toc, chunks) = setup(0);
+    let (_d, f) = fetcher();
+    let end = chunks[chunks.len() / 2].blob_end;
+    let early = below(&chunks, end);
+    assert!(early.len() >= 2 && early.len() < chunks.len());
+    let primed = PrimedSource::start(src.clone(), end, &tokio::runtime::Handle::current());
+    // The startup fetch, as merged streamed requests inside the window.
+    let got = f
+        .get(&*primed, toc.compression, "layer", &early)
+        .await
+        .unwrap();
+    for (b, c) in got.iter().zip(&early) {
+        assert_eq!(Sha256::digest(b).as_slice(), c.digest);
+    }
+    assert_eq!(
+        src.requests.load(Ordering::SeqCst),
+        1,
+        "only the early request"
+    );
+    // Past the window: the inner source.
+    let rest = &chunks[early.len()..];
+    f.get(&*primed, toc.compression, "layer", rest)
+        .await
+        .unwrap();
+    assert_eq!(src.requests.load(Ordering::SeqCst), 2);
+    // Once finished, the window is gone: a range inside it is requested.
+    primed.finish();
+    let (_d2, f2) = fetcher();
+    f2.get(&*primed, toc.compression, "layer", &early[..1])
+        .await
+        .unwrap();
+    assert_eq!(src.requests.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lying_early_request_is_caught_and_the_bad_chunk_refetched_from_the_source() {
+    use shoal::remote::primed::PrimedSource;
+    // The first response (the early request) has one byte flipped.
+    let (src, toc, chunks) = setup(1);
+    let (_d, f) = fetcher();
+    let end = chunks[chunks.len() / 2].blob_end;
+    let early = below(&chunks, end);
+    let primed = PrimedSource::start(src.clone(), end, &tokio::runtime::Handle::current());
+    let got = f
+        .get(&*primed, toc.compression, "layer", &early)
+        .await
+        .unwrap();
+    for (b, c) in got.iter().zip(&early) {
+        assert_eq!(Sha256::digest(b).as_slice(), c.digest);
+    }
+    assert_eq!(f.stats.verify_failures.load(Ordering::SeqCst), 1);
+    // The early request, then the one bad chunk again, from the source.
+    assert_eq!(src.requests.load(Ordering::SeqCst), 2);
+}

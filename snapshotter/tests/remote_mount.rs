@@ -163,3 +163,53 @@ fn a_toc_that_does_not_match_its_annotation_falls_back_to_a_normal_pull() {
     );
     assert!(sn.stat("chain-1").is_err());
 }
+
+/// The zstd:chunked fixture, its TOC digest, and its TOC's (offset, length)
+/// from the footer.
+fn zstd_fixture() -> (Vec<u8>, String, (u64, u64)) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let p = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().and_then(|x| x.to_str()) == Some("zstd"))
+        .unwrap();
+    let digest = std::fs::read_to_string(p.with_extension("zstd.toc-digest")).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    let n = bytes.len();
+    let le = |r: std::ops::Range<usize>| u64::from_le_bytes(bytes[r].try_into().unwrap());
+    let pos = (le(n - 40..n - 32), le(n - 32..n - 24));
+    (bytes, digest.trim().to_owned(), pos)
+}
+
+#[test]
+fn an_annotated_toc_position_saves_the_footer_read_and_a_wrong_one_falls_back() {
+    use shoal::remote::annotations::LABEL_SHOAL_TOC_POSITION;
+    let (bytes, toc, (offset, len)) = zstd_fixture();
+    // (hint, Range requests the first mount makes)
+    for (hint, requests) in [
+        (format!("{offset}:{len}"), 1),       // the TOC, nothing else
+        (format!("{}:{len}", offset + 1), 3), // a bad TOC there; footer; TOC
+        (format!("{offset}:{}", len + 10), 3),
+    ] {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let blob = MemBlob::new(bytes.clone());
+        let sn = open_snapshotter(dir.path(), blob.clone(), &rt);
+        let mut l = labels(&toc, "chain-1");
+        l.insert(LABEL_SHOAL_TOC_POSITION.to_owned(), hint.clone());
+        let r = sn.create(Kind::Active, "extract-1", None, l);
+        assert!(matches!(r, Err(Error::AlreadyExists(_))), "{hint}: {r:?}");
+        assert_eq!(blob.requests.load(Ordering::SeqCst), requests, "{hint}");
+        let m = sn
+            .create(Kind::View, "view-1", Some("chain-1"), BTreeMap::new())
+            .unwrap();
+        let layer = PathBuf::from(&m[0].source);
+        assert_eq!(
+            std::fs::read(layer.join("data/hello.txt")).unwrap(),
+            b"hello\n",
+            "{hint}"
+        );
+        sn.remove("view-1").unwrap();
+        sn.remove("chain-1").unwrap();
+    }
+}

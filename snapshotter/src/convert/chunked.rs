@@ -120,6 +120,10 @@ pub struct LayerInfo {
     pub startup_files: u64,
     /// Compressed bytes of the startup set.
     pub startup_bytes: u64,
+    /// Blob offset of the compressed TOC (after its skippable-frame header).
+    pub toc_offset: u64,
+    /// Length of the compressed TOC.
+    pub toc_len: u64,
 }
 
 /// Counts and hashes what passes through.
@@ -367,6 +371,8 @@ impl<W: Write> ChunkedWriter<W> {
             chunks: self.chunks,
             startup_files: self.startup.map_or(0, |s| s.files),
             startup_bytes: self.startup.map_or(0, |s| s.end),
+            toc_offset,
+            toc_len: toc.len() as u64,
         };
         Ok((info, self.out.w))
     }

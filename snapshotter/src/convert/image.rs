@@ -19,7 +19,7 @@ use super::location::{digest_of, Endpoint};
 use super::progress::Progress;
 use super::{
     ConvertError, LayerSummary, ManifestSummary, ANNOTATION_LAYER_DIGEST, ANNOTATION_SOURCE,
-    ANNOTATION_TOC_DIGEST, LAYER_MEDIA_TYPE,
+    ANNOTATION_STARTUP_END, ANNOTATION_TOC_DIGEST, ANNOTATION_TOC_POSITION, LAYER_MEDIA_TYPE,
 };
 
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -220,6 +220,16 @@ impl<'a> Converter<'a> {
                 .collect();
             ann.insert(ANNOTATION_TOC_DIGEST.into(), s.out.toc_digest.clone());
             ann.insert(ANNOTATION_LAYER_DIGEST.into(), s.out.digest.clone());
+            ann.insert(
+                ANNOTATION_TOC_POSITION.into(),
+                format!("{}:{}", s.out.toc_offset, s.out.toc_len),
+            );
+            if s.out.startup_bytes > 0 {
+                ann.insert(
+                    ANNOTATION_STARTUP_END.into(),
+                    s.out.startup_bytes.to_string(),
+                );
+            }
             if let Some(r) = &self.source_repo {
                 ann.insert(ANNOTATION_SOURCE.into(), r.clone());
             }

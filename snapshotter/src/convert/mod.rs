@@ -59,6 +59,10 @@ pub const ANNOTATION_LAYER_DIGEST: &str = crate::remote::annotations::LABEL_SHOA
 /// The repository (`HOST/PATH`) the image was converted into: where the
 /// snapshotter fetches the blob when no client label says better.
 pub const ANNOTATION_SOURCE: &str = crate::remote::annotations::LABEL_SHOAL_SOURCE;
+/// `OFFSET:LENGTH` of the compressed TOC in the blob.
+pub const ANNOTATION_TOC_POSITION: &str = crate::remote::annotations::LABEL_SHOAL_TOC_POSITION;
+/// Blob offset where the startup set ends (only with a profile).
+pub const ANNOTATION_STARTUP_END: &str = crate::remote::annotations::LABEL_SHOAL_STARTUP_END;
 
 /// Errors of a conversion. Each names the part of the image at fault.
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,8 @@
 //! containerd's Go client). So these labels make a converted image lazily
 //! mountable without the `cri.*` labels: the layer's digest, and the
 //! repository it was converted into. Both sit in the manifest, which the
-//! pulled manifest digest vouches for (docs/format.md).
+//! pulled manifest digest vouches for (docs/format.md). Two more are only
+//! [`Hints`] that save round trips, verified like everything else.
 
 use std::collections::BTreeMap;
 
@@ -14,6 +15,40 @@ use std::collections::BTreeMap;
 pub const LABEL_SHOAL_LAYER_DIGEST: &str = "containerd.io/snapshot/shoal.layer.digest";
 /// Repository (`HOST/PATH`) to fetch the layer from.
 pub const LABEL_SHOAL_SOURCE: &str = "containerd.io/snapshot/shoal.source";
+
+/// Where the compressed TOC lies in the blob, `OFFSET:LENGTH` (what the
+/// zstd:chunked footer says), so that a mount fetches the TOC at once,
+/// without asking the blob's size and reading its footer first.
+pub const LABEL_SHOAL_TOC_POSITION: &str = "containerd.io/snapshot/shoal.toc.position";
+/// Blob offset where the startup set (laid out first) ends, so that a mount
+/// starts fetching it alongside the TOC.
+pub const LABEL_SHOAL_STARTUP_END: &str = "containerd.io/snapshot/shoal.startup.end";
+
+/// Hints from Shoal's annotations that save round trips on a first mount.
+/// They are never trusted: a TOC fetched at a hinted position must still
+/// hash to the TOC digest, and bytes fetched early are verified chunk by
+/// chunk like any others. A malformed hint is ignored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hints {
+    /// (offset, length) of the compressed zstd:chunked TOC.
+    pub toc: Option<(u64, u64)>,
+    /// End of the startup set: bytes `[0, end)` are fetched first.
+    pub startup_end: Option<u64>,
+}
+
+/// The [`Hints`] in `labels`.
+pub fn hints(labels: &BTreeMap<String, String>) -> Hints {
+    let toc = labels.get(LABEL_SHOAL_TOC_POSITION).and_then(|v| {
+        let (a, b) = v.split_once(':')?;
+        let (off, len) = (a.parse::<u64>().ok()?, b.parse::<u64>().ok()?);
+        (len > 0 && off >= 8 && off.checked_add(len).is_some()).then_some((off, len))
+    });
+    let startup_end = labels
+        .get(LABEL_SHOAL_STARTUP_END)
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| *n > 0);
+    Hints { toc, startup_end }
+}
 
 /// The (image reference, layer digest) Shoal's annotations give, if both
 /// are there and non-empty.
@@ -46,6 +81,39 @@ mod tests {
         assert_eq!(r.image_ref, "127.0.0.1:5000/app");
         assert_eq!(r.layer_digest, "sha256:layer");
         assert_eq!(r.toc_digest, "sha256:toc");
+    }
+
+    #[test]
+    fn hints_parse_and_malformed_ones_are_ignored() {
+        let l = labels(&[
+            (LABEL_SHOAL_TOC_POSITION, "4194400:407862"),
+            (LABEL_SHOAL_STARTUP_END, "4169435"),
+        ]);
+        assert_eq!(
+            hints(&l),
+            Hints {
+                toc: Some((4_194_400, 407_862)),
+                startup_end: Some(4_169_435),
+            }
+        );
+        for bad in [
+            "",
+            "12",
+            "x:1",
+            "1:y",
+            "100:0",
+            "0:10",
+            "18446744073709551615:2",
+            "-1:5",
+        ] {
+            let l = labels(&[(LABEL_SHOAL_TOC_POSITION, bad)]);
+            assert_eq!(hints(&l), Hints::default(), "{bad:?}");
+        }
+        for bad in ["", "0", "-3", "1:2", "x"] {
+            let l = labels(&[(LABEL_SHOAL_STARTUP_END, bad)]);
+            assert_eq!(hints(&l), Hints::default(), "{bad:?}");
+        }
+        assert_eq!(hints(&BTreeMap::new()), Hints::default());
     }
 
     #[test]

@@ -18,9 +18,11 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
+use super::annotations::Hints;
 use super::cache::Cache;
 use super::fetch::{BoxFuture, Fetcher, RangeSource};
 use super::layer::{compression_name, entries, LayerReader};
+use super::primed::PrimedSource;
 use super::recorder::{Activity, Recorder, Recording};
 use super::toc::{parse_digest, parse_footer, Footer, Toc, FOOTER_FETCH};
 use crate::metadata::{RemoteRef, Usage};
@@ -115,6 +117,8 @@ struct MountedLayer {
     remote: RemoteRef,
     reader: Arc<LayerReader>,
     mount: shoal_fuse::Mounted,
+    /// The early startup-set request, until the startup fetch is over.
+    primed: Option<Arc<PrimedSource>>,
 }
 
 /// What `shoal status` shows of one mounted layer.
@@ -166,6 +170,8 @@ pub struct Resolved {
     toc: Arc<Toc>,
     /// What the layer will report as its usage.
     pub usage: Usage,
+    /// The startup set, requested alongside the TOC (from hints).
+    primed: Option<Arc<PrimedSource>>,
 }
 
 /// Finds a lazily mountable layer in Prepare labels: the target chain ID and
@@ -242,6 +248,18 @@ impl RemoteLayers {
     /// # Errors
     /// A message saying why the layer cannot be mounted lazily.
     pub fn resolve(&self, r: &RemoteRef) -> Result<Resolved, String> {
+        self.resolve_with(r, Hints::default())
+    }
+
+    /// [`RemoteLayers::resolve`], using the layer's annotation hints on a
+    /// first mount: the TOC is fetched at its hinted position (no size
+    /// request, no footer read; a TOC that does not verify there is looked
+    /// up through the footer after all), and the startup set is requested
+    /// alongside it ([`PrimedSource`]).
+    ///
+    /// # Errors
+    /// As [`RemoteLayers::resolve`].
+    pub fn resolve_with(&self, r: &RemoteRef, hints: Hints) -> Result<Resolved, String> {
         // The digest comes with the image and names local files: it must be
         // a digest, never a path.
         if parse_digest(&r.toc_digest).is_none() {
@@ -253,11 +271,25 @@ impl RemoteLayers {
         let now = self.cache.store().clock().now();
         let local = self.tocs.read_local(&r.toc_digest, now);
         let fetched = local.is_none();
-        let (footer, compressed) = match local {
-            Some(x) => x,
-            None => self.rt.block_on(self.fetch_toc(r))?,
+        // Only for a layer seen for the first time: a kept TOC means its
+        // chunks may well be local already.
+        let primed = match (&local, hints.startup_end) {
+            (None, Some(end)) => Some(PrimedSource::start(self.blobs.source(r), end, &self.rt)),
+            _ => None,
         };
-        let toc = Toc::parse(&compressed, &footer, &r.toc_digest).map_err(|e| e.to_string())?;
+        let hinted = match (&local, hints.toc) {
+            (None, Some((offset, len))) => self.rt.block_on(self.fetch_toc_at(r, offset, len)),
+            _ => None,
+        };
+        let parse = |(f, c): (Footer, Vec<u8>)| {
+            let toc = Toc::parse(&c, &f, &r.toc_digest).map_err(|e| e.to_string())?;
+            Ok::<_, String>((f, c, toc))
+        };
+        let (footer, compressed, toc) = match (local, hinted) {
+            (Some(kept), _) => parse(kept)?,
+            (None, Some(parsed)) => parsed,
+            (None, None) => parse(self.rt.block_on(self.fetch_toc(r))?)?,
+        };
         // Only a verified TOC is kept: a bad copy would refuse the layer for good.
         if fetched {
             if let Err(e) = self.tocs.write(&r.toc_digest, &footer, &compressed) {
@@ -277,7 +309,33 @@ impl RemoteLayers {
         Ok(Resolved {
             toc: Arc::new(toc),
             usage,
+            primed,
         })
+    }
+
+    /// The TOC at a hinted position, parsed, if it is there and verifies;
+    /// `None` (logged) sends the caller to the footer.
+    async fn fetch_toc_at(
+        &self,
+        r: &RemoteRef,
+        offset: u64,
+        len: u64,
+    ) -> Option<(Footer, Vec<u8>, Toc)> {
+        let footer = Footer::zstd_at(offset, len).ok()?;
+        let checked = match self.blobs.source(r).fetch(offset, len).await {
+            Ok(b) => Toc::parse(&b, &footer, &r.toc_digest)
+                .map(|toc| (b.to_vec(), toc))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok((compressed, toc)) => Some((footer, compressed, toc)),
+            Err(e) => {
+                warn!(layer = %r.layer_digest, offset, len, error = %e,
+                      "no valid TOC at the annotated position; reading the footer");
+                None
+            }
+        }
     }
 
     async fn fetch_toc(&self, r: &RemoteRef) -> Result<(Footer, Vec<u8>), String> {
@@ -326,7 +384,10 @@ impl RemoteLayers {
                 r.layer_digest.clone(),
                 resolved.toc.clone(),
                 self.fetcher.clone(),
-                self.blobs.source(r),
+                match &resolved.primed {
+                    Some(p) => p.clone(),
+                    None => self.blobs.source(r),
+                },
                 self.rt.clone(),
                 Recorder::new(
                     resolved.toc.entries.len(),
@@ -363,6 +424,7 @@ impl RemoteLayers {
                 remote: r.clone(),
                 reader,
                 mount,
+                primed: resolved.primed.clone(),
             },
         );
         self.stats.mounted.fetch_add(1, Ordering::Relaxed);
@@ -376,12 +438,12 @@ impl RemoteLayers {
     /// all layers thus download in parallel; [`RemoteLayers::wait_for_prefetch`]
     /// (the container's Prepare) waits for them.
     pub fn start_fetching(&self, id: u64) {
-        let Some(reader) = self
+        let Some((reader, primed)) = self
             .mounted
             .lock()
             .unwrap()
-            .get(&id)
-            .map(|m| m.reader.clone())
+            .get_mut(&id)
+            .map(|m| (m.reader.clone(), m.primed.take()))
         else {
             return;
         };
@@ -405,6 +467,11 @@ impl RemoteLayers {
                     Err(_) => warn!(layer = %reader.layer, timeout = ?cfg.prefetch_timeout,
                         "prefetch did not finish in time; continuing lazily"),
                 }
+            }
+            // The early request has served the startup set (or cannot):
+            // its buffer goes, and later ranges go to the registry as usual.
+            if let Some(p) = primed {
+                p.finish();
             }
             if cfg.background_fetch {
                 reader.spawn_background(cfg.background_delay);

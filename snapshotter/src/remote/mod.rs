@@ -37,6 +37,7 @@ pub mod layer;
 pub mod layers;
 pub mod objects;
 pub mod prefetch;
+pub mod primed;
 pub mod priority;
 pub mod readahead;
 pub mod recorder;

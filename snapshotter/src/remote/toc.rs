@@ -61,6 +61,31 @@ pub struct Footer {
     pub toc_len: u64,
 }
 
+impl Footer {
+    /// The footer of a zstd:chunked blob whose compressed TOC is `len` bytes
+    /// at `offset` (as Shoal's `shoal.toc.position` annotation says), without
+    /// reading the blob's real footer.
+    ///
+    /// # Errors
+    /// An offset before the skippable-frame header or a TOC over
+    /// [`MAX_TOC_COMPRESSED`].
+    pub fn zstd_at(offset: u64, len: u64) -> Result<Footer, TocError> {
+        if len > MAX_TOC_COMPRESSED {
+            return Err(TocError::Footer(format!(
+                "TOC of {len} bytes exceeds {MAX_TOC_COMPRESSED}"
+            )));
+        }
+        Ok(Footer {
+            compression: Compression::Zstd,
+            payload_end: offset
+                .checked_sub(8)
+                .ok_or_else(|| TocError::Footer("TOC offset < 8".into()))?,
+            toc_offset: offset,
+            toc_len: len,
+        })
+    }
+}
+
 /// Errors reading a TOC. Each names what is wrong; a caller adds the layer.
 #[derive(Debug, thiserror::Error)]
 pub enum TocError {
