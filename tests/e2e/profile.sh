@@ -12,10 +12,11 @@
 #     records its first reads: `shoal profile show` lists the interpreter and
 #     the modules;
 #   - `shoal convert --profile` lays that startup set first and marks it;
-#   - on a fresh node (new Shoal root: nothing cached), the startup set is
-#     fetched before the container starts: at most 10 Range requests in all,
-#     and the script's reads wait on fetches for at most 5% of the bytes
-#     they waited for without a profile (printed side by side);
+#   - on a fresh node (new Shoal root: nothing cached), each TOC is fetched
+#     at its annotated position (no HEAD, no footer read) and the startup set
+#     in an early request beside it, while the container starts: at most 10
+#     Range requests in all, and the script's reads fetch on demand at most
+#     5% of the bytes they fetched without a profile (printed side by side);
 #   - `shoal optimize SRC DST -- CMD` does all of it in one command, and
 #     leaves no trial tag in the registry or image in containerd;
 #   - strict fetch priority (remote::priority): on another fresh node with
@@ -130,6 +131,7 @@ pull_and_run() {
   run_id=$((run_id + 1))
   out=$(E2E_CTR_TIMEOUT=300 e2e_ctr run --rm --snapshotter shoal "$1" "prof-$run_id" python3 -c "$SCRIPT" 2>&1) || true
   RANGES=$(log_ranges "$m")
+  HEADS=$(tail -n +"$((m + 1))" "$E2E_DIR/logs/shoal.log" | grep 'registry request' | grep -c 'method=HEAD' || true)
   WAITED=$(($(on_demand_bytes) - w0))
   [ "$out" = imported ] || { fail "$1: script output" "$out"; return 1; }
 }
@@ -168,10 +170,18 @@ for _ in $(seq 1 50); do e2e_ctr snapshots --snapshotter shoal ls >/dev/null 2>&
 if pull_and_run "$E2E_REGISTRY/py:prof"; then
   read -r rn rb <<<"$RANGES"
   read -r bn bb <<<"${base_ranges:-0 0}"
-  # The startup set is ~8 MB in one region: three merged ranges of at most
-  # 4 MiB (fetch::MAX_MERGED_BYTES), plus each layer's footer and TOC.
+  # The startup set is ~8 MB in one region, requested in one early request
+  # beside the python layer's TOC; the filler layer's TOC is one more.
   # Reads must not fetch on demand more than 5% of what the run without a
   # profile fetched on demand.
+  # Shoal's annotations give each layer's TOC position and startup-set end:
+  # no blob size request (HEAD) or footer read, and the startup set is one
+  # early request beside the TOC.
+  if [ "$HEADS" = 0 ]; then
+    pass "fresh node: TOCs fetched at their annotated positions (no HEAD, no footer read)"
+  else
+    fail "fresh node: annotated TOC positions" "$HEADS HEAD requests in Shoal's log"
+  fi
   if [ "$rb" -gt 0 ] && [ "$rn" -le 10 ] && [ $((WAITED * 20)) -le "${base_waited:-0}" ]; then
     pass "fresh node with the profile: $rn Range requests, $rb bytes; reads fetched $WAITED bytes on demand (without a profile: $bn requests, $bb bytes, ${base_waited:-0} bytes on demand)"
   else
