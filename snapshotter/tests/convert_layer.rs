@@ -415,6 +415,21 @@ fn a_profile_puts_the_startup_set_first_and_marks_it() {
         .prefetch_end
         .expect("startup mark read as the prefetch end");
     assert_eq!(end, info.startup_bytes);
+    // The TOC position and the startup fetch end the annotations carry: the
+    // footer's, and where the reader's last startup chunk ends.
+    assert_eq!(
+        (info.toc_offset, info.toc_len),
+        (footer.toc_offset, footer.toc_len)
+    );
+    let fetch_end = toc
+        .files
+        .iter()
+        .flatten()
+        .filter(|c| c.blob_offset < end)
+        .map(|c| c.blob_end)
+        .max()
+        .unwrap();
+    assert_eq!(info.startup_fetch_end, fetch_end);
     let mut order: Vec<(u64, &str)> = Vec::new();
     for (e, cs) in toc.entries.iter().zip(&toc.files) {
         for c in cs {

@@ -274,13 +274,28 @@ async fn a_primed_window_serves_the_startup_fetch_from_its_one_early_request() {
         .await
         .unwrap();
     assert_eq!(src.requests.load(Ordering::SeqCst), 2);
+    // Across the window's end: the head from the window, the tail asked for.
+    let (_d3, f3) = fetcher();
+    let across = &chunks[early.len() - 1..=early.len()];
+    let got = f3
+        .get(&*primed, toc.compression, "layer", across)
+        .await
+        .unwrap();
+    for (b, c) in got.iter().zip(across) {
+        assert_eq!(Sha256::digest(b).as_slice(), c.digest);
+    }
+    assert_eq!(
+        src.requests.load(Ordering::SeqCst),
+        3,
+        "one request for the tail"
+    );
     // Once finished, the window is gone: a range inside it is requested.
     primed.finish();
     let (_d2, f2) = fetcher();
     f2.get(&*primed, toc.compression, "layer", &early[..1])
         .await
         .unwrap();
-    assert_eq!(src.requests.load(Ordering::SeqCst), 3);
+    assert_eq!(src.requests.load(Ordering::SeqCst), 4);
 }
 
 #[tokio::test(flavor = "multi_thread")]

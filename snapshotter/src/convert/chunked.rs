@@ -120,6 +120,9 @@ pub struct LayerInfo {
     pub startup_files: u64,
     /// Compressed bytes of the startup set.
     pub startup_bytes: u64,
+    /// Blob offset up to which a reader fetches the startup set: the first
+    /// chunk after it, or the end of the payload (0 without a profile).
+    pub startup_fetch_end: u64,
     /// Blob offset of the compressed TOC (after its skippable-frame header).
     pub toc_offset: u64,
     /// Length of the compressed TOC.
@@ -159,6 +162,9 @@ pub struct ChunkedWriter<W: Write> {
     /// bytes written so far.
     file: Option<(usize, Sha256, u64)>,
     startup: Option<Startup>,
+    /// Offset of the first chunk after the startup mark: where a reader's
+    /// last startup chunk ends (a chunk ends where the next one starts).
+    startup_fetch_end: Option<u64>,
 }
 
 impl<W: Write> ChunkedWriter<W> {
@@ -188,6 +194,7 @@ impl<W: Write> ChunkedWriter<W> {
             chunks: 0,
             file: None,
             startup: None,
+            startup_fetch_end: None,
         })
     }
 
@@ -276,6 +283,9 @@ impl<W: Write> ChunkedWriter<W> {
     pub fn chunk(&mut self, data: &[u8]) -> std::io::Result<()> {
         self.flush_pending()?;
         let offset = self.out.n;
+        if self.startup.is_some() && self.startup_fetch_end.is_none() {
+            self.startup_fetch_end = Some(offset);
+        }
         let frame = self.zstd.compress(data)?;
         self.out.write_all(&frame)?;
         self.diff.update(data);
@@ -371,6 +381,10 @@ impl<W: Write> ChunkedWriter<W> {
             chunks: self.chunks,
             startup_files: self.startup.map_or(0, |s| s.files),
             startup_bytes: self.startup.map_or(0, |s| s.end),
+            startup_fetch_end: match self.startup {
+                Some(_) => self.startup_fetch_end.unwrap_or(toc_offset - 8),
+                None => 0,
+            },
             toc_offset,
             toc_len: toc.len() as u64,
         };

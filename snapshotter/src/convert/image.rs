@@ -224,10 +224,10 @@ impl<'a> Converter<'a> {
                 ANNOTATION_TOC_POSITION.into(),
                 format!("{}:{}", s.out.toc_offset, s.out.toc_len),
             );
-            if s.out.startup_bytes > 0 {
+            if s.out.startup_fetch_end > 0 {
                 ann.insert(
                     ANNOTATION_STARTUP_END.into(),
-                    s.out.startup_bytes.to_string(),
+                    s.out.startup_fetch_end.to_string(),
                 );
             }
             if let Some(r) = &self.source_repo {

@@ -20,8 +20,9 @@ pub const LABEL_SHOAL_SOURCE: &str = "containerd.io/snapshot/shoal.source";
 /// zstd:chunked footer says), so that a mount fetches the TOC at once,
 /// without asking the blob's size and reading its footer first.
 pub const LABEL_SHOAL_TOC_POSITION: &str = "containerd.io/snapshot/shoal.toc.position";
-/// Blob offset where the startup set (laid out first) ends, so that a mount
-/// starts fetching it alongside the TOC.
+/// Blob offset up to which a reader fetches the startup set (laid out
+/// first): the start of the first chunk after it (a chunk's bytes end where
+/// the next chunk's begin). A mount requests `[0, end)` beside the TOC.
 pub const LABEL_SHOAL_STARTUP_END: &str = "containerd.io/snapshot/shoal.startup.end";
 
 /// Hints from Shoal's annotations that save round trips on a first mount.

@@ -185,11 +185,32 @@ impl RangeSource for PrimedSource {
         sink: Sink,
     ) -> BoxFuture<'_, Result<Bytes, String>> {
         Box::pin(async move {
-            match self.from_window(offset, len, &sink).await {
-                Some(b) => Ok(b),
-                // Pieces already sent are skipped by the receiver.
-                None => self.inner.fetch_streamed(offset, len, sink).await,
-            }
+            let end = offset.saturating_add(len);
+            let split = self
+                .shared()
+                .map(|w| w.end)
+                .filter(|&w| offset < w && w < end);
+            let Some(w) = split else {
+                return match self.from_window(offset, len, &sink).await {
+                    Some(b) => Ok(b),
+                    // Pieces already sent are skipped by the receiver.
+                    None => self.inner.fetch_streamed(offset, len, sink).await,
+                };
+            };
+            // Starts inside the window and runs past it: the head from the
+            // window, the tail by a request of its own, at the same time.
+            let (head, tail) = tokio::join!(
+                self.from_window(offset, w - offset, &sink),
+                self.inner.fetch_streamed(w, end - w, sink.clone())
+            );
+            let head = match head {
+                Some(h) => h,
+                None => self.inner.fetch_streamed(offset, w - offset, sink).await?,
+            };
+            let mut all = Vec::with_capacity(len as usize);
+            all.extend_from_slice(&head);
+            all.extend_from_slice(&tail?);
+            Ok(Bytes::from(all))
         })
     }
 
