@@ -229,6 +229,11 @@ impl Filesystem for LayerFs {
             Ok(_) if flags.0 & libc::O_TRUNC != 0 => reply.error(Errno::EROFS),
             Ok(n) => {
                 let data_id = n.data_id();
+                if let (Some(id), true) = (data_id, self.modes.enabled()) {
+                    // Outside the decision lock: a slow check blocks only
+                    // this open.
+                    self.source.prepare_backing(id);
+                }
                 let decision = self.modes.decide(n.ino(), || {
                     let fd = self.source.backing(data_id?)?;
                     Some(reply.open_backing(&fd))

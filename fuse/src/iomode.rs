@@ -142,6 +142,11 @@ impl IoModes {
         self.wanted
     }
 
+    /// Whether INIT negotiated passthrough (and the log still takes lines).
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
     /// Records what INIT negotiated.
     pub(crate) fn set_enabled(&self, on: bool) {
         let on = on && self.wanted;

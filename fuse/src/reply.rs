@@ -44,6 +44,14 @@ pub trait ChunkSource: Send + Sync + 'static {
     fn backing(&self, _data_id: u64) -> Option<std::os::fd::OwnedFd> {
         None
     }
+
+    /// Called on every open of file `data_id` while passthrough is on, just
+    /// before the mode decision and outside its lock: slow work that
+    /// [`ChunkSource::backing`] would otherwise do under that lock (such as
+    /// checking the backing file once) belongs here, so that it holds up
+    /// only this open, not every other open on the mount. The default does
+    /// nothing.
+    fn prepare_backing(&self, _data_id: u64) {}
 }
 
 /// Counters of one mount, cheap enough for the read path.

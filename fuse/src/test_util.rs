@@ -29,6 +29,34 @@ pub enum Behaviour {
     Backing(std::path::PathBuf),
     /// Panic inside [`ChunkSource::backing`], i.e. in the `open` handler.
     PanicOnOpen,
+    /// As [`Behaviour::Backing`], but [`ChunkSource::prepare_backing`]
+    /// blocks until the gate is opened (a slow first check of the file).
+    SlowBacking(std::path::PathBuf, Arc<Gate>),
+}
+
+/// A gate that threads wait at until it is opened.
+#[derive(Debug, Default)]
+pub struct Gate {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    /// Threads that have arrived at the gate.
+    pub arrived: AtomicU64,
+}
+
+impl Gate {
+    /// Lets every waiting (and later) thread through.
+    pub fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+
+    fn pass(&self) {
+        self.arrived.fetch_add(1, Ordering::SeqCst);
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+    }
 }
 
 /// An in-memory [`ChunkSource`].
@@ -81,9 +109,10 @@ impl ChunkSource for MemSource {
             return reply.error(libc::EIO);
         };
         match behaviour {
-            Behaviour::Serve | Behaviour::Backing(_) | Behaviour::PanicOnOpen => {
-                reply.data(slice(bytes, offset, size))
-            }
+            Behaviour::Serve
+            | Behaviour::Backing(_)
+            | Behaviour::SlowBacking(..)
+            | Behaviour::PanicOnOpen => reply.data(slice(bytes, offset, size)),
             Behaviour::Fail(errno) => reply.error(*errno),
             Behaviour::Panic => panic!("MemSource told to panic for data_id {data_id}"),
             Behaviour::Short => {
@@ -102,11 +131,19 @@ impl ChunkSource for MemSource {
 
     fn backing(&self, data_id: u64) -> Option<std::os::fd::OwnedFd> {
         match self.files.get(&data_id) {
-            Some((_, Behaviour::Backing(path))) => std::fs::File::open(path).ok().map(Into::into),
+            Some((_, Behaviour::Backing(path) | Behaviour::SlowBacking(path, _))) => {
+                std::fs::File::open(path).ok().map(Into::into)
+            }
             Some((_, Behaviour::PanicOnOpen)) => {
                 panic!("MemSource told to panic opening data_id {data_id}")
             }
             _ => None,
+        }
+    }
+
+    fn prepare_backing(&self, data_id: u64) {
+        if let Some((_, Behaviour::SlowBacking(_, gate))) = self.files.get(&data_id) {
+            gate.pass();
         }
     }
 }

@@ -120,3 +120,66 @@ fn a_file_goes_passthrough_once_its_page_cache_opens_are_released() {
     assert_eq!(fs::read(m.join("late")).unwrap(), data);
     assert_eq!(src.reads(), reads, "passthrough reads reached the source");
 }
+
+#[test]
+fn a_slow_first_check_of_a_backing_file_holds_up_only_its_own_open() {
+    if !fuse_available() {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let data = pattern(2 << 20, 13);
+    let backing = state.path().join("object");
+    fs::write(&backing, &data).unwrap();
+    let tree = Tree::build([
+        file("slow", 0o644, data.len() as u64, 1),
+        file("other", 0o644, 5, 2),
+    ])
+    .unwrap();
+    let gate = Arc::new(shoal_fuse::test_util::Gate::default());
+    let mut src = MemSource::new();
+    src.insert_with(
+        1,
+        data.clone(),
+        Behaviour::SlowBacking(backing, gate.clone()),
+    )
+    .insert(2, b"other".to_vec());
+    let m = mount_tree_with(
+        tree,
+        Arc::new(src),
+        MountOptions {
+            fsname: "shoal-pt-slow".into(),
+            passthrough: true,
+            threads: 2,
+            iomode_log: Some(state.path().join("iomodes")),
+            ..MountOptions::default()
+        },
+    );
+    let slow = {
+        let p = m.join("slow");
+        std::thread::spawn(move || fs::read(p))
+    };
+    for _ in 0..2000 {
+        if gate.arrived.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    if gate.arrived.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        gate.open();
+        panic!("the open never asked the source to prepare its backing file");
+    }
+    // The slow open waits at the gate; another file opens and reads meanwhile
+    // (the check runs outside the mount's open-decision lock).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let other = m.join("other");
+    std::thread::spawn(move || tx.send(fs::read(other)));
+    let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+    gate.open();
+    assert_eq!(
+        got.expect("an open waited for another file's backing check")
+            .unwrap(),
+        b"other"
+    );
+    assert_eq!(slow.join().unwrap().unwrap(), data);
+    assert_eq!(m.mounted().stats().passthrough_opens, 1);
+}

@@ -371,6 +371,21 @@ impl ChunkSource for LayerReader {
         Some(f.into())
     }
 
+    /// Checks the file's object (once per process) before the mode
+    /// decision, so that the check of a large object holds up only this open.
+    fn prepare_backing(&self, data_id: u64) {
+        if !self.passthrough {
+            return;
+        }
+        if let Some(chunks) = usize::try_from(data_id)
+            .ok()
+            .and_then(|i| self.object_chunks(i))
+        {
+            let key = super::objects::key(chunks.iter().copied());
+            let _ = self.fetcher.store().backing_object(&key);
+        }
+    }
+
     fn read(&self, data_id: u64, file_size: u64, offset: u64, size: u32, reply: ReadReply) {
         self.recorder.touch(data_id);
         if let (Some(f), true) = (&self.toc.toc_file, data_id == self.toc.entries.len() as u64) {

@@ -90,6 +90,9 @@ pub enum NotRemoved {
 pub struct Objects {
     dir: PathBuf,
     inner: Mutex<Inner>,
+    /// Held for the whole of one [`Objects::write`]: two layers sharing a
+    /// file may lay it out at the same moment, and must not interleave.
+    writing: Mutex<()>,
 }
 
 /// The key of the object holding `chunks` (digest, file offset, length) of
@@ -161,6 +164,7 @@ impl Objects {
         let objects = Objects {
             dir: dir.to_owned(),
             inner: Mutex::new(Inner::default()),
+            writing: Mutex::new(()),
         };
         let mut inner = Inner::default();
         for sub in fs::read_dir(dir)?.flatten() {
@@ -316,6 +320,11 @@ impl Objects {
                 crc: crc32fast::hash(data),
             });
         }
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        // Written meanwhile by another layer sharing the file.
+        if let Some(o) = self.get(&key).filter(|o| o.path.exists()) {
+            return Ok(o);
+        }
         let path = self.path(&key);
         let map_path = path.with_extension("map");
         let hex = hex::encode(&key[..8]);
@@ -323,6 +332,7 @@ impl Objects {
             tmp.join(format!("obj-{hex}-{}", std::process::id())),
             tmp.join(format!("map-{hex}-{}", std::process::id())),
         );
+        let mut map_placed = false;
         let res = (|| {
             let mut f = File::create(&tmp_obj)?;
             for (_, _, data) in parts {
@@ -335,13 +345,17 @@ impl Objects {
             let parent = path.parent().unwrap();
             fs::create_dir_all(parent)?;
             fs::rename(&tmp_map, &map_path)?;
+            map_placed = true;
             fs::rename(&tmp_obj, &path)?;
             sync_dir(parent)
         })();
         if let Err(e) = res {
             let _ = fs::remove_file(&tmp_obj);
             let _ = fs::remove_file(&tmp_map);
-            let _ = fs::remove_file(&map_path);
+            // Only a map this call put there (never another writer's).
+            if map_placed && !path.exists() {
+                let _ = fs::remove_file(&map_path);
+            }
             return Err(e);
         }
         let o = Arc::new(Object { key, path, chunks });
@@ -434,6 +448,40 @@ mod tests {
                 p
             })
             .collect()
+    }
+
+    #[test]
+    fn two_layers_laying_out_one_file_at_once_leave_one_whole_object() {
+        // Two writers of the same key at the same moment (two layers that
+        // share a large file): both succeed, and the object and its map
+        // survive a reload, whole. Racy by nature, so many rounds.
+        let ps = Arc::new(parts(&[300_000, 300_000, 7]));
+        let k = key(ps.iter().map(|(d, o, b)| (*d, *o, b.len() as u64)));
+        for round in 0..40 {
+            let dir = tempfile::tempdir().unwrap();
+            let tmp = dir.path().join("tmp");
+            fs::create_dir_all(&tmp).unwrap();
+            let objs = Arc::new(Objects::open(&dir.path().join("files")).unwrap());
+            let go = Arc::new(std::sync::Barrier::new(2));
+            let writers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (objs, ps, tmp, go) = (objs.clone(), ps.clone(), tmp.clone(), go.clone());
+                    std::thread::spawn(move || {
+                        go.wait();
+                        objs.write(k, &ps, &tmp).map(|o| o.size())
+                    })
+                })
+                .collect();
+            for w in writers {
+                assert_eq!(w.join().unwrap().unwrap(), 600_007, "round {round}");
+            }
+            let again = Objects::open(&dir.path().join("files")).unwrap();
+            let o = again
+                .get(&k)
+                .unwrap_or_else(|| panic!("round {round}: object lost"));
+            assert!(again.verify_once(&o).unwrap(), "round {round}: object torn");
+            assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0, "round {round}");
+        }
     }
 
     #[test]
