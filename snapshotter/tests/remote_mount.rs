@@ -213,3 +213,66 @@ fn an_annotated_toc_position_saves_the_footer_read_and_a_wrong_one_falls_back() 
         sn.remove("chain-1").unwrap();
     }
 }
+
+/// Regular files of the fixture's TOC, in blob order of their first chunk.
+fn files_in_blob_order(bytes: &[u8], toc_digest: &str) -> Vec<String> {
+    use shoal::remote::toc::{parse_footer, Toc, FOOTER_FETCH};
+    let size = bytes.len() as u64;
+    let footer = parse_footer(&bytes[(size - FOOTER_FETCH) as usize..], size).unwrap();
+    let toc = Toc::parse(
+        &bytes[footer.toc_offset as usize..(footer.toc_offset + footer.toc_len) as usize],
+        &footer,
+        toc_digest,
+    )
+    .unwrap();
+    let mut files: Vec<(u64, String)> = toc
+        .entries
+        .iter()
+        .zip(&toc.files)
+        .filter_map(|(e, cs)| Some((cs.first()?.blob_offset, e.name.clone())))
+        .collect();
+    files.sort();
+    files.into_iter().map(|(_, n)| n).collect()
+}
+
+#[test]
+fn a_fetching_read_takes_the_following_chunks_along_in_the_same_request() {
+    use common::{open_snapshotter_config, test_config, MemBlobs};
+    let (bytes, toc) = fixture();
+    let files = files_in_blob_order(&bytes, &toc);
+    assert!(files.len() >= 3, "{files:?}");
+    // (fetch-ahead bytes, Range requests after reading every file in blob
+    // order: footer + TOC, then one per fetching read)
+    let mut counts = Vec::new();
+    for ahead in [0u64, 1 << 20] {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let blob = MemBlob::new(bytes.clone());
+        let mut cfg = test_config();
+        cfg.fetch_ahead_bytes = ahead;
+        let sn = open_snapshotter_config(
+            dir.path(),
+            std::sync::Arc::new(MemBlobs(blob.clone())),
+            &rt,
+            64 << 20,
+            std::sync::Arc::new(shoal::remote::clock::SystemClock),
+            cfg,
+        );
+        let layer = prepare_remote(&sn, &toc);
+        assert_eq!(blob.requests.load(Ordering::SeqCst), 2);
+        for f in &files {
+            std::fs::read(layer.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+        assert_eq!(
+            sha256_file(&layer.join("data/big.bin")).unwrap(),
+            "sha256:795baab0caa8e78c95f9eb55510726f9a1849133bcb04d0e1749d7c2b5138d42"
+        );
+        counts.push(blob.requests.load(Ordering::SeqCst));
+        sn.remove("view-1").unwrap();
+        sn.remove("chain-1").unwrap();
+    }
+    // The whole payload is under 1 MiB and contiguous: the first read takes
+    // everything after it along.
+    assert_eq!(counts[1], 3, "with fetch-ahead: {counts:?}");
+    assert!(counts[0] > counts[1] + 1, "without fetch-ahead: {counts:?}");
+}

@@ -117,6 +117,7 @@ fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLa
         background_delay: std::time::Duration::from_secs(config.remote.background_delay_secs),
         fuse_threads: config.remote.fuse_threads,
         passthrough: config.remote.passthrough,
+        fetch_ahead_bytes: config.remote.fetch_ahead_bytes,
     };
     let tocs = config.root.join("tocs");
     let layers = RemoteLayers::new(

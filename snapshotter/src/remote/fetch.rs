@@ -262,6 +262,45 @@ impl Fetcher {
         self.fetch(source, compression, layer, chunks, true).await
     }
 
+    /// Starts fetching, for a reader, every chunk of `chunks` (in blob
+    /// order) that is neither local nor already on its way, in a task; the
+    /// reader then waits for the chunks it needs with
+    /// [`Fetcher::get_on_demand`], and each arrives as soon as it is in
+    /// (the rest of the run keeps streaming). Counts as on-demand. Returns
+    /// the uncompressed bytes it took the lead for.
+    pub fn spawn_lead(
+        self: &Arc<Self>,
+        source: Arc<dyn RangeSource>,
+        compression: Compression,
+        layer: String,
+        chunks: Vec<Chunk>,
+    ) -> u64 {
+        let mut out: Vec<Option<Bytes>> = vec![None; chunks.len()];
+        let (_, leads) = self.plan(&chunks, &mut out);
+        if leads.is_empty() {
+            return 0;
+        }
+        let led: u64 = leads.iter().map(|(i, _)| chunks[*i].len).sum();
+        self.stats
+            .fetched_on_demand
+            .fetch_add(led, Ordering::Relaxed);
+        let demand = self.priority.demand();
+        let me = self.clone();
+        tokio::spawn(async move {
+            let guard = LeadGuard {
+                fetcher: &me,
+                keys: leads.iter().map(|(i, _)| chunks[*i].digest).collect(),
+            };
+            for run in runs(&chunks, &leads) {
+                me.fetch_run(&*source, compression, &layer, &chunks, &leads[run])
+                    .await;
+            }
+            drop(guard);
+            drop(demand);
+        });
+        led
+    }
+
     async fn fetch(
         &self,
         source: &dyn RangeSource,

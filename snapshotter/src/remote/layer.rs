@@ -110,6 +110,10 @@ pub struct LayerReader {
     passthrough: bool,
     /// Objects this mount handed to the kernel as backing files.
     held: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+    /// Compressed bytes of following chunks a fetching read takes along.
+    fetch_ahead: u64,
+    /// Every chunk in blob order (built on the first read that fetches).
+    by_offset: std::sync::OnceLock<Vec<Chunk>>,
 }
 
 /// Files at least this large are laid out as whole-file objects once all
@@ -137,6 +141,8 @@ impl LayerReader {
             stopped: AtomicBool::new(false),
             passthrough: false,
             held: Default::default(),
+            fetch_ahead: 0,
+            by_offset: std::sync::OnceLock::new(),
             served: Arc::default(),
             recorder,
             toc,
@@ -146,6 +152,42 @@ impl LayerReader {
     /// The layer's TOC.
     pub fn toc(&self) -> &Arc<Toc> {
         &self.toc
+    }
+
+    /// A read that has to fetch also takes along the chunks that follow its
+    /// own in the blob, contiguous and not yet local, up to `bytes`
+    /// compressed bytes, in the same request: the next files in the layer's
+    /// order are often read next (a directory of modules), and on a link
+    /// with latency one request for them beats one each.
+    pub fn with_fetch_ahead(mut self, bytes: u64) -> LayerReader {
+        self.fetch_ahead = bytes;
+        self
+    }
+
+    /// The chunks a fetching read of `needed` takes along (see
+    /// [`LayerReader::with_fetch_ahead`]).
+    fn ahead(&self, needed: &[Chunk]) -> Vec<Chunk> {
+        let Some(mut at) = needed.iter().map(|c| c.blob_end).max() else {
+            return Vec::new();
+        };
+        if self.fetch_ahead == 0 {
+            return Vec::new();
+        }
+        let all = self.by_offset.get_or_init(|| self.all_chunks());
+        let store = self.fetcher.store();
+        let start = at;
+        let mut out = Vec::new();
+        for c in &all[all.partition_point(|c| c.blob_offset < at)..] {
+            if c.blob_offset != at
+                || c.blob_end - start > self.fetch_ahead
+                || store.contains(&c.digest)
+            {
+                break;
+            }
+            out.push(*c);
+            at = c.blob_end;
+        }
+        out
     }
 
     /// Offers kernel passthrough for large files that are all local.
@@ -422,6 +464,7 @@ impl ChunkSource for LayerReader {
             };
         }
         let needed = needed.to_vec();
+        let ahead = self.ahead(&needed);
         let (fetcher, source, compression, layer) = (
             self.fetcher.clone(),
             self.source.clone(),
@@ -431,12 +474,23 @@ impl ChunkSource for LayerReader {
         let served = self.served.clone();
         let toc = self.toc.clone();
         self.rt.spawn(async move {
+            let mut led = 0;
+            if !ahead.is_empty() {
+                // One request for the read's chunks and those that follow;
+                // the read waits for its own only.
+                let mut run = needed.clone();
+                run.extend(ahead);
+                run.sort_by_key(|c| c.blob_offset);
+                led = fetcher.spawn_lead(source.clone(), compression, layer.clone(), run);
+            }
             let result = fetcher
                 .get_on_demand(&*source, compression, &layer, &needed)
                 .await;
             match result {
-                Ok((bufs, led)) => {
-                    served.fetched_on_demand.fetch_add(led, Ordering::Relaxed);
+                Ok((bufs, more)) => {
+                    served
+                        .fetched_on_demand
+                        .fetch_add(led + more, Ordering::Relaxed);
                     count_served(&served, &fetcher, false, end - offset);
                     reply.data(&assemble(&needed, &bufs, offset, end));
                 }

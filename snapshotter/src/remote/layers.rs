@@ -68,6 +68,8 @@ pub struct RemoteConfig {
     pub background_delay: Duration,
     /// Serve large, all-local files by kernel passthrough.
     pub passthrough: bool,
+    /// Compressed bytes of following chunks a fetching read takes along.
+    pub fetch_ahead_bytes: u64,
 }
 
 /// Counters for status and metrics.
@@ -395,7 +397,8 @@ impl RemoteLayers {
                     self.activity.clone(),
                 ),
             )
-            .with_passthrough(self.cfg.passthrough),
+            .with_passthrough(self.cfg.passthrough)
+            .with_fetch_ahead(self.cfg.fetch_ahead_bytes),
         );
         let opts = shoal_fuse::MountOptions {
             fsname: format!("shoal:{}", r.layer_digest),

@@ -75,7 +75,8 @@ impl RangeSource for MemBlob {
     }
 }
 
-struct MemBlobs(Arc<MemBlob>);
+/// Every layer's blob is the one [`MemBlob`].
+pub struct MemBlobs(pub Arc<MemBlob>);
 
 /// Blobs by layer digest: each layer its own [`MemBlob`].
 pub struct MemBlobsByDigest(pub std::collections::HashMap<String, Arc<MemBlob>>);
@@ -146,20 +147,39 @@ pub fn open_snapshotter_blobs(
     memory: u64,
     clock: Arc<dyn Clock>,
 ) -> Snapshotter {
+    open_snapshotter_config(root, blobs, rt, memory, clock, test_config())
+}
+
+/// The remote settings tests run with: Prepare waits for startup sets, no
+/// background fetch, no fetch-ahead (so request counts are exact).
+pub fn test_config() -> RemoteConfig {
+    RemoteConfig {
+        prefetch_timeout: Duration::from_secs(5),
+        wait_for_startup: true,
+        background_fetch: false,
+        background_delay: Duration::from_secs(0),
+        fuse_threads: 2,
+        passthrough: true,
+        fetch_ahead_bytes: 0,
+    }
+}
+
+/// [`open_snapshotter_blobs`] with other remote settings.
+pub fn open_snapshotter_config(
+    root: &Path,
+    blobs: Arc<dyn Blobs>,
+    rt: &tokio::runtime::Runtime,
+    memory: u64,
+    clock: Arc<dyn Clock>,
+    cfg: RemoteConfig,
+) -> Snapshotter {
     let store = Arc::new(ChunkStore::open_with_clock(&root.join("chunks"), memory, clock).unwrap());
     let remote = RemoteLayers::new(
         root.join("tocs"),
         blobs,
         Arc::new(Fetcher::new(store)),
         rt.handle().clone(),
-        RemoteConfig {
-            prefetch_timeout: Duration::from_secs(5),
-            wait_for_startup: true,
-            background_fetch: false,
-            background_delay: Duration::from_secs(0),
-            fuse_threads: 2,
-            passthrough: true,
-        },
+        cfg,
     )
     .unwrap();
     Snapshotter::open_with_remote(root, Some(remote)).unwrap()
