@@ -26,12 +26,15 @@
 #   bench: rate=100mbit latency_ms=0 overlayfs=14.1s shoal=1.2s ratio=0.085 overlayfs_bytes=N shoal_bytes=N
 #          stargz=1.1s stargz_ratio=0.078 stargz_bytes=N
 #          overlayfs_http_bytes=N shoal_http_bytes=N stargz_http_bytes=N
+#          overlayfs_requests=N shoal_requests=N stargz_requests=N
 #          overlayfs_warm=0.3s shoal_warm=0.4s stargz_warm=0.3s
 #          image_bytes=N layer_bytes=N esgz_layer_bytes=N runs=1   (one line)
 #
 # *_bytes: what the registry side of the veth sent (tx_bytes, headers
 # included) by the first "hello"; *_http_bytes: response bodies in the
-# registry access log by then; *_warm: a second run of the now-local image.
+# registry access log by then; *_requests: requests in that log by then
+# (manifests and blobs, GET and HEAD, whoever sent them: containerd and the
+# snapshotter); *_warm: a second run of the now-local image.
 #
 # Usage: tests/bench/lazy-pull.sh [options]
 #   --rate RATE     link rate, tc syntax (default 100mbit)
@@ -590,6 +593,12 @@ http_bytes() {
          END { printf "%d", n }'
 }
 
+# http_requests FROM TO: requests (GET and HEAD, manifests and blobs) in the
+# registry's access log lines FROM+1..TO.
+http_requests() {
+  sed -n "$(($1 + 1)),$2p" "$E2E_DIR/logs/registry.log" | grep -c '"\(GET\|HEAD\) /v2/' || true
+}
+
 # run_hello NAME REF MARKS: ctr run --rm the hello command; the first "hello"
 # line is stamped into MARKS as "EPOCHREALTIME TX_BYTES LOG_LINES".
 run_hello() {
@@ -653,8 +662,9 @@ measure() {
   T_HELLO=$(awk -v a="$t0" -v b="$t_hello" 'BEGIN { printf "%.2f", b - a }')
   BYTES_HELLO=$((tx_hello - tx0))
   HTTP_HELLO=$(http_bytes "$log0" "$log_hello")
+  REQS_HELLO=$(http_requests "$log0" "$log_hello")
   BYTES_END=$(($(registry_tx) - tx0))
-  say "$name: hello after ${T_HELLO}s (pull ${T_PULL}s); registry sent $(mb "$BYTES_HELLO") on the wire ($(mb "$HTTP_HELLO") of HTTP bodies) by then, $(mb "$BYTES_END") by container exit"
+  say "$name: hello after ${T_HELLO}s (pull ${T_PULL}s); registry sent $(mb "$BYTES_HELLO") on the wire ($(mb "$HTTP_HELLO") of HTTP bodies, $REQS_HELLO requests) by then, $(mb "$BYTES_END") by container exit"
   # ctr's pull prints "elapsed: 10.6s" (the download) and then "done: 24.2s"
   # (the unpack alone).
   local dl up
@@ -722,7 +732,7 @@ say "image: $(mb "$IMAGE_BYTES") uncompressed; gzip layer $(mb "$LAYER_BYTES"); 
 reset_caches
 net_shape
 
-declare -A times=() bytes=() http=() warm=() med=()
+declare -A times=() bytes=() http=() reqs=() warm=() med=()
 for i in $(seq 1 "$runs"); do
   for sn in "${snapshotters[@]}"; do
     reset_caches
@@ -767,6 +777,7 @@ for i in $(seq 1 "$runs"); do
     times[$sn]+=" $T_HELLO"
     bytes[$sn]+=" $BYTES_HELLO"
     http[$sn]+=" $HTTP_HELLO"
+    reqs[$sn]+=" $REQS_HELLO"
     warm[$sn]+=" $T_WARM"
   done
 done
@@ -777,6 +788,7 @@ for sn in "${snapshotters[@]}"; do
   med[$sn]=$(median ${times[$sn]})
   med[${sn}_bytes]=$(median ${bytes[$sn]} | awk '{ printf "%d", $1 }')
   med[${sn}_http]=$(median ${http[$sn]} | awk '{ printf "%d", $1 }')
+  med[${sn}_reqs]=$(median ${reqs[$sn]} | awk '{ printf "%d", $1 }')
   med[${sn}_warm]=$(median ${warm[$sn]})
 done
 has() { [ -n "${med[$1]:-}" ]; }
@@ -794,6 +806,7 @@ if has stargz; then
   line+=" stargz_bytes=${med[stargz_bytes]}"
 fi
 for sn in "${snapshotters[@]}"; do line+=" ${sn//-/_}_http_bytes=${med[${sn}_http]}"; done
+for sn in "${snapshotters[@]}"; do line+=" ${sn//-/_}_requests=${med[${sn}_reqs]}"; done
 for sn in "${snapshotters[@]}"; do line+=" ${sn//-/_}_warm=${med[${sn}_warm]}s"; done
 has shoal && line+=" shoal_background_fetch=$shoal_bg"
 line+=" workload=$workload image_bytes=$IMAGE_BYTES layer_bytes=$LAYER_BYTES esgz_layer_bytes=$ESGZ_LAYER_BYTES runs=$runs"
@@ -805,8 +818,8 @@ link="tbf $rate"
 [ "$latency_ms" = 0 ] || link+=" + ${latency_ms} ms per round trip (delay proxy)"
 printf 'workload %s; link: %s; timed from pull start to the first "hello"; median of %s run(s)\n' "$workload" "$link" "$runs"
 for sn in "${snapshotters[@]}"; do
-  printf '  %-14s %7ss   registry sent %s on the wire, %s of HTTP bodies   warm run %ss   (runs:%s)\n' \
-    "$sn" "${med[$sn]}" "$(mb "${med[${sn}_bytes]}")" "$(mb "${med[${sn}_http]}")" "${med[${sn}_warm]}" "${times[$sn]}"
+  printf '  %-14s %7ss   registry sent %s on the wire, %s of HTTP bodies in %s requests   warm run %ss   (runs:%s)\n' \
+    "$sn" "${med[$sn]}" "$(mb "${med[${sn}_bytes]}")" "$(mb "${med[${sn}_http]}")" "${med[${sn}_reqs]}" "${med[${sn}_warm]}" "${times[$sn]}"
 done
 if has overlayfs; then
   has shoal && printf '  shoal/overlayfs = %s\n' "$(div "${med[shoal]}" "${med[overlayfs]}")"
