@@ -135,7 +135,7 @@ impl PrimedSource {
     /// Sends `[offset, offset + len)` from the window to `sink` as it
     /// arrives and returns it; `None` if the window cannot serve it (then
     /// the caller asks the inner source).
-    async fn from_window(&self, offset: u64, len: u64, sink: &Sink) -> Option<Bytes> {
+    async fn serve_window(&self, offset: u64, len: u64, sink: &Sink) -> Option<Bytes> {
         let w = self.shared()?;
         let end = offset.checked_add(len)?;
         if end > w.end {
@@ -191,7 +191,7 @@ impl RangeSource for PrimedSource {
                 .map(|w| w.end)
                 .filter(|&w| offset < w && w < end);
             let Some(w) = split else {
-                return match self.from_window(offset, len, &sink).await {
+                return match self.serve_window(offset, len, &sink).await {
                     Some(b) => Ok(b),
                     // Pieces already sent are skipped by the receiver.
                     None => self.inner.fetch_streamed(offset, len, sink).await,
@@ -200,7 +200,7 @@ impl RangeSource for PrimedSource {
             // Starts inside the window and runs past it: the head from the
             // window, the tail by a request of its own, at the same time.
             let (head, tail) = tokio::join!(
-                self.from_window(offset, w - offset, &sink),
+                self.serve_window(offset, w - offset, &sink),
                 self.inner.fetch_streamed(w, end - w, sink.clone())
             );
             let head = match head {
