@@ -236,14 +236,16 @@ e2e_stop_pid() {
   local pid i
   pid=$(e2e_pid_of "$1") || return 0
   if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null
+    # It may exit (and bash reap it, e.g. right after a kill -9) between
+    # two of these calls: a kill that finds no process is not an error.
+    kill -TERM "$pid" 2>/dev/null || true
     for i in $(seq 1 100); do
       kill -0 "$pid" 2>/dev/null || break
       sleep 0.1
     done
     if kill -0 "$pid" 2>/dev/null; then
       e2e_say "e2e: $1 (pid $pid) ignored SIGTERM for 10s; sending SIGKILL"
-      kill -KILL "$pid" 2>/dev/null
+      kill -KILL "$pid" 2>/dev/null || true
     fi
   fi
   wait "$pid" 2>/dev/null || true
