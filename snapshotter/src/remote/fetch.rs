@@ -287,18 +287,37 @@ impl Fetcher {
         let demand = self.priority.demand();
         let me = self.clone();
         tokio::spawn(async move {
-            let guard = LeadGuard {
-                fetcher: &me,
-                keys: leads.iter().map(|(i, _)| chunks[*i].digest).collect(),
-            };
-            for run in runs(&chunks, &leads) {
-                me.fetch_run(&*source, compression, &layer, &chunks, &leads[run])
-                    .await;
-            }
-            drop(guard);
+            me.lead(&*source, compression, &layer, &chunks, &leads)
+                .await;
             drop(demand);
         });
         led
+    }
+
+    /// Fetches the chunks this caller leads, merged run by run; each
+    /// chunk's waiters are answered as it arrives (in `fetch_run`), and the
+    /// in-flight entries go when this returns. Returns (index into
+    /// `chunks`, result) per led chunk.
+    async fn lead(
+        &self,
+        source: &dyn RangeSource,
+        compression: Compression,
+        layer: &str,
+        chunks: &[Chunk],
+        leads: &[(usize, Lead)],
+    ) -> Vec<(usize, Result<Bytes, FetchError>)> {
+        let _guard = LeadGuard {
+            fetcher: self,
+            keys: leads.iter().map(|(i, _)| chunks[*i].digest).collect(),
+        };
+        let mut out = Vec::with_capacity(leads.len());
+        for run in runs(chunks, leads) {
+            let result = self
+                .fetch_run(source, compression, layer, chunks, &leads[run.clone()])
+                .await;
+            out.extend(leads[run].iter().map(|(i, _)| *i).zip(result));
+        }
+        out
     }
 
     async fn fetch(
@@ -316,26 +335,15 @@ impl Fetcher {
             if !leads.is_empty() {
                 let _demand = on_demand.then(|| self.priority.demand());
                 led_bytes += leads.iter().map(|(i, _)| chunks[*i].len).sum::<u64>();
-                let guard = LeadGuard {
-                    fetcher: self,
-                    keys: leads.iter().map(|(i, _)| chunks[*i].digest).collect(),
-                };
                 let mut first_err = None;
-                for run in runs(chunks, &leads) {
-                    let result = self
-                        .fetch_run(source, compression, layer, chunks, &leads[run.clone()])
-                        .await;
-                    // Waiters were answered chunk by chunk, in `fetch_run`.
-                    for ((i, _), r) in leads[run].iter().zip(result) {
-                        match r {
-                            Ok(b) => out[*i] = Some(b),
-                            Err(e) => {
-                                first_err.get_or_insert(e);
-                            }
+                for (i, r) in self.lead(source, compression, layer, chunks, &leads).await {
+                    match r {
+                        Ok(b) => out[i] = Some(b),
+                        Err(e) => {
+                            first_err.get_or_insert(e);
                         }
                     }
                 }
-                drop(guard);
                 if let Some(e) = first_err {
                     return Err(e);
                 }
@@ -429,20 +437,13 @@ impl Fetcher {
         // The run's bytes so far: blob offsets [start, start + have.len()).
         let mut have: Vec<u8> = Vec::new();
         let (sink, mut pieces) = tokio::sync::mpsc::unbounded_channel();
-        let take = |have: &mut Vec<u8>, (pos, piece): (u64, Bytes)| {
-            let have_end = start + have.len() as u64;
-            let piece_end = pos + piece.len() as u64;
-            if pos <= have_end && piece_end > have_end {
-                have.extend_from_slice(&piece[(have_end - pos) as usize..]);
-            }
-        };
         let fetch = self.fetch_range(source, layer, start, end - start, Some(sink));
         tokio::pin!(fetch);
         let outcome = loop {
             tokio::select! {
                 r = &mut fetch => break r,
                 Some(p) = pieces.recv() => {
-                    take(&mut have, p);
+                    extend_contiguous(&mut have, start, p);
                     while next < run.len() && chunks[run[next].0].blob_end - start <= have.len() as u64 {
                         let c = &chunks[run[next].0];
                         let slice = &have[(c.blob_offset - start) as usize..(c.blob_end - start) as usize];
@@ -453,7 +454,7 @@ impl Fetcher {
             }
         };
         while let Ok(p) = pieces.try_recv() {
-            take(&mut have, p);
+            extend_contiguous(&mut have, start, p);
         }
         match outcome {
             Ok(data) => {
@@ -611,6 +612,20 @@ impl Fetcher {
         error!(layer, chunk = %hex::encode(c.digest), file_offset = c.file_offset,
                blob_offset = c.blob_offset, source, problem, "chunk verification failed; bytes dropped");
     }
+}
+
+/// Appends the part of `piece` (blob offset, bytes) that continues `buf`,
+/// which holds the blob's bytes from offset `base`: a retried request sends
+/// its range again from the start, and what is already in is skipped.
+/// Returns whether `buf` grew.
+pub(crate) fn extend_contiguous(buf: &mut Vec<u8>, base: u64, (pos, piece): (u64, Bytes)) -> bool {
+    let have_end = base + buf.len() as u64;
+    let piece_end = pos + piece.len() as u64;
+    if pos <= have_end && piece_end > have_end {
+        buf.extend_from_slice(&piece[(have_end - pos) as usize..]);
+        return true;
+    }
+    false
 }
 
 /// Splits `leads` (indices into `chunks`, ascending) into runs of chunks that

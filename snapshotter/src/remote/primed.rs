@@ -22,7 +22,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tracing::debug;
 
-use super::fetch::{BoxFuture, RangeSource, Sink};
+use super::fetch::{extend_contiguous, BoxFuture, RangeSource, Sink};
 
 /// Largest window primed: a startup set larger than this is primed for its
 /// first part only (the rest is fetched as usual).
@@ -45,14 +45,10 @@ struct Shared {
 }
 
 impl Shared {
-    /// Appends a piece that continues the window (a retried request sends
-    /// its range again from the start: what is already in is skipped).
-    fn take(&self, (pos, piece): (u64, Bytes)) {
+    /// Appends a piece that continues the window.
+    fn take(&self, piece: (u64, Bytes)) {
         let mut bytes = self.bytes.lock().unwrap();
-        let have = bytes.len() as u64;
-        let piece_end = pos + piece.len() as u64;
-        if pos <= have && piece_end > have {
-            bytes.extend_from_slice(&piece[(have - pos) as usize..]);
+        if extend_contiguous(&mut bytes, 0, piece) {
             self.progress
                 .send_replace(Progress::Have(bytes.len() as u64));
         }
