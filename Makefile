@@ -10,7 +10,8 @@
 #                     faults injected by a proxy in front of the registry,
 #                     lazy layers surviving daemon restarts, the chunk cache,
 #                     shoal convert round trips and any-client lazy pulls,
-#                     startup profiles (python3 image)
+#                     startup profiles (python3 image), layer poisoning
+#                     through the chain ID (identity check, quarantine)
 #   make bench        lazy-pull benchmark: Debian+python3 over a 100 Mbit/s link
 #                     (BENCH_ARGS="--rate 1gbit --runs 3" passes options)
 #   make bench-read   read throughput through FUSE vs an unpacked layer
@@ -51,6 +52,7 @@ e2e: build
 	tests/e2e/cache.sh --no-build
 	tests/e2e/convert.sh --no-build
 	tests/e2e/profile.sh --no-build
+	tests/e2e/poison.sh --no-build
 
 test: deps build
 	$(CARGO) test --workspace --release
@@ -64,6 +66,7 @@ test: deps build
 	tests/e2e/cache.sh --no-build
 	tests/e2e/convert.sh --no-build
 	tests/e2e/profile.sh --no-build
+	tests/e2e/poison.sh --no-build
 
 demo:
 	scripts/demo.sh

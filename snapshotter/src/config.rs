@@ -101,6 +101,10 @@ pub struct RemoteSection {
     /// A read that has to fetch also takes along up to this many compressed
     /// bytes of the chunks that follow in the blob (0: only its own).
     pub fetch_ahead_bytes: u64,
+    /// Check each lazy layer's content against its chain ID (diffID) in one
+    /// pass over the blob, after `background_delay_secs`; a mismatch
+    /// quarantines the layer.
+    pub verify_layers: bool,
 }
 
 impl Default for RemoteSection {
@@ -115,6 +119,7 @@ impl Default for RemoteSection {
             memory_cache_bytes: DEFAULT_MEMORY_CACHE_BYTES,
             passthrough: true,
             fetch_ahead_bytes: DEFAULT_FETCH_AHEAD_BYTES,
+            verify_layers: true,
         }
     }
 }

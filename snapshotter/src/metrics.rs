@@ -118,14 +118,24 @@ fn encode_remote(r: &RemoteLayers, mut enc: DescriptorEncoder) -> Result<(), std
     counter(
         &mut enc,
         "shoal_fallbacks",
-        "Fallbacks: layers pulled normally instead of lazily (toc, mount), \
+        "Fallbacks: layers pulled normally instead of lazily (toc, mount, conflict: \
+         the chain ID is held by an unverified lazy layer of another blob), \
          and verified chunks served without being cached (cache_full, cache_write_error).",
         &[
             ("reason", "toc", load(&r.stats.fallbacks_toc)),
             ("reason", "mount", load(&r.stats.fallbacks_mount)),
+            ("reason", "conflict", load(&r.stats.fallbacks_conflict)),
             ("reason", "cache_full", load(&s.at_limit)),
             ("reason", "cache_write_error", load(&s.write_failures)),
         ],
+    )?;
+    let (verified, quarantined) = r.check_counts();
+    counter(
+        &mut enc,
+        "shoal_layer_checks",
+        "Lazy layers whose content was checked against their chain ID (diffID), by result; \
+         a quarantined layer is never served again.",
+        &[("result", "verified", verified), ("result", "quarantined", quarantined)],
     )?;
     counter(
         &mut enc,

@@ -135,7 +135,35 @@ impl Snapshotter {
     /// # Errors
     /// [`Error::NotFound`] if it does not exist.
     pub fn stat(&self, key: &str) -> Result<Info> {
+        self.refuse_quarantined(Some(key))?;
         Ok(self.store.get(key)?.0)
+    }
+
+    /// Refuses `key` if it or a snapshot in its parent chain is a lazy layer
+    /// whose content did not match its chain ID (`remote::identity`): such
+    /// a layer is never handed out again.
+    ///
+    /// # Errors
+    /// [`Error::FailedPrecondition`] naming the quarantined layer; store
+    /// errors.
+    fn refuse_quarantined(&self, key: Option<&str>) -> Result<()> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let mut cur = key.map(str::to_owned);
+        while let Some(name) = cur {
+            if let Some(why) = remote.quarantined(&name) {
+                return Err(Error::FailedPrecondition(format!(
+                    "layer {name} is quarantined by shoal: {why}"
+                )));
+            }
+            cur = match self.store.get(&name) {
+                Ok((info, _, _)) => info.parent,
+                Err(Error::NotFound(_)) => None,
+                Err(e) => return Err(e),
+            };
+        }
+        Ok(())
     }
 
     /// Updates labels; see [`MetaStore::update`].
@@ -169,6 +197,7 @@ impl Snapshotter {
     /// # Errors
     /// [`Error::NotFound`] if it does not exist.
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        self.refuse_quarantined(Some(key))?;
         let (_, snap, _) = self.store.get(key)?;
         Ok(self.mounts_for(&snap))
     }
@@ -184,6 +213,7 @@ impl Snapshotter {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        self.refuse_quarantined(parent)?;
         if kind == Kind::Active {
             if let Some(target) = self.try_remote(parent, &labels)? {
                 // containerd's contract: the layer exists under its chain ID,
@@ -217,8 +247,20 @@ impl Snapshotter {
         let (Some(remote), Some((target, rref))) = (&self.remote, detect(labels)) else {
             return Ok(None);
         };
-        if self.store.get(&target).is_ok() {
-            return Ok(Some(target));
+        if let Ok((_, existing, _)) = self.store.get(&target) {
+            // Another image's lazy layer under this chain ID: adopt it only
+            // if it is this image's layer too, or proven to match the chain ID.
+            let adopt = match &existing.remote {
+                Some(held) => remote.may_adopt(&target, held, &rref),
+                None => Ok(()),
+            };
+            return match adopt {
+                Ok(()) => Ok(Some(target)),
+                Err(why) => {
+                    remote.fallback(&rref.layer_digest, FallbackReason::Conflict, &why);
+                    Ok(None)
+                }
+            };
         }
         let hints = crate::remote::annotations::hints(labels);
         let resolved = match remote.resolve_with(&rref, hints) {
@@ -228,6 +270,7 @@ impl Snapshotter {
                 return Ok(None);
             }
         };
+        remote.claim(&target, parent);
         let mounted = std::cell::Cell::new(None);
         let res = self.store.create_remote(
             &target,
@@ -285,6 +328,10 @@ impl Snapshotter {
             .unwrap_or_else(|_| self.snapshots_dir());
         for (name, id, rref) in remotes {
             let mp = self.upper_path(id);
+            // Layers mounted by a version without identity checks.
+            if let Ok((info, _, _)) = self.store.get(&name) {
+                remote.claim(&name, info.parent.as_deref());
+            }
             if let Some(fd) = remote.take_kept(id) {
                 let canonical = snapshots.join(id.to_string()).join("fs");
                 if crate::handover::shoal_fuse_mounted_at(&canonical) {
@@ -377,6 +424,7 @@ impl Snapshotter {
         let id = self.store.remove(key, |_| Ok(()))?;
         if let Some(remote) = &self.remote {
             remote.unmount(id);
+            remote.forget_check(key);
         }
         // The metadata is gone, so the directory is garbage whatever happens
         // next; a failure here is left to cleanup, as containerd does.

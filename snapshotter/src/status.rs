@@ -64,6 +64,11 @@ fn report(sn: &Snapshotter) -> LayersResponse {
             served_after_fetch: l.served_after_fetch,
             read_errors: l.read_errors,
             fetched_on_demand: l.fetched_on_demand,
+            identity: l.identity.name().to_owned(),
+            identity_reason: match l.identity {
+                crate::remote::identity::Check::Quarantined(why) => why,
+                _ => String::new(),
+            },
         })
         .collect();
     let f = &remote.fetcher().stats;
@@ -84,6 +89,8 @@ fn report(sn: &Snapshotter) -> LayersResponse {
             store_disk_hits: load(&s.disk_hits),
             store_misses: load(&s.misses),
             store_corrupt: load(&s.corrupt_on_disk),
+            layers_verified: remote.check_counts().0,
+            layers_quarantined: remote.check_counts().1,
         }),
         version,
     }

@@ -216,6 +216,7 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
                     "served_from_cache": l.served_from_cache,
                     "served_after_fetch": l.served_after_fetch, "read_errors": l.read_errors,
                     "fetched_on_demand": l.fetched_on_demand,
+                    "identity": l.identity, "identity_reason": l.identity_reason,
                     "hit_rate": shoal::cache_cli::layer_hit_rate(l),
                     "pinned": shoal::cache_cli::pinned(&pins, l),
                 })
@@ -231,6 +232,7 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
                 "fallbacks": c.fallbacks, "mounted": c.mounted,
                 "store_memory_hits": c.store_memory_hits, "store_disk_hits": c.store_disk_hits,
                 "store_misses": c.store_misses, "store_corrupt": c.store_corrupt,
+                "layers_verified": c.layers_verified, "layers_quarantined": c.layers_quarantined,
             },
             "images": shoal::cache_cli::images_json(&resp.layers, &pins),
             "cache": cache.as_ref().map(shoal::cache_cli::usage_json),
@@ -245,8 +247,8 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
     );
     if !resp.layers.is_empty() {
         println!(
-            "{:<14} {:<14} {:<13} {:>13} {:>26} {:>6}  IMAGE",
-            "SNAPSHOT", "LAYER", "FORMAT", "CHUNKS", "BYTES LOCAL", "ERRORS"
+            "{:<14} {:<14} {:<13} {:<11} {:>13} {:>26} {:>6}  IMAGE",
+            "SNAPSHOT", "LAYER", "FORMAT", "IDENTITY", "CHUNKS", "BYTES LOCAL", "ERRORS"
         );
     }
     for l in &resp.layers {
@@ -255,10 +257,11 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
             .checked_div(l.bytes_total)
             .unwrap_or(100);
         println!(
-            "{:<14} {:<14} {:<13} {:>13} {:>26} {:>6}  {}",
+            "{:<14} {:<14} {:<13} {:<11} {:>13} {:>26} {:>6}  {}",
             short(&l.snapshot),
             short(&l.layer_digest),
             l.format,
+            l.identity,
             format!("{}/{}", l.chunks_local, l.chunks_total),
             format!(
                 "{}/{} {:>3}%",
@@ -281,6 +284,9 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
         c.fallbacks,
         c.not_cached
     );
+    for l in resp.layers.iter().filter(|l| l.identity == "quarantined") {
+        println!("QUARANTINED {}: {}", l.snapshot, l.identity_reason);
+    }
     if let Some(u) = &cache {
         shoal::cache_cli::print_text(&resp.layers, u);
     }

@@ -102,6 +102,8 @@ pub struct LayerReader {
     source: Arc<dyn RangeSource>,
     rt: Handle,
     stopped: AtomicBool,
+    /// Quarantined (see [`super::identity`]): every read answers EIO.
+    poisoned: AtomicBool,
     /// Counters.
     pub served: Arc<ServedStats>,
     /// First reads of files, for the startup profile.
@@ -139,6 +141,7 @@ impl LayerReader {
             source,
             rt,
             stopped: AtomicBool::new(false),
+            poisoned: AtomicBool::new(false),
             passthrough: false,
             held: Default::default(),
             fetch_ahead: 0,
@@ -204,6 +207,24 @@ impl LayerReader {
         for key in self.held.lock().unwrap().drain() {
             objects.release(&key);
         }
+    }
+
+    /// Whether the layer was unmounted.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
+    }
+
+    /// Stops serving bytes for good: the layer's content does not match the
+    /// chain ID it was mounted under. Every later read answers EIO, and no
+    /// backing file is handed out.
+    pub fn poison(&self) {
+        self.poisoned.store(true, Ordering::SeqCst);
+        self.stop();
+    }
+
+    /// Whether [`LayerReader::poison`] was called.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
     }
 
     /// A file's chunks as (digest, file offset, length), if it is large
@@ -395,7 +416,7 @@ fn count_served(layer: &ServedStats, fetcher: &Fetcher, cached: bool, bytes: u64
 
 impl ChunkSource for LayerReader {
     fn backing(&self, data_id: u64) -> Option<std::os::fd::OwnedFd> {
-        if !self.passthrough {
+        if !self.passthrough || self.is_poisoned() {
             return None;
         }
         let chunks = self.object_chunks(usize::try_from(data_id).ok()?)?;
@@ -429,6 +450,10 @@ impl ChunkSource for LayerReader {
     }
 
     fn read(&self, data_id: u64, file_size: u64, offset: u64, size: u32, reply: ReadReply) {
+        if self.is_poisoned() {
+            self.served.errors.fetch_add(1, Ordering::Relaxed);
+            return reply.error(libc::EIO);
+        }
         self.recorder.touch(data_id);
         if let (Some(f), true) = (&self.toc.toc_file, data_id == self.toc.entries.len() as u64) {
             let end = offset

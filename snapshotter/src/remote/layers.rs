@@ -28,6 +28,7 @@ use super::toc::{parse_digest, parse_footer, Footer, Toc, FOOTER_FETCH};
 use crate::metadata::{RemoteRef, Usage};
 
 mod handover;
+mod verify;
 
 /// Label containerd's unpacker sets to the layer's chain ID: the name the
 /// committed snapshot must have.
@@ -70,6 +71,9 @@ pub struct RemoteConfig {
     pub passthrough: bool,
     /// Compressed bytes of following chunks a fetching read takes along.
     pub fetch_ahead_bytes: u64,
+    /// Check each lazy layer's diffID against its chain ID in one pass over
+    /// the blob (see [`super::identity`]).
+    pub verify_layers: bool,
 }
 
 /// Counters for status and metrics.
@@ -83,6 +87,9 @@ pub struct RemoteStats {
     pub fallbacks_toc: AtomicU64,
     /// Of which: the layer could not be mounted.
     pub fallbacks_mount: AtomicU64,
+    /// Of which: the chain ID is held by a lazy layer of another blob that is
+    /// unverified or quarantined.
+    pub fallbacks_conflict: AtomicU64,
 }
 
 /// Why a layer fell back to a normal pull (a metrics label).
@@ -92,6 +99,9 @@ pub enum FallbackReason {
     Toc,
     /// The FUSE mount or the metadata write failed.
     Mount,
+    /// The chain ID is held by a lazy layer of another blob that is not
+    /// verified (see [`super::identity`]).
+    Conflict,
 }
 
 /// The remote-layer half of the snapshotter.
@@ -110,6 +120,8 @@ pub struct RemoteLayers {
     /// How long mounted layers record first reads.
     recording: Recording,
     activity: Arc<Activity>,
+    /// Verdicts on each lazy layer's identity (diffID against chain ID).
+    checks: Arc<super::identity::Checks>,
     /// Counters.
     pub stats: RemoteStats,
 }
@@ -154,6 +166,8 @@ pub struct LayerStatus {
     pub read_errors: u64,
     /// Pinned (the layer or its image): GC keeps its chunks.
     pub pinned: bool,
+    /// Whether its content matches its chain ID.
+    pub identity: super::identity::Check,
 }
 
 /// The first reads recorded on one mounted layer.
@@ -232,6 +246,7 @@ impl RemoteLayers {
             kept: Mutex::new(HashMap::new()),
             recording: Recording::default(),
             activity: Arc::default(),
+            checks: Arc::default(),
             stats: RemoteStats::default(),
         })
     }
@@ -455,6 +470,7 @@ impl RemoteLayers {
         // after this one waits for it.
         let running = (!chunks.is_empty()).then(|| self.fetcher.priority().startup().begin(id));
         let cfg = self.cfg.clone();
+        let background = self.background_job(id);
         self.rt.spawn(async move {
             if let Some(_running) = running {
                 let n = chunks.len();
@@ -476,8 +492,8 @@ impl RemoteLayers {
             if let Some(p) = primed {
                 p.finish();
             }
-            if cfg.background_fetch {
-                reader.spawn_background(cfg.background_delay);
+            if let Some(job) = background {
+                job.run().await;
             }
         });
     }
@@ -510,11 +526,8 @@ impl RemoteLayers {
     /// without waiting: for layers mounted again at start, which must not
     /// hold up the daemon when the registry is unreachable.
     pub fn start_background(&self, id: u64) {
-        if !self.cfg.background_fetch {
-            return;
-        }
-        if let Some(m) = self.mounted.lock().unwrap().get(&id) {
-            m.reader.spawn_background(self.cfg.background_delay);
+        if let Some(job) = self.background_job(id) {
+            self.rt.spawn(job.run());
         }
     }
 
@@ -546,6 +559,7 @@ impl RemoteLayers {
         let started = std::time::Instant::now();
         store.attach_index(db.clone())?;
         self.tocs.attach(&db)?;
+        self.checks.attach(&db)?;
         info!(
             chunks = store.index().len(),
             bytes = store.index().used(),
@@ -602,7 +616,7 @@ impl RemoteLayers {
                     .filter(|c| store.contains(&c.digest))
                     .collect();
                 LayerStatus {
-                    name,
+                    name: name.clone(),
                     id,
                     remote,
                     format: compression_name(reader.toc().compression),
@@ -616,6 +630,7 @@ impl RemoteLayers {
                     fetched_on_demand: reader.served.fetched_on_demand.load(Ordering::Relaxed),
                     read_errors: reader.served.errors.load(Ordering::Relaxed),
                     pinned,
+                    identity: self.checks.get(&name),
                 }
             })
             .collect();
@@ -662,6 +677,7 @@ impl RemoteLayers {
         match why {
             FallbackReason::Toc => &self.stats.fallbacks_toc,
             FallbackReason::Mount => &self.stats.fallbacks_mount,
+            FallbackReason::Conflict => &self.stats.fallbacks_conflict,
         }
         .fetch_add(1, Ordering::Relaxed);
         warn!(

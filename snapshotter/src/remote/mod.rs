@@ -24,6 +24,8 @@
 //! - [`registry_blobs`]: layer blobs from registries.
 //! - [`readahead`]: larger kernel readahead on each FUSE mount.
 //! - [`layer`]: a mounted layer: FUSE reads → store or fetch.
+//! - [`identity`]: whether a lazy layer's content is the layer its chain ID
+//!   names (diffID check in one pass over the blob, verdicts, quarantine).
 //! - [`fetch`]: merged Range fetches, decompression, verification, single
 //!   flight.
 
@@ -32,6 +34,7 @@ pub mod cache;
 pub mod clock;
 pub mod fetch;
 pub mod gc;
+pub mod identity;
 pub mod index;
 pub mod layer;
 pub mod layers;
