@@ -64,6 +64,7 @@ shoal_config() {
 version = 1
 [remote]
 background_fetch = $1
+verify_layers = $1
 background_delay_secs = 0
 [cache]
 gc_interval_secs = 3600
