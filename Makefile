@@ -16,6 +16,8 @@
 #                     (BENCH_ARGS="--rate 1gbit --runs 3" passes options)
 #   make bench-read   read throughput through FUSE vs an unpacked layer
 #                     (cold/warm ratios) and the daemon's RSS
+#   make bench-identity  cost of the layer identity check: bytes and time
+#                     with [remote] verify_layers on and off
 #   make deps         the Debian 12 packages the above need (root)
 #
 # Everything except `build` and `unit` runs as root on Debian 12.
@@ -27,7 +29,7 @@ CARGO ?= cargo
 SNAPSHOTTER := target/release/shoal-snapshotter
 
 .PHONY: all build unit test conformance e2e demo deps clean
-.PHONY: bench bench-read
+.PHONY: bench bench-read bench-identity
 
 all: build
 
@@ -73,6 +75,9 @@ demo:
 
 bench: build
 	tests/bench/lazy-pull.sh --no-build $(BENCH_ARGS)
+
+bench-identity: build
+	tests/bench/identity.sh --no-build $(BENCH_ARGS)
 
 bench-read: build
 	tests/bench/read.sh --no-build $(BENCH_ARGS)
