@@ -147,7 +147,7 @@ impl Snapshotter {
     /// [`Error::FailedPrecondition`] naming the quarantined layer; store
     /// errors.
     fn refuse_quarantined(&self, key: Option<&str>) -> Result<()> {
-        let Some(remote) = &self.remote else {
+        let Some(remote) = self.remote.as_ref().filter(|r| r.any_quarantined()) else {
             return Ok(());
         };
         let mut cur = key.map(str::to_owned);

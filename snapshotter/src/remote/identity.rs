@@ -130,6 +130,13 @@ impl Checks {
             .map_or(Check::Unverified, |r| r.check.clone())
     }
 
+    /// Whether any layer is quarantined (a fast path for the common case).
+    pub fn any_quarantined(&self) -> bool {
+        lock(&self.records)
+            .values()
+            .any(|r| matches!(r.check, Check::Quarantined(_)))
+    }
+
     /// The parent chain ID `name` was claimed on, if recorded.
     pub fn parent(&self, name: &str) -> Option<Option<String>> {
         lock(&self.records).get(name).map(|r| r.parent.clone())

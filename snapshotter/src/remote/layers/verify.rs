@@ -152,6 +152,11 @@ impl RemoteLayers {
         }
     }
 
+    /// Whether any layer is quarantined.
+    pub fn any_quarantined(&self) -> bool {
+        self.checks.any_quarantined()
+    }
+
     /// Why snapshot `name` must not be handed out, if it is quarantined.
     pub fn quarantined(&self, name: &str) -> Option<String> {
         match self.checks.get(name) {
