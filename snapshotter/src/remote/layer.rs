@@ -209,6 +209,18 @@ impl LayerReader {
         }
     }
 
+    /// Answers EIO for a read whose stored chunk has another length than
+    /// this TOC says (see [`lengths_match`]), and counts it.
+    fn length_mismatch(&self, data_id: u64, reply: ReadReply) {
+        self.served.errors.fetch_add(1, Ordering::Relaxed);
+        self.fetcher
+            .stats
+            .verify_failures
+            .fetch_add(1, Ordering::Relaxed);
+        error!(layer = %self.layer, data_id, "a stored chunk's length differs from the TOC's: EIO");
+        reply.error(libc::EIO)
+    }
+
     /// Whether the layer was unmounted.
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Relaxed)
@@ -391,7 +403,16 @@ impl LayerReader {
     }
 }
 
-/// Copies `[offset, end)` of the file out of its chunks' bytes.
+/// Whether each buffer has the length the TOC gives its chunk. A chunk is
+/// stored by digest, so a hostile or broken TOC can name another layer's
+/// chunk with a wrong length: the read then fails (EIO), it never slices
+/// out of bounds.
+fn lengths_match(chunks: &[Chunk], bufs: &[Bytes]) -> bool {
+    chunks.len() == bufs.len() && chunks.iter().zip(bufs).all(|(c, b)| b.len() as u64 == c.len)
+}
+
+/// Copies `[offset, end)` of the file out of its chunks' bytes (whose
+/// lengths [`lengths_match`] checked).
 fn assemble(chunks: &[Chunk], bufs: &[Bytes], offset: u64, end: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity((end - offset) as usize);
     for (c, b) in chunks.iter().zip(bufs) {
@@ -480,6 +501,9 @@ impl ChunkSource for LayerReader {
             .map(|c| store.get(&c.digest))
             .collect::<Option<Vec<_>>>()
         {
+            if !lengths_match(needed, &bufs) {
+                return self.length_mismatch(data_id, reply);
+            }
             count_served(&self.served, &self.fetcher, true, end - offset);
             return match (needed, &bufs[..]) {
                 // One chunk: reply straight from its buffer, no copy.
@@ -512,6 +536,12 @@ impl ChunkSource for LayerReader {
                 .get_on_demand(&*source, compression, &layer, &needed)
                 .await;
             match result {
+                Ok((bufs, _)) if !lengths_match(&needed, &bufs) => {
+                    served.errors.fetch_add(1, Ordering::Relaxed);
+                    fetcher.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                    error!(layer = %layer, data_id, "a stored chunk's length differs from the TOC's: EIO");
+                    reply.error(libc::EIO);
+                }
                 Ok((bufs, more)) => {
                     served
                         .fetched_on_demand
