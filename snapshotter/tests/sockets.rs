@@ -10,7 +10,7 @@ use std::ffi::CString;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shoal::handover::{FdStore, HOLDER_PID, HOLDER_SOCKET};
@@ -29,6 +29,32 @@ fn only(dir: &Path, names: &[&str]) {
         .collect();
     left.sort_unstable();
     assert_eq!(left, names, "entries of {}", dir.display());
+}
+
+/// The holder, killed when the test ends (also on a failed assertion: it
+/// would otherwise keep the test's output pipe open).
+struct Holder(Child);
+
+impl Holder {
+    fn start(dir: &Path) -> Holder {
+        Holder(
+            Command::new(env!("CARGO_BIN_EXE_shoal-fdholder"))
+                .arg(dir.join(HOLDER_SOCKET))
+                .arg(dir.join(HOLDER_PID))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
@@ -61,20 +87,14 @@ fn sockets_have_mode_0600_from_bind_whatever_the_umask() {
 
     // The holder, started under umask 0: its socket is 0600 when it appears.
     let sock = dir.path().join(HOLDER_SOCKET);
-    let mut holder = Command::new(env!("CARGO_BIN_EXE_shoal-fdholder"))
-        .arg(&sock)
-        .arg(dir.path().join(HOLDER_PID))
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let holder = Holder::start(dir.path());
     wait_for("the holder's socket", || sock.exists());
     assert_eq!(mode(&sock), 0o600, "holder socket under umask 0");
     wait_for("the holder's pid file", || dir.path().join(HOLDER_PID).exists());
     only(dir.path(), &[HOLDER_PID, HOLDER_SOCKET, "shoal.sock"]);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    drop(holder);
 
     // The private bind never replaces what is there.
     let err = shoal::sockbind::bind_private(&address, 0o600, |p| {
@@ -139,12 +159,7 @@ fn the_fd_holder_refuses_other_users_even_through_an_open_socket() {
     // peer check is what refuses.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let sock = dir.path().join(HOLDER_SOCKET);
-    let mut holder = Command::new(env!("CARGO_BIN_EXE_shoal-fdholder"))
-        .arg(&sock)
-        .arg(dir.path().join(HOLDER_PID))
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut holder = Holder::start(dir.path());
     wait_for("the holder's socket", || sock.exists());
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
     let (store, _) = FdStore::open(dir.path()).unwrap();
@@ -156,7 +171,7 @@ fn the_fd_holder_refuses_other_users_even_through_an_open_socket() {
     // Root still is, and the holder kept running.
     let (_, kept) = FdStore::open(dir.path()).unwrap();
     assert_eq!(kept.len(), 1);
-    assert!(holder.try_wait().unwrap().is_none());
+    assert!(holder.0.try_wait().unwrap().is_none());
     store.remove("shoal-1").unwrap();
-    assert!(holder.wait().unwrap().success());
+    assert!(holder.0.wait().unwrap().success());
 }
