@@ -2,6 +2,8 @@
 #
 #   make demo         install deps, build, run an image through Shoal, clean up
 #   make test         deps + build + unit/integration tests + conformance + e2e
+#                     (with SHOAL_REQUIRE_FUSE=1: a FUSE test that cannot
+#                     mount fails instead of skipping)
 #   make build        cargo build --release (target/release/shoal-snapshotter, shoal)
 #   make unit         cargo test --workspace --release
 #   make conformance  containerd 1.6's snapshotter test suite against Shoal
@@ -57,7 +59,7 @@ e2e: build
 	tests/e2e/poison.sh --no-build
 
 test: deps build
-	$(CARGO) test --workspace --release
+	SHOAL_REQUIRE_FUSE=1 $(CARGO) test --workspace --release
 	tests/conformance/run.sh $(SNAPSHOTTER)
 	tests/e2e/run.sh --no-build
 	tests/e2e/lazy.sh --no-build

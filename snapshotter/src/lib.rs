@@ -15,6 +15,7 @@
 //! - [`usage`]: disk usage as containerd counts it.
 //! - [`grpc`]: the `containerd.services.snapshots.v1.Snapshots` service.
 //! - [`server`]: the Unix socket and the server's lifetime.
+//! - [`sockbind`]: sockets created with their final mode; peer checks.
 //! - [`status`]: Shoal's own read-only status service.
 //! - [`cache_cli`]: `shoal gc`, `pin`, `unpin` and the cache part of `shoal status`.
 //! - [`cache_service`]: Shoal's chunk cache service (GC, pins, usage).
@@ -43,5 +44,6 @@ pub mod pull;
 pub mod registry;
 pub mod remote;
 pub mod server;
+pub mod sockbind;
 pub mod status;
 pub mod usage;

@@ -34,6 +34,8 @@ use crate::metadata::{Info, Kind, MetaStore, Snapshot, Usage};
 use crate::remote::layers::{detect, FallbackReason, RemoteLayers};
 use crate::usage::disk_usage;
 
+mod remount;
+
 /// Whether the running kernel's overlayfs has the `index` feature; if so,
 /// mounts pass `index=off`, as containerd does, so that lower layers can be
 /// shared between overlays.
@@ -48,6 +50,9 @@ pub struct Snapshotter {
     remote: Option<RemoteLayers>,
     store: MetaStore,
     index_off: bool,
+    /// Remote layers left unmounted at start until their TOC is fetched
+    /// (see `remount`).
+    waiting: std::sync::Mutex<Vec<remount::Waiting>>,
     _lock: Flock<File>,
 }
 
@@ -97,6 +102,7 @@ impl Snapshotter {
             store,
             index_off: overlay_supports_index(),
             remote,
+            waiting: std::sync::Mutex::default(),
             _lock: lock,
         };
         if let Some(r) = &sn.remote {
@@ -303,67 +309,6 @@ impl Snapshotter {
                 Ok(None)
             }
         }
-    }
-
-    /// Serves every remote snapshot again after a restart: resumes the
-    /// FUSE connection an earlier process kept in the fd store if its mount
-    /// is still there, else detaches whatever is left on the mount point
-    /// and mounts it afresh. Needs no network when the TOC is kept locally.
-    fn remount_remotes(&self) -> Result<()> {
-        let remotes = self.store.remotes()?;
-        let Some(remote) = &self.remote else {
-            if !remotes.is_empty() {
-                warn!(
-                    count = remotes.len(),
-                    "remote layers recorded but remote support is off; they will read empty"
-                );
-            }
-            return Ok(());
-        };
-        // mountinfo names canonical paths; the snapshots directory is local
-        // disk, so canonicalizing it never waits on a FUSE server.
-        let snapshots = self
-            .snapshots_dir()
-            .canonicalize()
-            .unwrap_or_else(|_| self.snapshots_dir());
-        for (name, id, rref) in remotes {
-            let mp = self.upper_path(id);
-            // Layers mounted by a version without identity checks.
-            if let Ok((info, _, _)) = self.store.get(&name) {
-                remote.claim(&name, info.parent.as_deref());
-            }
-            if let Some(fd) = remote.take_kept(id) {
-                let canonical = snapshots.join(id.to_string()).join("fs");
-                if crate::handover::shoal_fuse_mounted_at(&canonical) {
-                    let resumed = remote
-                        .resolve(&rref)
-                        .and_then(|r| remote.resume(id, &name, &rref, &r, &canonical, fd));
-                    match resumed {
-                        Ok(()) => {
-                            remote.start_background(id);
-                            continue;
-                        }
-                        Err(e) => warn!(snapshot = %name, id, error = %e,
-                            "cannot resume the kept FUSE connection; mounting again"),
-                    }
-                } else {
-                    remote.discard_kept(id, fd);
-                }
-            }
-            detach(&mp);
-            let result = remote
-                .resolve(&rref)
-                .and_then(|resolved| remote.mount(id, &name, &rref, &resolved, &mp));
-            match result {
-                Ok(()) => remote.start_background(id),
-                Err(e) => {
-                    tracing::error!(snapshot = %name, id, layer = %rref.layer_digest, error = %e,
-                        "cannot mount remote layer again; containers using it will fail to read")
-                }
-            }
-        }
-        remote.discard_unclaimed();
-        Ok(())
     }
 
     /// Runs inside the create transaction: builds `new-ID`, fsyncs it, renames

@@ -4,7 +4,9 @@
 //! Socket rules: a socket that a live process accepts connections on is never
 //! taken over (that would silently cut containerd off from the other
 //! daemon); a stale socket file left by a dead process is replaced; a path
-//! that exists but is not a socket is refused rather than deleted.
+//! that exists but is not a socket is refused rather than deleted. The
+//! socket has mode [`SOCKET_MODE`] from the moment its path exists
+//! ([`crate::sockbind`]), whatever the umask.
 
 use std::future::Future;
 use std::io;
@@ -26,7 +28,11 @@ use crate::grpc::Service;
 use crate::overlay::Snapshotter;
 use crate::status::StatusService;
 
-/// Binds `address`, replacing a stale socket but never a live one.
+/// The gRPC socket's mode: only root (containerd, `shoal`) connects.
+pub const SOCKET_MODE: u32 = 0o600;
+
+/// Binds `address` with mode [`SOCKET_MODE`], replacing a stale socket but
+/// never a live one. Call inside a tokio runtime.
 ///
 /// # Errors
 /// The path is served by a live process, is not a socket, or cannot be bound.
@@ -59,7 +65,12 @@ pub fn bind(address: &Path) -> anyhow::Result<UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("stat {}", address.display())),
     }
-    UnixListener::bind(address).with_context(|| format!("bind {}", address.display()))
+    crate::sockbind::bind_private(address, SOCKET_MODE, |p| {
+        let l = std::os::unix::net::UnixListener::bind(p)?;
+        l.set_nonblocking(true)?;
+        UnixListener::from_std(l)
+    })
+    .with_context(|| format!("bind {}", address.display()))
 }
 
 /// Serves the snapshots API on `listener` until `shutdown` completes, then

@@ -276,3 +276,53 @@ fn a_fetching_read_takes_the_following_chunks_along_in_the_same_request() {
     assert_eq!(counts[1], 3, "with fetch-ahead: {counts:?}");
     assert!(counts[0] > counts[1] + 1, "without fetch-ahead: {counts:?}");
 }
+
+#[test]
+fn a_bad_kept_toc_is_removed_and_the_layer_mounted_again_once_serving() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (bytes, toc) = fixture();
+    let blob = MemBlob::new(bytes);
+    let sn = open_snapshotter(dir.path(), blob.clone(), &rt);
+    let layer = prepare_remote(&sn, &toc);
+    let hello = std::fs::read(layer.join("data/hello.txt")).unwrap();
+    sn.remove("view-1").unwrap();
+    drop(sn);
+
+    // A torn or corrupted copy, and the registry down.
+    let toc_file = std::fs::read_dir(dir.path().join("tocs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().and_then(|x| x.to_str()) == Some("toc"))
+        .unwrap();
+    let good = std::fs::read(&toc_file).unwrap();
+    let mut bad = good.clone();
+    bad[good.len() / 2] ^= 0xff;
+    std::fs::write(&toc_file, &bad).unwrap();
+    blob.offline.store(true, Ordering::SeqCst);
+
+    // Opening needs no network: the layer waits, its bad copy is gone, and
+    // using it is an error at once (no empty layer, no hang).
+    let sn = std::sync::Arc::new(open_snapshotter(dir.path(), blob.clone(), &rt));
+    assert_eq!(sn.waiting_remounts(), 1);
+    assert!(!toc_file.exists(), "the bad copy was kept");
+    assert_eq!(sn.stat("chain-1").unwrap().kind, Kind::Committed);
+    // (The view of a single layer is a bind mount of the layer's own path.)
+    let err = std::fs::read(layer.join("data/hello.txt")).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+    let r = sn.create(Kind::View, "view-2", Some("chain-1"), BTreeMap::new());
+    assert!(r.is_err(), "a view of a layer not back yet: {r:?}");
+
+    // Once serving, with the registry back: fetched, kept again, mounted.
+    blob.offline.store(false, Ordering::SeqCst);
+    sn.remount_waiting().expect("a remount thread").join().unwrap();
+    assert_eq!(sn.waiting_remounts(), 0);
+    let m = sn
+        .create(Kind::View, "view-2", Some("chain-1"), BTreeMap::new())
+        .unwrap();
+    assert_eq!(PathBuf::from(&m[0].source), layer);
+    assert_eq!(std::fs::read(layer.join("data/hello.txt")).unwrap(), hello);
+    assert_eq!(std::fs::read(&toc_file).unwrap(), good, "TOC kept again");
+    sn.remove("view-2").unwrap();
+    sn.remove("chain-1").unwrap();
+}

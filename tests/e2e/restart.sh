@@ -26,6 +26,10 @@
 #     succeed, and a new container reading cached files runs;
 #   - kept fds whose mounts were removed while the daemon was down are
 #     dropped from the holder and the layers mounted afresh;
+#   - kept TOCs corrupted while the daemon was down, registry down: the
+#     daemon serves, readers of the old mounts get errors within 20 s (never
+#     hang), the bad copies are removed, and once the registry is back the
+#     layers are mounted again in the background with their TOCs kept anew;
 #   - reboot simulation (daemon killed, fd holder killed, every mount under
 #     the root removed): the daemon mounts the layers afresh, Stat/List agree,
 #     and a new container reads every file correctly.
@@ -322,6 +326,53 @@ if [ "$(wc -w <<<"$m")" -eq 3 ] && [ "$h" = "0 resumed, 3 mounted" ] && [ "$held
   pass "stale fds: mounts gone while down; the kept fds were dropped and 3 layers mounted afresh (holder keeps 3 fds)"
 else
   fail "stale fds" "mounts='$m' $h; holder $holder_pid keeps $held /dev/fuse fds"
+fi
+
+# --- kept TOCs that do not verify, registry down --------------------------------
+# The daemon cannot resume a mount without its TOC: it must drop the kept
+# connection (so that readers of the old mount get an error, never hang),
+# remove the bad copies, start serving without the network, and mount the
+# layers again once the registry is back.
+mps=$(awk -v r="$root/" '$5 ~ "^" r && $0 ~ / - fuse[^ ]* shoal:/ { print $5 }' /proc/self/mountinfo)
+rm -f "$out/go" "$out"/reader-*
+readers=() n=0
+for mp in $mps; do
+  n=$((n + 1))
+  # cwd on the mount before the restart: the old connection, as a running
+  # container's overlay holds it.
+  (cd "$mp" && while [ ! -e "$out/go" ]; do sleep 0.1; done &&
+    t0=$(date +%s) && rc=0 &&
+    { timeout 20 sh -c 'ls -a . >/dev/null && find . -type f | head -n 20 | xargs cat >/dev/null' 2>/dev/null || rc=$?; } &&
+    echo "$rc $(($(date +%s) - t0))" >"$out/reader-$n") &
+  readers+=($!)
+done
+kill9_shoal
+for f in "$root"/tocs/*.toc; do printf 'not the TOC' | dd of="$f" bs=1 seek=64 conv=notrunc status=none; done
+e2e_stop_pid registry
+start_shoal "$shoal_bin"
+secs=$took
+touch "$out/go"
+for p in "${readers[@]}"; do wait "$p" || true; done
+results=$(cat "$out"/reader-* 2>/dev/null | tr '\n' ',')
+bad_left=$(find "$root/tocs" -name '*.toc' | wc -l)
+ok=1
+for r in $(cat "$out"/reader-* 2>/dev/null | awk '{ print $1 }'); do
+  [ "$r" -ne 0 ] && [ "$r" -ne 124 ] || ok=0
+done
+if [ "$n" -eq 3 ] && [ "$(ls "$out"/reader-* | wc -l)" -eq 3 ] && [ "$ok" -eq 1 ] && [ "$bad_left" -eq 0 ]; then
+  pass "bad kept TOCs, registry down: daemon serving after ${secs} s, readers of the 3 old mounts got errors (rc,s: $results), bad copies removed"
+else
+  fail "bad kept TOCs, registry down" "readers=$n results='$results' (124: hung) tocs left=$bad_left"
+fi
+e2e_start registry docker-registry serve "$E2E_DIR/registry/config.yml"
+e2e_wait_for registry "port ${E2E_REGISTRY#*:}" e2e_http_ok "${E2E_REGISTRY#*:}" /v2/
+back() { [ "$(tail -n +"$((log_mark + 1))" "$E2E_DIR/logs/shoal.log" | grep -c 'remote layer mounted again')" -eq 3 ]; }
+for i in $(seq 1 90); do back && break; sleep 1; done
+m=$(layer_mounts) tocs=$(find "$root/tocs" -name '*.footer.json' | wc -l)
+if back && [ "$(wc -w <<<"$m")" -eq 3 ] && [ "$tocs" -eq 3 ]; then
+  pass "bad kept TOCs: registry back, the 3 layers mounted again in the background and their TOCs kept again"
+else
+  fail "bad kept TOCs: remount in the background" "mounts='$m' tocs=$tocs $(grep -E 'TOC|mounted again' "$E2E_DIR/logs/shoal.log" | tail -5)"
 fi
 
 # --- reboot simulation -----------------------------------------------------------------

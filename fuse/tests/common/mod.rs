@@ -12,13 +12,22 @@ use std::sync::Arc;
 use shoal_fuse::test_util::MemSource;
 use shoal_fuse::{mount, Entry, EntryKind, MountOptions, Mounted, Tree};
 
-/// FUSE mounts need root and /dev/fuse; say so and skip otherwise.
+/// Set to `1` (as `make test` does), a test that cannot mount FUSE fails
+/// instead of skipping.
+pub const REQUIRE_FUSE: &str = "SHOAL_REQUIRE_FUSE";
+
+/// FUSE mounts need root and /dev/fuse; say so and skip otherwise, or panic
+/// under `SHOAL_REQUIRE_FUSE=1`.
 pub fn fuse_available() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let ok = root && Path::new("/dev/fuse").exists();
     if !ok {
-        eprintln!("skipping: needs root and /dev/fuse");
+        assert!(
+            std::env::var_os(REQUIRE_FUSE).is_none_or(|v| v != "1"),
+            "{REQUIRE_FUSE}=1 but this test cannot mount FUSE: needs root and /dev/fuse"
+        );
+        eprintln!("skipping: needs root and /dev/fuse (set {REQUIRE_FUSE}=1 to fail instead)");
     }
     ok
 }

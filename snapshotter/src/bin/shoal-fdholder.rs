@@ -3,9 +3,11 @@
 //! available. `shoal-snapshotter` starts it on first need; it does nothing
 //! but keep fds, so it has nothing that can crash.
 //!
-//! It serves `SOCKET` (a `SOCK_SEQPACKET` Unix socket, mode 0600) one
-//! connection at a time, with the requests of `shoal::handover::wire` (compiled in from the same file), and
-//! writes its pid to `PIDFILE`. Once a REMOVE leaves it keeping nothing, it
+//! It serves `SOCKET` (a `SOCK_SEQPACKET` Unix socket, mode 0600 from the
+//! moment it exists) one connection at a time, to root or its own user only
+//! (`SO_PEERCRED`; anyone else is answered `ERR permission denied`), with
+//! the requests of `shoal::handover::wire` (compiled in from the same file),
+//! and writes its pid to `PIDFILE`. Once a REMOVE leaves it keeping nothing, it
 //! removes the socket and pid file, answers, and exits (the daemon starts a
 //! new one when it next stores a fd). It ignores SIGHUP, SIGINT and SIGPIPE;
 //! SIGTERM or SIGKILL end it and close every kept fd: the kernel then aborts
@@ -14,9 +16,8 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ use nix::sys::socket::{
 // `shoal` library: the holder links only std, libc and nix.
 #[path = "../handover/wire.rs"]
 mod wire;
+#[path = "../sockbind.rs"]
+mod sockbind;
 
 fn main() -> ExitCode {
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
@@ -50,32 +53,10 @@ fn main() -> ExitCode {
 }
 
 fn run(sock: &PathBuf, pidfile: &PathBuf) -> io::Result<()> {
-    let listener = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    let addr = UnixAddr::new(sock.as_path())?;
-    if let Err(e) = bind(listener.as_raw_fd(), &addr) {
-        if e != nix::errno::Errno::EADDRINUSE {
-            return Err(e.into());
-        }
-        // A live holder answers; a stale socket file is replaced.
-        let probe = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        if nix::sys::socket::connect(probe.as_raw_fd(), &addr).is_ok() {
-            return Ok(());
-        }
-        std::fs::remove_file(sock)?;
-        bind(listener.as_raw_fd(), &addr)?;
-    }
-    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600))?;
-    listen(&listener, Backlog::new(16)?)?;
+    let Some(listener) = claim(sock)? else {
+        // A live holder serves the socket.
+        return Ok(());
+    };
     std::fs::write(pidfile, format!("{}\n", std::process::id()))?;
     let mut kept: HashMap<String, OwnedFd> = HashMap::new();
     loop {
@@ -86,6 +67,12 @@ fn run(sock: &PathBuf, pidfile: &PathBuf) -> io::Result<()> {
             Err(e) => return Err(e.into()),
         };
         let conn = UnixStream::from(conn);
+        // Whoever talks to the holder gets every kept FUSE fd: only root or
+        // the daemon's own user (the holder's) may.
+        if !sockbind::peer_is_trusted(&conn).unwrap_or(false) {
+            let _ = wire::send(conn.as_fd(), "ERR permission denied", None);
+            continue;
+        }
         // A client that stops talking must not block the others for long.
         let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
         let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
@@ -93,6 +80,39 @@ fn run(sock: &PathBuf, pidfile: &PathBuf) -> io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// Binds and listens on `sock` (mode 0600 from the start, see
+/// `sockbind`). `None`: a live holder already serves it; a stale socket
+/// file is replaced.
+fn claim(sock: &Path) -> io::Result<Option<OwnedFd>> {
+    let listen_at = |p: &Path| -> io::Result<OwnedFd> {
+        let l = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        bind(l.as_raw_fd(), &UnixAddr::new(p)?)?;
+        listen(&l, Backlog::new(16)?)?;
+        Ok(l)
+    };
+    match sockbind::bind_private(sock, 0o600, listen_at) {
+        Ok(l) => return Ok(Some(l)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let probe = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    if nix::sys::socket::connect(probe.as_raw_fd(), &UnixAddr::new(sock)?).is_ok() {
+        return Ok(None);
+    }
+    std::fs::remove_file(sock)?;
+    sockbind::bind_private(sock, 0o600, listen_at).map(Some)
 }
 
 #[derive(PartialEq)]

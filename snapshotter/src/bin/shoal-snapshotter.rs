@@ -178,6 +178,9 @@ fn run(config: Config, registry: Option<Registry>) -> anyhow::Result<()> {
             .with_context(|| format!("open snapshotter root {}", config.root.display()))?;
         let listener = server::bind(&config.address)?;
         let sn = Arc::new(sn);
+        // Only now may layers whose TOC is not kept reach the network: the
+        // daemon serves even while the registry is down.
+        sn.remount_waiting();
         if let Some(addr) = &config.metrics.address {
             // validate() checked that it parses.
             shoal::metrics::serve(addr.parse()?, sn.clone()).await?;

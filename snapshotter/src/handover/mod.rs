@@ -9,7 +9,9 @@
 //!   and systemd passes the kept fds back at start (`LISTEN_FDS`,
 //!   `LISTEN_FDNAMES`).
 //! - **`shoal-fdholder`** otherwise: a tiny process that keeps fds sent over
-//!   `ROOT/fdholder.sock` and does nothing else (see `wire.rs`). The daemon
+//!   `ROOT/fdholder.sock` and does nothing else (see `wire.rs`). The socket
+//!   has mode 0600 from the start, and each side checks the other's user
+//!   (`SO_PEERCRED`: root or the daemon's own). The daemon
 //!   starts it detached (`setsid`), from its own directory, when it first
 //!   stores a fd; it exits once it keeps none, so a daemon without lazy
 //!   layers never leaves one behind.
@@ -203,6 +205,13 @@ fn holder_connect(sock: &Path) -> io::Result<OwnedFd> {
         None,
     )?;
     connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &UnixAddr::new(sock)?)?;
+    // FUSE fds go only to a holder run by root or by this daemon's user.
+    if !crate::sockbind::peer_is_trusted(&fd)? {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} is served by another user", sock.display()),
+        ));
+    }
     // Never hang start-up or a Remove on a stuck holder.
     let s = UnixStream::from(fd);
     s.set_read_timeout(Some(Duration::from_secs(5)))?;

@@ -548,20 +548,36 @@ mod tests {
 
     #[test]
     fn backoff_grows_within_bounds() {
-        for round in 0..40 {
-            let step = BACKOFF_BASE
-                .saturating_mul(1u32.checked_shl(round.min(20)).unwrap_or(u32::MAX))
-                .min(BACKOFF_MAX);
-            let lo = backoff(round, 0.0);
-            let hi = backoff(round, 1.0);
-            assert_eq!(lo, step / 2, "round {round}");
-            assert!(hi <= step && hi <= BACKOFF_MAX, "round {round}: {hi:?}");
-            let mid = backoff(round, jitter_unit());
-            assert!(lo <= mid && mid <= hi);
+        let ms = Duration::from_millis;
+        // (round, with no jitter, with full jitter): 100 ms doubling per
+        // round up to 5 s; half of each step is fixed, half is jitter.
+        let expected = [
+            (0, ms(50), ms(100)),
+            (1, ms(100), ms(200)),
+            (2, ms(200), ms(400)),
+            (3, ms(400), ms(800)),
+            (4, ms(800), ms(1600)),
+            (5, ms(1600), ms(3200)),
+            (6, ms(2500), ms(5000)),
+            (7, ms(2500), ms(5000)),
+            (20, ms(2500), ms(5000)),
+            (21, ms(2500), ms(5000)),
+            (32, ms(2500), ms(5000)),
+            (u32::MAX, ms(2500), ms(5000)),
+        ];
+        for (round, lo, hi) in expected {
+            assert_eq!(backoff(round, 0.0), lo, "round {round}, no jitter");
+            assert_eq!(backoff(round, 1.0), hi, "round {round}, full jitter");
         }
-        assert_eq!(backoff(0, 1.0), BACKOFF_BASE);
-        assert_eq!(backoff(1, 0.0), BACKOFF_BASE);
-        assert_eq!(backoff(30, 1.0), BACKOFF_MAX);
-        assert_eq!(backoff(2, 7.0), backoff(2, 1.0));
+        assert_eq!(backoff(3, 0.5), ms(600));
+        assert_eq!(backoff(0, 0.25), Duration::from_micros(62_500));
+        // Out-of-range jitter is clamped.
+        assert_eq!(backoff(2, 7.0), ms(400));
+        assert_eq!(backoff(2, -1.0), ms(200));
+        // The real jitter source stays within the fixed bounds.
+        for _ in 0..100 {
+            let d = backoff(4, jitter_unit());
+            assert!(ms(800) <= d && d <= ms(1600), "{d:?}");
+        }
     }
 }

@@ -90,6 +90,8 @@ pub struct RemoteStats {
     /// Of which: the chain ID is held by a lazy layer of another blob that is
     /// unverified or quarantined.
     pub fallbacks_conflict: AtomicU64,
+    /// Kept TOCs that failed verification (removed and fetched again).
+    pub bad_kept_tocs: AtomicU64,
 }
 
 /// Why a layer fell back to a normal pull (a metrics label).
@@ -285,8 +287,7 @@ impl RemoteLayers {
                 r.toc_digest
             ));
         }
-        let now = self.cache.store().clock().now();
-        let local = self.tocs.read_local(&r.toc_digest, now);
+        let local = self.read_kept(r);
         let fetched = local.is_none();
         // Only for a layer seen for the first time: a kept TOC means its
         // chunks may well be local already.
@@ -298,14 +299,14 @@ impl RemoteLayers {
             (None, Some((offset, len))) => self.rt.block_on(self.fetch_toc_at(r, offset, len)),
             _ => None,
         };
-        let parse = |(f, c): (Footer, Vec<u8>)| {
-            let toc = Toc::parse(&c, &f, &r.toc_digest).map_err(|e| e.to_string())?;
-            Ok::<_, String>((f, c, toc))
-        };
         let (footer, compressed, toc) = match (local, hinted) {
-            (Some(kept), _) => parse(kept)?,
+            (Some(kept), _) => kept,
             (None, Some(parsed)) => parsed,
-            (None, None) => parse(self.rt.block_on(self.fetch_toc(r))?)?,
+            (None, None) => {
+                let (f, c) = self.rt.block_on(self.fetch_toc(r))?;
+                let toc = Toc::parse(&c, &f, &r.toc_digest).map_err(|e| e.to_string())?;
+                (f, c, toc)
+            }
         };
         // Only a verified TOC is kept: a bad copy would refuse the layer for good.
         if fetched {
@@ -313,6 +314,46 @@ impl RemoteLayers {
                 warn!(layer = %r.layer_digest, error = %e, "cannot keep the TOC locally");
             }
         }
+        Ok(self.resolved(toc, primed))
+    }
+
+    /// [`RemoteLayers::resolve`] from the kept TOC alone, touching no
+    /// network: `Ok(None)` when there is no kept copy that verifies (a bad
+    /// one is removed), so the layer must wait for the network.
+    ///
+    /// # Errors
+    /// The TOC digest is not a digest.
+    pub fn resolve_local(&self, r: &RemoteRef) -> Result<Option<Resolved>, String> {
+        if parse_digest(&r.toc_digest).is_none() {
+            return Err(format!(
+                "TOC digest {:?} is not a sha256 digest",
+                r.toc_digest
+            ));
+        }
+        Ok(self
+            .read_kept(r)
+            .map(|(_, _, toc)| self.resolved(toc, None)))
+    }
+
+    /// The kept TOC of `r`, verified. A copy that fails verification (torn
+    /// by a crash, corrupted on disk) is removed, so the caller fetches and
+    /// keeps it again.
+    fn read_kept(&self, r: &RemoteRef) -> Option<(Footer, Vec<u8>, Toc)> {
+        let now = self.cache.store().clock().now();
+        let (footer, compressed) = self.tocs.read_local(&r.toc_digest, now)?;
+        match Toc::parse(&compressed, &footer, &r.toc_digest) {
+            Ok(toc) => Some((footer, compressed, toc)),
+            Err(e) => {
+                self.stats.bad_kept_tocs.fetch_add(1, Ordering::Relaxed);
+                warn!(layer = %r.layer_digest, toc = %r.toc_digest, error = %e,
+                      "kept TOC does not verify; removing it to fetch it again");
+                self.tocs.discard(&r.toc_digest);
+                None
+            }
+        }
+    }
+
+    fn resolved(&self, toc: Toc, primed: Option<Arc<PrimedSource>>) -> Resolved {
         // File bytes only: a hostile TOC may put any size on other entries.
         let size = toc
             .entries
@@ -323,11 +364,11 @@ impl RemoteLayers {
             size: i64::try_from(size).unwrap_or(i64::MAX),
             inodes: toc.entries.len() as i64,
         };
-        Ok(Resolved {
+        Resolved {
             toc: Arc::new(toc),
             usage,
             primed,
-        })
+        }
     }
 
     /// The TOC at a hinted position, parsed, if it is there and verifies;
@@ -568,6 +609,11 @@ impl RemoteLayers {
         );
         self.cache.spawn(&self.rt);
         Ok(())
+    }
+
+    /// Whether snapshot `id` is mounted (by this process).
+    pub fn is_mounted(&self, id: u64) -> bool {
+        self.mounted.lock().is_ok_and(|m| m.contains_key(&id))
     }
 
     /// Layers mounted now.

@@ -7,7 +7,10 @@
 //! Invariants:
 //! - A TOC is the pair `<alg>-<hex>.toc` + `<alg>-<hex>.footer.json`; the
 //!   footer is written last and removed first, so a footer file means a
-//!   complete pair.
+//!   complete pair. Each file is written to a unique temp file, fsynced and
+//!   renamed, and the directory fsynced, so this holds across power cuts.
+//! - A kept TOC is verified each time it is read; one that fails is removed
+//!   ([`KeptTocs::discard`]) and fetched again.
 //! - Every layer that was mounted has a record naming its layer digest and
 //!   images, so a pin still finds it after the layer is unmounted, its
 //!   snapshot removed, or the daemon restarted. The record is written
@@ -35,6 +38,10 @@ use super::toc::{parse_digest, Footer, Toc};
 use crate::metadata::RemoteRef;
 
 const TOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("cache_tocs");
+/// Temp files start with a dot, so no digest is read from their names.
+const TEMP_PREFIX: &str = ".";
+/// And end so (`<digest>.tmp` and `<digest>.footer.tmp` in earlier versions).
+const TEMP_SUFFIX: &str = ".tmp";
 
 /// What is known of one kept TOC.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,19 +185,22 @@ fn file_digest(name: &str) -> Option<String> {
 }
 
 impl KeptTocs {
-    /// TOCs kept in `dir`, created (mode 0700) if missing.
+    /// TOCs kept in `dir`, created (mode 0700) if missing; temp files a
+    /// crash left there are removed.
     ///
     /// # Errors
     /// `dir` cannot be created.
     pub fn new(dir: PathBuf) -> io::Result<KeptTocs> {
         std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
             .create(&dir)?;
-        Ok(KeptTocs {
+        let k = KeptTocs {
             dir,
             db: OnceLock::new(),
             used: Mutex::new(HashMap::new()),
             chunks: Mutex::new(HashMap::new()),
-        })
+        };
+        k.remove_stale_temp();
+        Ok(k)
     }
 
     /// The directory.
@@ -233,22 +243,60 @@ impl KeptTocs {
         Some((footer, fs::read(toc).ok()?))
     }
 
-    /// Keeps a verified TOC: TOC first, footer last.
+    /// Keeps a verified TOC, durably: TOC first, footer last, each written
+    /// to a temp file of its own (concurrent writers of one TOC never share
+    /// one), fsynced, renamed into place, and the directory fsynced after
+    /// each rename, so a footer on disk means a complete TOC even after a
+    /// power cut.
     ///
     /// # Errors
     /// A write failed.
     pub fn write(&self, toc_digest: &str, footer: &Footer, compressed: &[u8]) -> io::Result<()> {
         let (toc_path, footer_path) = self.paths(toc_digest);
-        let write = |p: &Path, b: &[u8]| -> io::Result<()> {
-            let tmp = p.with_extension("tmp");
-            fs::write(&tmp, b)?;
-            fs::rename(&tmp, p)
-        };
-        write(&toc_path, compressed)?;
-        write(
+        self.write_durably(&toc_path, compressed)?;
+        self.write_durably(
             &footer_path,
             &serde_json::to_vec(footer).map_err(io::Error::other)?,
         )
+    }
+
+    fn write_durably(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        let mut tmp = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .suffix(TEMP_SUFFIX)
+            .tempfile_in(&self.dir)?;
+        io::Write::write_all(&mut tmp, bytes)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// Removes a kept TOC that failed verification (a torn or corrupted
+    /// copy), so that it is fetched and written again.
+    pub fn discard(&self, toc_digest: &str) {
+        // Under the lock that orders reads against removal.
+        let _used = self.used.lock();
+        if let Ok(mut chunks) = self.chunks.lock() {
+            chunks.remove(toc_digest);
+        }
+        if let Err(e) = self.remove_files(toc_digest) {
+            warn!(toc = %toc_digest, error = %e, "cannot remove a kept TOC that does not verify");
+        }
+    }
+
+    /// Removes the temp files a process that died mid-write left behind
+    /// (of this version and of earlier ones).
+    fn remove_stale_temp(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(TEMP_SUFFIX) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Records that `r` was mounted, if the record does not say so already
@@ -558,6 +606,45 @@ mod tests {
         );
         assert!(p.write.contains(&(d(3), rec("sha256:l3", "img:c", 0))));
         assert!(!p.remove.contains(&d(3)));
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_toc_never_collide_and_leave_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = Arc::new(KeptTocs::new(dir.path().join("tocs")).unwrap());
+        let footer = Footer::zstd_at(100, 5000).unwrap();
+        let body = vec![7u8; 5000];
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (k, body) = (k.clone(), body.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..40 {
+                        k.write(&d(1), &footer, &body).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let names: BTreeSet<String> = fs::read_dir(k.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let stem = d(1).replace(':', "-");
+        assert_eq!(
+            names,
+            BTreeSet::from([format!("{stem}.toc"), format!("{stem}.footer.json")])
+        );
+        assert_eq!(k.read_local(&d(1), 0), Some((footer, body)));
+        // A crash mid-write leaves a temp file: the next start removes it.
+        fs::write(k.dir().join(".abc.tmp"), b"torn").unwrap();
+        fs::write(k.dir().join(format!("{stem}.footer.tmp")), b"torn").unwrap();
+        let k2 = KeptTocs::new(k.dir().to_owned()).unwrap();
+        assert_eq!(k2.on_disk().unwrap(), BTreeSet::from([d(1)]));
+        assert_eq!(fs::read_dir(k2.dir()).unwrap().count(), 2);
+        k2.discard(&d(1));
+        assert_eq!(fs::read_dir(k2.dir()).unwrap().count(), 0);
     }
 
     #[test]

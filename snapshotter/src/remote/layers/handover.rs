@@ -70,7 +70,10 @@ impl RemoteLayers {
     }
 
     /// Serves snapshot `id`'s layer again on `fd`, kept by an earlier
-    /// process that mounted it at `mountpoint`.
+    /// process that mounted it at `mountpoint`. On failure the fd is closed
+    /// and dropped from the store too: with no copy left, the kernel aborts
+    /// the connection, and its readers get `ENOTCONN` instead of waiting
+    /// for a server that never comes.
     ///
     /// # Errors
     /// As [`RemoteLayers::mount`].
@@ -83,7 +86,11 @@ impl RemoteLayers {
         mountpoint: &Path,
         fd: OwnedFd,
     ) -> Result<(), String> {
-        self.serve(id, name, r, resolved, mountpoint, Some(fd))
+        let result = self.serve(id, name, r, resolved, mountpoint, Some(fd));
+        if result.is_err() {
+            self.forget_fd(id);
+        }
+        result
     }
 
     /// Leaves every layer mounted for the next daemon, which resumes them
