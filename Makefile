@@ -2,6 +2,7 @@
 #
 #   make demo         install deps, build, run an image through Shoal, clean up
 #   make test         deps + build + unit/integration tests + conformance + e2e
+#                     + a short fuzz pass
 #   make build        cargo build --release (target/release/shoal-snapshotter, shoal)
 #   make unit         cargo test --workspace --release
 #   make conformance  containerd 1.6's snapshotter test suite against Shoal
@@ -11,6 +12,8 @@
 #                     lazy layers surviving daemon restarts, the chunk cache,
 #                     shoal convert round trips and any-client lazy pulls,
 #                     startup profiles (python3 image)
+#   make fuzz         every fuzz target for FUZZ_SECONDS each (default 60;
+#                     docs/fuzzing.md); make fuzz-short: FUZZ_SHORT_SECONDS (12)
 #   make bench        lazy-pull benchmark: Debian+python3 over a 100 Mbit/s link
 #                     (BENCH_ARGS="--rate 1gbit --runs 3" passes options)
 #   make bench-read   read throughput through FUSE vs an unpacked layer
@@ -26,7 +29,10 @@ CARGO ?= cargo
 SNAPSHOTTER := target/release/shoal-snapshotter
 
 .PHONY: all build unit test conformance e2e demo deps clean
-.PHONY: bench bench-read
+.PHONY: bench bench-read fuzz fuzz-short
+
+FUZZ_SECONDS ?= 60
+FUZZ_SHORT_SECONDS ?= 12
 
 all: build
 
@@ -64,6 +70,13 @@ test: deps build
 	tests/e2e/cache.sh --no-build
 	tests/e2e/convert.sh --no-build
 	tests/e2e/profile.sh --no-build
+	snapshotter/fuzz/run.sh $(FUZZ_SHORT_SECONDS)
+
+fuzz:
+	snapshotter/fuzz/run.sh $(FUZZ_SECONDS)
+
+fuzz-short:
+	snapshotter/fuzz/run.sh $(FUZZ_SHORT_SECONDS)
 
 demo:
 	scripts/demo.sh

@@ -429,22 +429,32 @@ impl Auth {
         if !(200..300).contains(&status) || body.len() > MAX_TOKEN_RESPONSE {
             return Err(site.auth(format!("token endpoint {realm} answered HTTP {status}")));
         }
-        let t: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| site.auth(format!("token endpoint {realm}: bad JSON: {e}")))?;
-        let value = if t.token.is_empty() {
-            t.access_token
-        } else {
-            t.token
-        };
-        if value.is_empty() {
-            return Err(site.auth(format!("token endpoint {realm} returned no token")));
-        }
-        let life = Duration::from_secs(t.expires_in).max(MIN_TOKEN_LIFETIME);
-        Ok(Token {
-            value,
-            expires: started + life - TOKEN_EXPIRY_MARGIN,
-        })
+        let (value, expires) = parse_token_response(&body, started)
+            .map_err(|e| site.auth(format!("token endpoint {realm}{e}")))?;
+        Ok(Token { value, expires })
     }
+}
+
+/// The token in a token endpoint's JSON `body` (`token`, or OAuth2's
+/// `access_token`) and when to stop using it, for a request sent at
+/// `started`. Public for the fuzz targets.
+///
+/// # Errors
+/// The body is not such JSON or has no token (the message continues
+/// "token endpoint REALM").
+pub fn parse_token_response(body: &[u8], started: Instant) -> Result<(String, Instant), String> {
+    let t: TokenResponse =
+        serde_json::from_slice(body).map_err(|e| format!(": bad JSON: {e}"))?;
+    let value = if t.token.is_empty() {
+        t.access_token
+    } else {
+        t.token
+    };
+    if value.is_empty() {
+        return Err(" returned no token".to_string());
+    }
+    let life = Duration::from_secs(t.expires_in).max(MIN_TOKEN_LIFETIME);
+    Ok((value, started + life - TOKEN_EXPIRY_MARGIN))
 }
 
 #[cfg(test)]
