@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
     let blob_size = u64::from_le_bytes(*size);
     if let Ok(f) = parse_footer(tail, blob_size) {
         // What the caller relies on to slice the blob.
-        let end = f.toc_offset.checked_add(f.toc_len).expect("TOC end overflows");
+        let end = f
+            .toc_offset
+            .checked_add(f.toc_len)
+            .expect("TOC end overflows");
         assert!(end <= blob_size, "TOC past the blob: {f:?}");
         assert!(f.toc_len <= MAX_TOC_COMPRESSED);
         assert!(f.payload_end <= f.toc_offset);
