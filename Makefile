@@ -2,8 +2,8 @@
 #
 #   make demo         install deps, build, run an image through Shoal, clean up
 #   make test         deps + build + unit/integration tests + conformance + e2e
-#                     (with SHOAL_REQUIRE_FUSE=1: a FUSE test that cannot
-#                     mount fails instead of skipping)
+#                     + a short fuzz pass (with SHOAL_REQUIRE_FUSE=1: a FUSE
+#                     test that cannot mount fails instead of skipping)
 #   make build        cargo build --release (target/release/shoal-snapshotter, shoal)
 #   make unit         cargo test --workspace --release
 #   make conformance  containerd 1.6's snapshotter test suite against Shoal
@@ -14,6 +14,8 @@
 #                     shoal convert round trips and any-client lazy pulls,
 #                     startup profiles (python3 image), layer poisoning
 #                     through the chain ID (identity check, quarantine)
+#   make fuzz         every fuzz target for FUZZ_SECONDS each (default 60;
+#                     docs/fuzzing.md); make fuzz-short: FUZZ_SHORT_SECONDS (12)
 #   make bench        lazy-pull benchmark: Debian+python3 over a 100 Mbit/s link
 #                     (BENCH_ARGS="--rate 1gbit --runs 3" passes options)
 #   make bench-read   read throughput through FUSE vs an unpacked layer
@@ -31,7 +33,10 @@ CARGO ?= cargo
 SNAPSHOTTER := target/release/shoal-snapshotter
 
 .PHONY: all build unit test conformance e2e demo deps clean
-.PHONY: bench bench-read bench-identity
+.PHONY: bench bench-read bench-identity fuzz fuzz-short
+
+FUZZ_SECONDS ?= 60
+FUZZ_SHORT_SECONDS ?= 12
 
 all: build
 
@@ -71,6 +76,13 @@ test: deps build
 	tests/e2e/convert.sh --no-build
 	tests/e2e/profile.sh --no-build
 	tests/e2e/poison.sh --no-build
+	snapshotter/fuzz/run.sh $(FUZZ_SHORT_SECONDS)
+
+fuzz:
+	snapshotter/fuzz/run.sh $(FUZZ_SECONDS)
+
+fuzz-short:
+	snapshotter/fuzz/run.sh $(FUZZ_SHORT_SECONDS)
 
 demo:
 	scripts/demo.sh

@@ -360,8 +360,12 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses TOML text, returning `(key, problem)` on failure.
-    fn parse(text: &str) -> Result<Config, (String, String)> {
+    /// Parses TOML text (no validation; [`Config::load`] also runs
+    /// [`Config::validate`]). Public for the fuzz targets.
+    ///
+    /// # Errors
+    /// `(key, problem)`: the dotted key and what is wrong with it.
+    pub fn parse(text: &str) -> Result<Config, (String, String)> {
         let de = toml::de::Deserializer::parse(text)
             .map_err(|e| (".".to_owned(), one_line(&e.to_string())))?;
         serde_path_to_error::deserialize(de).map_err(|e| {

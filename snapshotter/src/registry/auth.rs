@@ -30,6 +30,9 @@ use super::Credential;
 /// Lifetime assumed for a token whose response has no `expires_in`, and the
 /// minimum the distribution spec allows.
 const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// Longest lifetime believed: a larger `expires_in` (up to `u64::MAX`
+/// seconds, which would overflow an `Instant`) is cut to this.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A cached token is dropped this long before it expires.
 const TOKEN_EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 /// Token responses larger than this are refused.
@@ -429,27 +432,55 @@ impl Auth {
         if !(200..300).contains(&status) || body.len() > MAX_TOKEN_RESPONSE {
             return Err(site.auth(format!("token endpoint {realm} answered HTTP {status}")));
         }
-        let t: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| site.auth(format!("token endpoint {realm}: bad JSON: {e}")))?;
-        let value = if t.token.is_empty() {
-            t.access_token
-        } else {
-            t.token
-        };
-        if value.is_empty() {
-            return Err(site.auth(format!("token endpoint {realm} returned no token")));
-        }
-        let life = Duration::from_secs(t.expires_in).max(MIN_TOKEN_LIFETIME);
-        Ok(Token {
-            value,
-            expires: started + life - TOKEN_EXPIRY_MARGIN,
-        })
+        let (value, expires) = parse_token_response(&body, started)
+            .map_err(|e| site.auth(format!("token endpoint {realm}{e}")))?;
+        Ok(Token { value, expires })
     }
+}
+
+/// The token in a token endpoint's JSON `body` (`token`, or OAuth2's
+/// `access_token`) and when to stop using it, for a request sent at
+/// `started`. Public for the fuzz targets.
+///
+/// # Errors
+/// The body is not such JSON or has no token (the message continues
+/// "token endpoint REALM").
+pub fn parse_token_response(body: &[u8], started: Instant) -> Result<(String, Instant), String> {
+    let t: TokenResponse = serde_json::from_slice(body).map_err(|e| format!(": bad JSON: {e}"))?;
+    let value = if t.token.is_empty() {
+        t.access_token
+    } else {
+        t.token
+    };
+    if value.is_empty() {
+        return Err(" returned no token".to_string());
+    }
+    let life = Duration::from_secs(t.expires_in).clamp(MIN_TOKEN_LIFETIME, MAX_TOKEN_LIFETIME);
+    Ok((value, started + life - TOKEN_EXPIRY_MARGIN))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_lifetime_is_clamped() {
+        // Found by the auth_token fuzz target's input: `expires_in` of
+        // u64::MAX seconds overflowed `Instant` (a panic in the daemon).
+        let now = Instant::now();
+        let body = include_bytes!("../../tests/fixtures/fuzz/auth_token-huge-expiry.json");
+        let (token, expires) = parse_token_response(body, now).unwrap();
+        assert_eq!(token, "t");
+        assert_eq!(expires, now + MAX_TOKEN_LIFETIME - TOKEN_EXPIRY_MARGIN);
+        let (_, expires) = parse_token_response(br#"{"access_token":"a"}"#, now).unwrap();
+        assert_eq!(expires, now + MIN_TOKEN_LIFETIME - TOKEN_EXPIRY_MARGIN);
+        let (_, expires) = parse_token_response(br#"{"token":"a","expires_in":300}"#, now).unwrap();
+        assert_eq!(
+            expires,
+            now + Duration::from_secs(300) - TOKEN_EXPIRY_MARGIN
+        );
+        assert!(parse_token_response(br#"{"token":""}"#, now).is_err());
+    }
 
     #[test]
     fn bearer_challenge_with_quoted_commas() {
