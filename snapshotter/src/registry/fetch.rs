@@ -204,6 +204,8 @@ impl Registry {
         cap: Capability,
         op: Op<'_>,
     ) -> Result<Outcome, RegistryError> {
+        // Image-chosen names go into URL paths: only grammatical ones do.
+        reference.validate()?;
         let hosts = self.hosts_for(reference, cap)?;
         let mut done = vec![false; hosts.len()];
         let mut errors: Vec<Option<RegistryError>> = (0..hosts.len()).map(|_| None).collect();

@@ -1,0 +1,191 @@
+//! Registry client against input a hostile image or server chooses: digests
+//! and repository names that would rewrite the URL path, token endpoints
+//! that never stop talking or promise eternal tokens, and redirects that
+//! would carry `hosts.toml` headers to another origin.
+//!
+//! The servers are real HTTP servers (axum on a free loopback port) that
+//! record every request they see.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+use shoal::registry::{Reference, Registry, RegistryConfig, RegistryError};
+
+/// One request a server saw.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    /// Path and query, as sent.
+    target: String,
+    headers: HeaderMap,
+}
+
+type Handler = Arc<dyn Fn(&Seen, u16) -> Response + Send + Sync>;
+
+/// A recording HTTP server; `handler` gets each request and the server's port.
+struct Server {
+    port: u16,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Server {
+    async fn start(handler: impl Fn(&Seen, u16) -> Response + Send + Sync + 'static) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let handler: Handler = Arc::new(handler);
+        let rec = seen.clone();
+        let app = axum::Router::new().fallback(move |req: Request| {
+            let (handler, rec) = (handler.clone(), rec.clone());
+            async move {
+                let s = Seen {
+                    method: req.method().to_string(),
+                    target: req
+                        .uri()
+                        .path_and_query()
+                        .map_or(String::new(), |p| p.to_string()),
+                    headers: req.headers().clone(),
+                };
+                rec.lock().unwrap().push(s.clone());
+                handler(&s, port)
+            }
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Server { port, seen }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn reply(status: StatusCode, headers: &[(&str, String)], body: Body) -> Response {
+    let mut b = Response::builder().status(status);
+    for (k, v) in headers {
+        b = b.header(*k, v);
+    }
+    b.body(body).unwrap()
+}
+
+/// A 206 with the requested window of `data`.
+fn partial(seen: &Seen, data: &[u8]) -> Response {
+    let range = seen.headers["range"].to_str().unwrap();
+    let (a, b) = range
+        .strip_prefix("bytes=")
+        .unwrap()
+        .split_once('-')
+        .unwrap();
+    let (a, b): (usize, usize) = (a.parse().unwrap(), b.parse().unwrap());
+    reply(
+        StatusCode::PARTIAL_CONTENT,
+        &[(
+            "content-range",
+            format!("bytes {a}-{b}/{}", data.len()),
+        )],
+        Body::from(data[a..=b].to_vec()),
+    )
+}
+
+fn digest_of(data: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(data))
+}
+
+/// A client whose `hosts.toml` sends `server`'s registry to plain HTTP,
+/// with `extra` appended to the file; no ambient Docker config.
+fn client(certs: &Path, server: &Server, extra: &str, timeout: Duration) -> (Registry, Reference) {
+    let dir = certs.join(format!("127.0.0.1_{}_", server.port));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("hosts.toml"),
+        format!("server = \"http://{}\"\n{extra}", server.host()),
+    )
+    .unwrap();
+    let r = Registry::new(RegistryConfig {
+        config_path: certs.to_path_buf(),
+        request_timeout: timeout,
+        retries: 0,
+        max_concurrent: 4,
+        credentials: Vec::new(),
+        docker_config: Some(certs.join("no-docker-config.json")),
+    })
+    .unwrap();
+    let reference = format!("{}/test/repo:v1", server.host()).parse().unwrap();
+    (r, reference)
+}
+
+#[tokio::test]
+async fn image_chosen_digests_and_repositories_never_reach_the_server() {
+    let data = Arc::new(vec![7u8; 1000]);
+    let d = data.clone();
+    let server = Server::start(move |s, _| partial(s, &d)).await;
+    let certs = tempfile::tempdir().unwrap();
+    let (r, reference) = client(certs.path(), &server, "", Duration::from_secs(2));
+    for bad in [
+        "x:/../../admin?a=b",
+        "x:/../../admin",
+        "x:..",
+        "x:a?b=c",
+        "x:a#frag",
+        "x:a%2F..%2Fadmin",
+        "sha256:../../../v2/_catalog",
+        "sha256:0123",
+        "../x:abc",
+    ] {
+        let err = r.fetch_range(&reference, bad, 0, 10).await.unwrap_err();
+        assert!(err.to_string().contains("invalid digest"), "{bad}: {err}");
+        let err = r.blob_size(&reference, bad).await.unwrap_err();
+        assert!(err.to_string().contains("invalid digest"), "{bad}: {err}");
+    }
+    // Fields are public: a hand-built reference is checked before any URL.
+    for repo in ["test/../../admin", "test/repo?x=y", "test//repo", "Test"] {
+        let hostile = Reference {
+            repository: repo.into(),
+            ..reference.clone()
+        };
+        let err = r
+            .fetch_range(&hostile, &digest_of(&data), 0, 10)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::InvalidReference { .. }),
+            "{repo}: {err}"
+        );
+        let err = r.fetch_manifest(&hostile).await.unwrap_err();
+        assert!(
+            matches!(err, RegistryError::InvalidReference { .. }),
+            "{repo}: {err}"
+        );
+    }
+    let hostile = Reference {
+        tag: None,
+        digest: Some("x:/../../admin?a=b".into()),
+        ..reference.clone()
+    };
+    assert!(r.fetch_manifest(&hostile).await.is_err());
+    assert!(
+        server.seen().is_empty(),
+        "requests reached the server: {:#?}",
+        server.seen()
+    );
+    // The server is there: a well-formed digest gets through.
+    let got = r
+        .fetch_range(&reference, &digest_of(&data), 5, 10)
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &data[5..15]);
+    assert_eq!(server.seen().len(), 1);
+}
