@@ -189,3 +189,71 @@ async fn image_chosen_digests_and_repositories_never_reach_the_server() {
     assert_eq!(&got[..], &data[5..15]);
     assert_eq!(server.seen().len(), 1);
 }
+
+/// A registry that demands a Bearer token from its own `/token`, which
+/// `token` answers; blobs need `Bearer tok`.
+async fn token_registry(
+    data: Arc<Vec<u8>>,
+    token: impl Fn() -> Response + Send + Sync + 'static,
+) -> Server {
+    Server::start(move |s, port| {
+        if s.target.starts_with("/token") {
+            return token();
+        }
+        if s.headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer tok") {
+            let challenge =
+                format!(r#"Bearer realm="http://127.0.0.1:{port}/token",service="reg""#);
+            return reply(
+                StatusCode::UNAUTHORIZED,
+                &[("www-authenticate", challenge)],
+                Body::empty(),
+            );
+        }
+        partial(s, &data)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn endless_token_body_is_cut_at_the_cap() {
+    const PIECE: usize = 64 << 10;
+    // Bound what the server sends even if the client never stops reading.
+    const SERVER_LIMIT: u64 = 512 << 20;
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    let data = Arc::new(vec![1u8; 100]);
+    let server = token_registry(data.clone(), move || {
+        let counter = counter.clone();
+        let endless = std::iter::repeat_n((), (SERVER_LIMIT / PIECE as u64) as usize).map(
+            move |()| {
+                counter.fetch_add(PIECE as u64, Ordering::Relaxed);
+                Ok::<_, std::io::Error>(Bytes::from_static(&[b' '; PIECE]))
+            },
+        );
+        reply(
+            StatusCode::OK,
+            &[("content-type", "application/json".into())],
+            Body::from_stream(tokio_stream::iter(endless)),
+        )
+    })
+    .await;
+    let certs = tempfile::tempdir().unwrap();
+    let (r, reference) = client(certs.path(), &server, "", Duration::from_secs(20));
+    let started = Instant::now();
+    let err = r
+        .fetch_range(&reference, &digest_of(&data), 0, 10)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("token endpoint"), "{msg}");
+    assert!(msg.contains("exceeds 1048576 bytes"), "{msg}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // Reading stopped at the cap: what the server got out is the cap plus
+    // what socket buffers hold, far from everything it had to give.
+    let out = sent.load(Ordering::Relaxed);
+    assert!(out < 32 << 20, "server sent {out} bytes");
+}

@@ -23,6 +23,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde::Deserialize;
 
+use super::body::read_to_end;
 use super::error::{error_chain, RegistryError, Site};
 use super::reference::{DOCKER_HUB, DOCKER_HUB_HOST};
 use super::Credential;
@@ -32,8 +33,8 @@ use super::Credential;
 const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// A cached token is dropped this long before it expires.
 const TOKEN_EXPIRY_MARGIN: Duration = Duration::from_secs(10);
-/// Token responses larger than this are refused.
-const MAX_TOKEN_RESPONSE: usize = 1 << 20;
+/// Token responses larger than this are refused (counted as they arrive).
+const MAX_TOKEN_RESPONSE: u64 = 1 << 20;
 
 /// One parsed challenge of a `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -405,15 +406,11 @@ impl Auth {
                 }
             }
         };
-        let resp = tokio::time::timeout(timeout, req.send())
+        let mut resp = tokio::time::timeout(timeout, req.send())
             .await
             .map_err(|_| site.timeout(timeout, "the token endpoint"))?
             .map_err(|e| site.auth(format!("token endpoint {realm}: {}", error_chain(&e))))?;
         let status = resp.status().as_u16();
-        let body = tokio::time::timeout(timeout, resp.bytes())
-            .await
-            .map_err(|_| site.timeout(timeout, "the token endpoint"))?
-            .map_err(|e| site.auth(format!("token endpoint {realm}: {}", error_chain(&e))))?;
         tracing::debug!(host = %site.host, realm, status, ms = started.elapsed().as_millis() as u64, "token request");
         let who = cred.map_or("anonymous".to_string(), |c| {
             format!("user {:?}", c.username)
@@ -426,9 +423,18 @@ impl Auth {
                 "token endpoint {realm} refused {who} (HTTP {status})"
             )));
         }
-        if !(200..300).contains(&status) || body.len() > MAX_TOKEN_RESPONSE {
+        if !(200..300).contains(&status) {
             return Err(site.auth(format!("token endpoint {realm} answered HTTP {status}")));
         }
+        // Counted as it arrives: an endless body stops at the cap, and the
+        // whole read (not only each gap) is bounded by the timeout.
+        let body = tokio::time::timeout(
+            timeout,
+            read_to_end(&mut resp, site, timeout, MAX_TOKEN_RESPONSE),
+        )
+        .await
+        .map_err(|_| site.timeout(timeout, "the token endpoint"))?
+        .map_err(|e| site.auth(format!("token endpoint {realm}: {e}")))?;
         let t: TokenResponse = serde_json::from_slice(&body)
             .map_err(|e| site.auth(format!("token endpoint {realm}: bad JSON: {e}")))?;
         let value = if t.token.is_empty() {
@@ -566,4 +572,5 @@ mod tests {
         auth.invalidate("r.io", "repository:a:pull", "Bearer A");
         assert_eq!(auth.cached("r.io", "repository:a:pull"), None);
     }
+
 }
