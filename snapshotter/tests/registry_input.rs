@@ -257,3 +257,24 @@ async fn endless_token_body_is_cut_at_the_cap() {
     let out = sent.load(Ordering::Relaxed);
     assert!(out < 32 << 20, "server sent {out} bytes");
 }
+
+#[tokio::test]
+async fn eternal_token_lifetime_is_clamped() {
+    let data = Arc::new((0..=255u8).collect::<Vec<u8>>());
+    let server = token_registry(data.clone(), || {
+        reply(
+            StatusCode::OK,
+            &[],
+            Body::from(format!(r#"{{"token":"tok","expires_in":{}}}"#, u64::MAX)),
+        )
+    })
+    .await;
+    let certs = tempfile::tempdir().unwrap();
+    let (r, reference) = client(certs.path(), &server, "", Duration::from_secs(2));
+    let digest = digest_of(&data);
+    let got = r.fetch_range(&reference, &digest, 0, 10).await.unwrap();
+    assert_eq!(&got[..], &data[..10]);
+    let got = r.fetch_range(&reference, &digest, 10, 10).await.unwrap();
+    assert_eq!(&got[..], &data[10..20]);
+    assert_eq!(r.token_requests(), 1, "the token is cached");
+}

@@ -33,8 +33,21 @@ use super::Credential;
 const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// A cached token is dropped this long before it expires.
 const TOKEN_EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+/// A token is reused for at most this long, whatever its `expires_in`.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Token responses larger than this are refused (counted as they arrive).
 const MAX_TOKEN_RESPONSE: u64 = 1 << 20;
+
+/// When a token fetched at `started` with `expires_in` seconds of life
+/// stops being used: the lifetime is clamped to
+/// [`MIN_TOKEN_LIFETIME`]..=[`MAX_TOKEN_LIFETIME`] (a hostile `expires_in`
+/// must not overflow `Instant`), less [`TOKEN_EXPIRY_MARGIN`].
+fn token_expiry(started: Instant, expires_in: u64) -> Instant {
+    let life = Duration::from_secs(expires_in).clamp(MIN_TOKEN_LIFETIME, MAX_TOKEN_LIFETIME);
+    started
+        .checked_add(life - TOKEN_EXPIRY_MARGIN)
+        .unwrap_or(started)
+}
 
 /// One parsed challenge of a `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -445,10 +458,9 @@ impl Auth {
         if value.is_empty() {
             return Err(site.auth(format!("token endpoint {realm} returned no token")));
         }
-        let life = Duration::from_secs(t.expires_in).max(MIN_TOKEN_LIFETIME);
         Ok(Token {
             value,
-            expires: started + life - TOKEN_EXPIRY_MARGIN,
+            expires: token_expiry(started, t.expires_in),
         })
     }
 }
@@ -573,4 +585,20 @@ mod tests {
         assert_eq!(auth.cached("r.io", "repository:a:pull"), None);
     }
 
+    #[test]
+    fn token_lifetime_is_clamped() {
+        let now = Instant::now();
+        assert_eq!(
+            token_expiry(now, u64::MAX),
+            now + MAX_TOKEN_LIFETIME - TOKEN_EXPIRY_MARGIN
+        );
+        assert_eq!(
+            token_expiry(now, 0),
+            now + MIN_TOKEN_LIFETIME - TOKEN_EXPIRY_MARGIN
+        );
+        assert_eq!(
+            token_expiry(now, 300),
+            now + Duration::from_secs(300) - TOKEN_EXPIRY_MARGIN
+        );
+    }
 }
