@@ -278,3 +278,50 @@ async fn eternal_token_lifetime_is_clamped() {
     assert_eq!(&got[..], &data[10..20]);
     assert_eq!(r.token_requests(), 1, "the token is cached");
 }
+
+#[tokio::test]
+async fn hosts_toml_headers_stay_with_the_registry_on_redirect() {
+    let data = Arc::new(vec![3u8; 500]);
+    let d = data.clone();
+    let storage = Server::start(move |s, _| partial(s, &d)).await;
+    let storage_host = storage.host();
+    let registry = Server::start(move |s, port| {
+        // One same-origin hop first, then off to blob storage.
+        let loc = if s.target.starts_with("/v2/") {
+            format!("http://127.0.0.1:{port}/hop/blob")
+        } else {
+            format!("http://{storage_host}/bucket/blob?X-Amz-Signature=abc")
+        };
+        reply(
+            StatusCode::TEMPORARY_REDIRECT,
+            &[("location", loc)],
+            Body::empty(),
+        )
+    })
+    .await;
+    let certs = tempfile::tempdir().unwrap();
+    let (r, reference) = client(
+        certs.path(),
+        &registry,
+        "[header]\nx-registry-secret = \"s3cret\"\n",
+        Duration::from_secs(2),
+    );
+    let got = r
+        .fetch_range(&reference, &digest_of(&data), 10, 20)
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &data[10..30]);
+    let at_registry = registry.seen();
+    assert_eq!(at_registry.len(), 2, "{at_registry:#?}");
+    for s in &at_registry {
+        assert_eq!(s.headers["x-registry-secret"], "s3cret", "{s:#?}");
+    }
+    let at_storage = storage.seen();
+    assert_eq!(at_storage.len(), 1);
+    assert_eq!(at_storage[0].method, "GET");
+    assert!(
+        at_storage[0].headers.get("x-registry-secret").is_none(),
+        "header leaked: {at_storage:#?}"
+    );
+    assert_eq!(at_storage[0].headers["range"], "bytes=10-29");
+}

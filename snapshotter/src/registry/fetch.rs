@@ -5,8 +5,8 @@
 //! Invariants: a returned range is exactly the bytes asked for; a body that
 //! ends early is [`RegistryError::ShortRead`], never a shorter `Bytes`. A
 //! semaphore permit is held for the whole of one attempt (headers and body)
-//! and never across a backoff sleep. `Authorization` never leaves the
-//! registry's origin on a redirect.
+//! and never across a backoff sleep. Neither `Authorization` nor a
+//! `hosts.toml` `[header]` leaves the registry's origin on a redirect.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::Ordering;
@@ -507,12 +507,16 @@ impl Registry {
                 .client
                 .request(method.clone(), url.clone())
                 .headers(headers.clone());
-            for (k, v) in &host.spec.header {
-                req = req.header(k.as_str(), v.as_str());
-            }
+            // hosts.toml headers are for the registry, like Authorization:
+            // neither follows a redirect to another origin.
             let same_origin = url.origin() == origin;
-            if let (Some(a), true) = (auth, same_origin) {
-                req = req.header("authorization", a);
+            if same_origin {
+                for (k, v) in &host.spec.header {
+                    req = req.header(k.as_str(), v.as_str());
+                }
+                if let Some(a) = auth {
+                    req = req.header("authorization", a);
+                }
             }
             let started = Instant::now();
             let resp = match tokio::time::timeout(timeout, req.send()).await {

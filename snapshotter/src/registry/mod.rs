@@ -35,8 +35,9 @@
 //!   `offset` bytes and keeping only the window, then dropping the
 //!   connection; this costs `offset` extra bytes of transfer and is logged.
 //! - Redirects (301/302/303/307/308) are followed by hand, up to
-//!   [`MAX_REDIRECTS`]; `Authorization` is dropped when the target is on
-//!   another origin (blob storage such as S3 uses signed URLs).
+//!   [`MAX_REDIRECTS`]; `Authorization` and the `hosts.toml` `[header]`
+//!   values are dropped when the target is on another origin (blob storage
+//!   such as S3 uses signed URLs).
 //! - Concurrency: at most `max_concurrent` requests of one [`Registry`] (and
 //!   its clones) are in flight at once.
 //! - Credentials: [`RegistryConfig::credentials`] first, then Docker's
