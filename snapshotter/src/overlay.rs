@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::filter::Filter;
 use crate::metadata::{Info, Kind, MetaStore, Snapshot, Usage};
-use crate::remote::layers::{detect, FallbackReason, RemoteLayers};
+use crate::remote::layers::{FallbackReason, RemoteLayers};
 use crate::usage::disk_usage;
 
 /// Whether the running kernel's overlayfs has the `index` feature; if so,
@@ -214,7 +214,10 @@ impl Snapshotter {
         parent: Option<&str>,
         labels: &BTreeMap<String, String>,
     ) -> Result<Option<String>> {
-        let (Some(remote), Some((target, rref))) = (&self.remote, detect(labels)) else {
+        let Some(remote) = &self.remote else {
+            return Ok(None);
+        };
+        let Some((target, rref)) = remote.detect(labels) else {
             return Ok(None);
         };
         if self.store.get(&target).is_ok() {

@@ -1,7 +1,8 @@
 //! Registry client against input a hostile image or server chooses: digests
 //! and repository names that would rewrite the URL path, token endpoints
 //! that never stop talking or promise eternal tokens, and redirects that
-//! would carry `hosts.toml` headers to another origin.
+//! would carry `hosts.toml` headers to another origin, and `shoal.source`
+//! annotations that pick the host the node sends its credentials to.
 //!
 //! The servers are real HTTP servers (axum on a free loopback port) that
 //! record every request they see.
@@ -17,7 +18,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
-use shoal::registry::{Reference, Registry, RegistryConfig, RegistryError};
+use shoal::metadata::RemoteRef;
+use shoal::registry::{Credential, Reference, Registry, RegistryConfig, RegistryError};
+use shoal::remote::annotations::{SourcePolicy, LABEL_SHOAL_LAYER_DIGEST, LABEL_SHOAL_SOURCE};
+use shoal::remote::layers::{detect, Blobs as _, LABEL_CRI_IMAGE_REF, LABEL_TARGET, LABEL_TOC_DIGEST};
+use shoal::remote::registry_blobs::RegistryBlobs;
 
 /// One request a server saw.
 #[derive(Clone, Debug)]
@@ -107,6 +112,16 @@ fn digest_of(data: &[u8]) -> String {
 /// A client whose `hosts.toml` sends `server`'s registry to plain HTTP,
 /// with `extra` appended to the file; no ambient Docker config.
 fn client(certs: &Path, server: &Server, extra: &str, timeout: Duration) -> (Registry, Reference) {
+    client_with(certs, server, extra, timeout, Vec::new())
+}
+
+fn client_with(
+    certs: &Path,
+    server: &Server,
+    extra: &str,
+    timeout: Duration,
+    credentials: Vec<Credential>,
+) -> (Registry, Reference) {
     let dir = certs.join(format!("127.0.0.1_{}_", server.port));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
@@ -119,7 +134,7 @@ fn client(certs: &Path, server: &Server, extra: &str, timeout: Duration) -> (Reg
         request_timeout: timeout,
         retries: 0,
         max_concurrent: 4,
-        credentials: Vec::new(),
+        credentials,
         docker_config: Some(certs.join("no-docker-config.json")),
     })
     .unwrap();
@@ -324,4 +339,131 @@ async fn hosts_toml_headers_stay_with_the_registry_on_redirect() {
         "header leaked: {at_storage:#?}"
     );
     assert_eq!(at_storage[0].headers["range"], "bytes=10-29");
+}
+
+/// A registry that wants Basic `node:secret` (the node's credentials) for
+/// everything, and serves `data` to it.
+async fn private_registry(data: Arc<Vec<u8>>) -> Server {
+    Server::start(move |s, _| {
+        let want = format!(
+            "Basic {}",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "node:secret")
+        );
+        if s.headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(want.as_str()) {
+            return reply(
+                StatusCode::UNAUTHORIZED,
+                &[("www-authenticate", r#"Basic realm="private""#.into())],
+                Body::empty(),
+            );
+        }
+        partial(s, &data)
+    })
+    .await
+}
+
+/// Prepare labels of a layer whose only pointer to its registry is the
+/// image's own `shoal.source` annotation (plus a client label if `client`).
+fn layer_labels(source: &str, digest: &str, client: Option<&str>) -> std::collections::BTreeMap<String, String> {
+    let mut l: std::collections::BTreeMap<String, String> = [
+        (LABEL_TARGET, "sha256:chain"),
+        (LABEL_TOC_DIGEST, "sha256:toc"),
+        (LABEL_SHOAL_SOURCE, source),
+        (LABEL_SHOAL_LAYER_DIGEST, digest),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    if let Some(c) = client {
+        l.insert(LABEL_CRI_IMAGE_REF.into(), c.into());
+    }
+    l
+}
+
+async fn fetch_via_blobs(blobs: &RegistryBlobs, r: &RemoteRef) -> Result<Bytes, String> {
+    blobs.source(r).fetch(0, 10).await
+}
+
+#[tokio::test]
+async fn image_chosen_hosts_get_no_credentials_unless_allowed() {
+    let data = Arc::new(vec![9u8; 64]);
+    let server = private_registry(data.clone()).await;
+    let certs = tempfile::tempdir().unwrap();
+    let cred = Credential {
+        host: server.host(),
+        username: "node".into(),
+        password: "secret".into(),
+        identity_token: String::new(),
+    };
+    let (registry, _) = client_with(certs.path(), &server, "", Duration::from_secs(2), vec![cred]);
+    let blobs = RegistryBlobs::new(registry);
+    let source = format!("{}/private/app", server.host());
+    let digest = digest_of(&data);
+    let labels = layer_labels(&source, &digest, None);
+
+    // Off the allow-list: not lazily mounted at all (containerd pulls it).
+    assert!(detect(&labels, &SourcePolicy::default()).is_none());
+    assert!(server.seen().is_empty());
+
+    // Allowed host, default policy: fetched without the node's credentials.
+    let allowed = SourcePolicy {
+        hosts: vec![server.host()],
+        credentials: false,
+    };
+    let (_, r) = detect(&labels, &allowed).unwrap();
+    let err = fetch_via_blobs(&blobs, &r).await.unwrap_err();
+    assert!(err.contains("source_credentials"), "{err}");
+    let seen = server.seen();
+    assert!(!seen.is_empty());
+    assert!(
+        seen.iter().all(|s| s.headers.get("authorization").is_none()),
+        "credentials sent to an image-chosen host: {seen:#?}"
+    );
+
+    // The operator allows credentials there: they are sent.
+    let trusted = SourcePolicy {
+        credentials: true,
+        ..allowed.clone()
+    };
+    let (_, r) = detect(&labels, &trusted).unwrap();
+    assert_eq!(fetch_via_blobs(&blobs, &r).await.unwrap(), data[..10]);
+
+    // The client named the image's registry: credentials go there, with
+    // no allow-list.
+    let client_ref = format!("{}/private/app:v1", server.host());
+    let labels = layer_labels("elsewhere.example/x", &digest, Some(&client_ref));
+    let (_, r) = detect(&labels, &SourcePolicy::default()).unwrap();
+    assert_eq!(r.image_ref, client_ref);
+    assert_eq!(fetch_via_blobs(&blobs, &r).await.unwrap(), data[..10]);
+}
+
+#[tokio::test]
+async fn anonymous_client_never_uses_a_token_credentials_bought() {
+    let data = Arc::new(vec![4u8; 64]);
+    let server = token_registry(data.clone(), || {
+        reply(StatusCode::OK, &[], Body::from(r#"{"token":"tok"}"#))
+    })
+    .await;
+    let certs = tempfile::tempdir().unwrap();
+    let cred = Credential {
+        host: server.host(),
+        username: "node".into(),
+        password: "secret".into(),
+        identity_token: String::new(),
+    };
+    let (r, reference) = client_with(certs.path(), &server, "", Duration::from_secs(2), vec![cred]);
+    let digest = digest_of(&data);
+    r.fetch_range(&reference, &digest, 0, 10).await.unwrap();
+    assert_eq!(r.token_requests(), 1);
+    // The anonymous client asks for its own token, without the password.
+    r.anonymous().fetch_range(&reference, &digest, 0, 10).await.unwrap();
+    assert_eq!(r.token_requests(), 2, "a token bought with credentials is not reused");
+    let tokens: Vec<_> = server
+        .seen()
+        .into_iter()
+        .filter(|s| s.target.starts_with("/token"))
+        .collect();
+    assert_eq!(tokens.len(), 2);
+    assert!(tokens[0].headers.get("authorization").is_some());
+    assert!(tokens[1].headers.get("authorization").is_none(), "{tokens:#?}");
+    assert!(!tokens[1].target.contains("account="), "{tokens:#?}");
 }

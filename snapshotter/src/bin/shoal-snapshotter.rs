@@ -118,6 +118,10 @@ fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLa
         fuse_threads: config.remote.fuse_threads,
         passthrough: config.remote.passthrough,
         fetch_ahead_bytes: config.remote.fetch_ahead_bytes,
+        source: shoal::remote::annotations::SourcePolicy {
+            hosts: config.remote.source_hosts.clone(),
+            credentials: config.remote.source_credentials,
+        },
     };
     let tocs = config.root.join("tocs");
     let layers = RemoteLayers::new(

@@ -10,7 +10,9 @@
 //!
 //! Invariants: credentials are looked up by the host actually contacted, so
 //! a mirror never receives the upstream registry's credentials (give the
-//! mirror its own entry). Credential helpers (`credsStore`, `credHelpers`)
+//! mirror its own entry). An anonymous request (a host an image annotation
+//! chose, see `remote::annotations`) sends none and never uses a token
+//! that credentials bought: anonymous tokens are cached apart. Credential helpers (`credsStore`, `credHelpers`)
 //! are not run. One token fetch runs at a time, and waiters re-check the
 //! cache, so a burst of 401s costs one token request.
 
@@ -224,7 +226,8 @@ struct Token {
 
 #[derive(Debug, Default)]
 struct State {
-    tokens: HashMap<(String, String), Token>,
+    /// By (host, scope, anonymous).
+    tokens: HashMap<(String, String, bool), Token>,
     basic_hosts: HashMap<String, ()>,
 }
 
@@ -267,7 +270,10 @@ impl Auth {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn credential(&self, host: &str) -> Option<&Credential> {
+    fn credential(&self, host: &str, anonymous: bool) -> Option<&Credential> {
+        if anonymous {
+            return None;
+        }
         let h = normalize_host(host);
         self.creds.iter().find(|(k, _)| *k == h).map(|(_, c)| c)
     }
@@ -281,23 +287,26 @@ impl Auth {
 
     /// The `Authorization` value to send up front to `host` for `scope`, if
     /// a token is cached or the host asked for Basic before.
-    pub fn cached(&self, host: &str, scope: &str) -> Option<String> {
+    pub fn cached(&self, host: &str, scope: &str, anonymous: bool) -> Option<String> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = state.tokens.get(&(host.to_string(), scope.to_string())) {
+        if let Some(t) = state
+            .tokens
+            .get(&(host.to_string(), scope.to_string(), anonymous))
+        {
             if Instant::now() < t.expires {
                 return Some(format!("Bearer {}", t.value));
             }
         }
         if state.basic_hosts.contains_key(host) {
-            return self.credential(host).map(Self::basic_value);
+            return self.credential(host, anonymous).map(Self::basic_value);
         }
         None
     }
 
     /// Forgets `used` for (`host`, `scope`) after the host refused it.
-    pub fn invalidate(&self, host: &str, scope: &str, used: &str) {
+    pub fn invalidate(&self, host: &str, scope: &str, anonymous: bool, used: &str) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (host.to_string(), scope.to_string());
+        let key = (host.to_string(), scope.to_string(), anonymous);
         if state
             .tokens
             .get(&key)
@@ -308,7 +317,8 @@ impl Auth {
     }
 
     /// Answers a 401 from `site.host`: returns the `Authorization` value to
-    /// retry with.
+    /// retry with. `anonymous`: send no credentials (a token is then asked
+    /// for anonymously).
     ///
     /// # Errors
     /// No usable challenge, no credentials for a Basic challenge, or the
@@ -320,15 +330,16 @@ impl Auth {
         scope: &str,
         challenges: &[Challenge],
         timeout: Duration,
+        anonymous: bool,
     ) -> Result<String, RegistryError> {
-        let cred = self.credential(&site.host);
+        let cred = self.credential(&site.host, anonymous);
         if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
             let realm = c
                 .params
                 .get("realm")
                 .ok_or_else(|| site.auth("Bearer challenge without realm"))?;
             let _one = self.fetching.lock().await;
-            if let Some(v) = self.cached(&site.host, scope) {
+            if let Some(v) = self.cached(&site.host, scope, anonymous) {
                 if v.starts_with("Bearer ") {
                     return Ok(v);
                 }
@@ -342,10 +353,16 @@ impl Auth {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             state
                 .tokens
-                .insert((site.host.clone(), scope.to_string()), token);
+                .insert((site.host.clone(), scope.to_string(), anonymous), token);
             return Ok(value);
         }
         if challenges.iter().any(|c| c.scheme == "basic") {
+            if anonymous {
+                return Err(site.auth(format!(
+                    "registry asks for Basic auth, and credentials are not sent to {}: an image annotation chose it (remote.source_credentials)",
+                    site.host
+                )));
+            }
             let c = cred.filter(|c| !c.username.is_empty()).ok_or_else(|| {
                 site.auth(format!(
                     "registry asks for Basic auth and no username/password is configured for {}",
@@ -549,10 +566,11 @@ mod tests {
             c("https://index.docker.io/v1/", "second"),
         ]);
         assert_eq!(
-            auth.credential("registry-1.docker.io").unwrap().username,
+            auth.credential("registry-1.docker.io", false).unwrap().username,
             "first"
         );
-        assert!(auth.credential("mirror.local").is_none());
+        assert!(auth.credential("mirror.local", false).is_none());
+        assert!(auth.credential("docker.io", true).is_none(), "anonymous");
     }
 
     #[test]
@@ -561,7 +579,7 @@ mod tests {
         let put = |host: &str, scope: &str, value: &str, expires: Instant| {
             let mut st = auth.state.lock().unwrap();
             st.tokens.insert(
-                (host.into(), scope.into()),
+                (host.into(), scope.into(), false),
                 Token {
                     value: value.into(),
                     expires,
@@ -572,17 +590,17 @@ mod tests {
         put("r.io", "repository:a:pull", "A", later);
         put("r.io", "repository:old:pull", "OLD", Instant::now());
         assert_eq!(
-            auth.cached("r.io", "repository:a:pull").as_deref(),
+            auth.cached("r.io", "repository:a:pull", false).as_deref(),
             Some("Bearer A")
         );
-        assert_eq!(auth.cached("r.io", "repository:b:pull"), None);
-        assert_eq!(auth.cached("m.io", "repository:a:pull"), None);
-        assert_eq!(auth.cached("r.io", "repository:old:pull"), None, "expired");
+        assert_eq!(auth.cached("r.io", "repository:b:pull", false), None);
+        assert_eq!(auth.cached("m.io", "repository:a:pull", false), None);
+        assert_eq!(auth.cached("r.io", "repository:old:pull", false), None, "expired");
         // Invalidation only drops the token that was refused.
-        auth.invalidate("r.io", "repository:a:pull", "Bearer STALE");
-        assert!(auth.cached("r.io", "repository:a:pull").is_some());
-        auth.invalidate("r.io", "repository:a:pull", "Bearer A");
-        assert_eq!(auth.cached("r.io", "repository:a:pull"), None);
+        auth.invalidate("r.io", "repository:a:pull", false, "Bearer STALE");
+        assert!(auth.cached("r.io", "repository:a:pull", false).is_some());
+        auth.invalidate("r.io", "repository:a:pull", false, "Bearer A");
+        assert_eq!(auth.cached("r.io", "repository:a:pull", false), None);
     }
 
     #[test]

@@ -430,7 +430,7 @@ impl Registry {
     ) -> Result<Response, RegistryError> {
         let scope = format!("repository:{}:pull", site.repo);
         let timeout = self.inner.cfg.request_timeout;
-        let mut auth = self.inner.auth.cached(&host.spec.host, &scope);
+        let mut auth = self.inner.auth.cached(&host.spec.host, &scope, self.anonymous);
         let mut answered = false;
         loop {
             let plain = host.spec.http_fallback && host.plain_http.load(Ordering::Relaxed);
@@ -472,13 +472,22 @@ impl Registry {
                     return Err(site.auth(format!("{why} (HTTP 401)")));
                 }
                 if let Some(used) = &auth {
-                    self.inner.auth.invalidate(&host.spec.host, &scope, used);
+                    self.inner
+                        .auth
+                        .invalidate(&host.spec.host, &scope, self.anonymous, used);
                 }
                 let challenges = super::auth::challenges(resp.headers());
                 auth = Some(
                     self.inner
                         .auth
-                        .answer(&host.client, site, &scope, &challenges, timeout)
+                        .answer(
+                            &host.client,
+                            site,
+                            &scope,
+                            &challenges,
+                            timeout,
+                            self.anonymous,
+                        )
                         .await?,
                 );
                 answered = true;

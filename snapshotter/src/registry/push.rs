@@ -56,7 +56,10 @@ impl Registry {
     ) -> Result<Response, RegistryError> {
         let scope = format!("repository:{}:pull,push", site.repo);
         let timeout = self.inner.cfg.request_timeout;
-        let mut auth = self.inner.auth.cached(&host.spec.host, &scope);
+        let mut auth = self
+            .inner
+            .auth
+            .cached(&host.spec.host, &scope, self.anonymous);
         let mut answered = false;
         loop {
             let url = self.push_url(host, target);
@@ -88,7 +91,14 @@ impl Registry {
                 auth = Some(
                     self.inner
                         .auth
-                        .answer(&host.client, site, &scope, &challenges, timeout)
+                        .answer(
+                            &host.client,
+                            site,
+                            &scope,
+                            &challenges,
+                            timeout,
+                            self.anonymous,
+                        )
                         .await?,
                 );
                 answered = true;
