@@ -32,6 +32,9 @@ pub const DEFAULT_FETCH_AHEAD_BYTES: u64 = 64 << 10;
 /// Default `remote.background_delay_secs`: seconds after a layer is mounted
 /// before the rest of it streams in (the container's startup reads go first).
 pub const DEFAULT_BACKGROUND_DELAY_SECS: u64 = 5;
+/// Default `remote.source_credentials`: the node's credentials are not sent
+/// to a host that an image's `shoal.source` annotation chose.
+pub const DEFAULT_SOURCE_CREDENTIALS: bool = false;
 /// Default `remote.fuse_threads`.
 pub const DEFAULT_FUSE_THREADS: usize = 2;
 /// Default `remote.memory_cache_bytes`: verified chunks kept in memory.
@@ -105,6 +108,13 @@ pub struct RemoteSection {
     /// pass over the blob, after `background_delay_secs`; a mismatch
     /// quarantines the layer.
     pub verify_layers: bool,
+    /// Registry hosts an image's `shoal.source` annotation may name (when
+    /// no client label names the image's registry); `*` (the default): any
+    /// host, never with the node's credentials; empty: none, and such
+    /// layers are pulled normally.
+    pub source_hosts: Vec<String>,
+    /// Send the node's credentials to a host `shoal.source` chose.
+    pub source_credentials: bool,
 }
 
 impl Default for RemoteSection {
@@ -120,6 +130,8 @@ impl Default for RemoteSection {
             passthrough: true,
             fetch_ahead_bytes: DEFAULT_FETCH_AHEAD_BYTES,
             verify_layers: true,
+            source_hosts: vec!["*".to_owned()],
+            source_credentials: DEFAULT_SOURCE_CREDENTIALS,
         }
     }
 }
@@ -395,6 +407,17 @@ impl Config {
         }
         if self.remote.fuse_threads == 0 {
             return Err(("remote.fuse_threads", "must be at least 1".into()));
+        }
+        if let Some(bad) = self.remote.source_hosts.iter().find(|h| {
+            h.is_empty()
+                || !h
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+        }) {
+            return Err((
+                "remote.source_hosts",
+                format!("{bad:?} is not a host[:port] (no scheme, no path)"),
+            ));
         }
         self.cache.validate()?;
         if let Some(a) = &self.metrics.address {

@@ -109,6 +109,10 @@ pub struct RemoteRef {
     pub layer_digest: String,
     /// TOC digest the manifest vouches for (`sha256:…`).
     pub toc_digest: String,
+    /// Fetch without credentials: `image_ref` came from an image
+    /// annotation, not from the client (see `remote::annotations`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub anonymous: bool,
 }
 
 /// The stored form of a snapshot. New fields must be `#[serde(default)]` so

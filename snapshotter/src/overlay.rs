@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::filter::Filter;
 use crate::metadata::{Info, Kind, MetaStore, Snapshot, Usage};
-use crate::remote::layers::{detect, FallbackReason, RemoteLayers};
+use crate::remote::layers::{FallbackReason, RemoteLayers};
 use crate::usage::disk_usage;
 
 mod remount;
@@ -250,7 +250,10 @@ impl Snapshotter {
         parent: Option<&str>,
         labels: &BTreeMap<String, String>,
     ) -> Result<Option<String>> {
-        let (Some(remote), Some((target, rref))) = (&self.remote, detect(labels)) else {
+        let Some(remote) = &self.remote else {
+            return Ok(None);
+        };
+        let Some((target, rref)) = remote.detect(labels) else {
             return Ok(None);
         };
         if let Ok((_, existing, _)) = self.store.get(&target) {

@@ -571,6 +571,7 @@ fn probes_of_many_layers_from_a_silent_registry_take_about_one_timeout() {
             image_ref: format!("127.0.0.1:{port}/dead:t"),
             layer_digest: format!("sha256:{i:064x}"),
             toc_digest: digest.clone(),
+            anonymous: false,
         };
         let reader = Arc::new(LayerReader::new(
             r.layer_digest.clone(),

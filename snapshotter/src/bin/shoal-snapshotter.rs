@@ -119,6 +119,10 @@ fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLa
         passthrough: config.remote.passthrough,
         fetch_ahead_bytes: config.remote.fetch_ahead_bytes,
         verify_layers: config.remote.verify_layers,
+        source: shoal::remote::annotations::SourcePolicy {
+            hosts: config.remote.source_hosts.clone(),
+            credentials: config.remote.source_credentials,
+        },
     };
     let tocs = config.root.join("tocs");
     let layers = RemoteLayers::new(

@@ -255,7 +255,9 @@ impl<'a> Converter<'a> {
         let cfg_path = self
             .staging
             .join(format!("config-{}", cfg_new_digest.replace(':', "-")));
-        std::fs::write(&cfg_path, &cfg_out).map_err(|e| ConvertError::Work {
+        super::private_file(&cfg_path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &cfg_out))
+            .map_err(|e| ConvertError::Work {
             path: cfg_path.display().to_string(),
             reason: e.to_string(),
         })?;

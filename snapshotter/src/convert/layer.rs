@@ -92,7 +92,7 @@ pub fn convert(
             Box::new(zstd::stream::read::Decoder::new(counted).map_err(|e| format!("zstd: {e}"))?)
         }
     };
-    let out = File::create(dst).map_err(|e| format!("create {}: {e}", dst.display()))?;
+    let out = super::private_file(dst).map_err(|e| format!("create {}: {e}", dst.display()))?;
     let mut w = ChunkedWriter::new(BufWriter::with_capacity(1 << 20, out), layout.level)
         .map_err(|e| format!("zstd: {e}"))?;
     let mut buf = vec![0u8; layout.chunk_size];

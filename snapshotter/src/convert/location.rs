@@ -191,7 +191,7 @@ impl Endpoint {
         progress: &mut dyn FnMut(u64),
     ) -> Result<(), String> {
         let mut out =
-            fs::File::create(dst).map_err(|e| format!("create {}: {e}", dst.display()))?;
+            super::private_file(dst).map_err(|e| format!("create {}: {e}", dst.display()))?;
         let mut hash = Sha256::new();
         let mut got = 0u64;
         let mut put = |b: &[u8], got: &mut u64| -> Result<(), String> {

@@ -175,28 +175,45 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-/// A staging directory removed when dropped.
-pub(crate) struct Staging(pub PathBuf);
+/// A staging directory removed when dropped: fresh (created exclusively,
+/// under a random name, never an existing one) and private (0700), since
+/// it holds the layers of private images. Files in it are made with
+/// [`private_file`] (0600).
+pub(crate) struct Staging(tempfile::TempDir);
 
 impl Staging {
     fn new(base: Option<&PathBuf>) -> Result<Staging, ConvertError> {
+        use std::os::unix::fs::PermissionsExt as _;
         let base = base.cloned().unwrap_or_else(std::env::temp_dir);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = base.join(format!("shoal-convert-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| ConvertError::Work {
-            path: dir.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        Ok(Staging(dir))
+        tempfile::Builder::new()
+            .prefix("shoal-convert-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir_in(&base)
+            .map(Staging)
+            .map_err(|e| ConvertError::Work {
+                path: base.display().to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// The directory.
+    pub(crate) fn path(&self) -> &std::path::Path {
+        self.0.path()
     }
 }
 
-impl Drop for Staging {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// Creates (or truncates) a staged file, readable by the owner only.
+///
+/// # Errors
+/// As [`std::fs::OpenOptions::open`].
+pub(crate) fn private_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// Converts `opts.src` into `opts.dst`.
@@ -224,7 +241,7 @@ pub async fn convert(
         Location::Registry(r) => Some(format!("{}/{}", r.registry, r.repository)),
         Location::Oci { .. } => None,
     });
-    let mut conv = image::Converter::new(&src, &staging.0, opts.layout, source_repo, progress);
+    let mut conv = image::Converter::new(&src, staging.path(), opts.layout, source_repo, progress);
     conv.profile = opts.profile.clone().map(std::sync::Arc::new);
     let top = conv.image().await?;
     // Publish: blobs, manifests by digest, then the tag.
@@ -248,4 +265,29 @@ pub async fn convert(
         skipped: conv.skipped,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+
+    #[test]
+    fn staging_is_fresh_private_and_removed() {
+        let base = tempfile::tempdir().unwrap();
+        let base_path = base.path().to_path_buf();
+        let a = Staging::new(Some(&base_path)).unwrap();
+        let b = Staging::new(Some(&base_path)).unwrap();
+        assert_ne!(a.path(), b.path(), "a fresh directory each time");
+        assert_eq!(a.path().parent(), Some(base.path()));
+        let mode = std::fs::metadata(a.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        // A file staged in it is the owner's alone, whatever the umask.
+        let f = a.path().join("out-1");
+        std::io::Write::write_all(&mut private_file(&f).unwrap(), b"layer").unwrap();
+        assert_eq!(std::fs::metadata(&f).unwrap().mode() & 0o777, 0o600);
+        let dir = a.path().to_path_buf();
+        drop(a);
+        assert!(!dir.exists(), "removed when dropped");
+    }
 }

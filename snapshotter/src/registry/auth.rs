@@ -10,7 +10,9 @@
 //!
 //! Invariants: credentials are looked up by the host actually contacted, so
 //! a mirror never receives the upstream registry's credentials (give the
-//! mirror its own entry). Credential helpers (`credsStore`, `credHelpers`)
+//! mirror its own entry). An anonymous request (a host an image annotation
+//! chose, see `remote::annotations`) sends none and never uses a token
+//! that credentials bought: anonymous tokens are cached apart. Credential helpers (`credsStore`, `credHelpers`)
 //! are not run. One token fetch runs at a time, and waiters re-check the
 //! cache, so a burst of 401s costs one token request.
 
@@ -23,6 +25,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde::Deserialize;
 
+use super::body::read_to_end;
 use super::error::{error_chain, RegistryError, Site};
 use super::reference::{DOCKER_HUB, DOCKER_HUB_HOST};
 use super::Credential;
@@ -30,13 +33,23 @@ use super::Credential;
 /// Lifetime assumed for a token whose response has no `expires_in`, and the
 /// minimum the distribution spec allows.
 const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
-/// Longest lifetime believed: a larger `expires_in` (up to `u64::MAX`
-/// seconds, which would overflow an `Instant`) is cut to this.
-const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A cached token is dropped this long before it expires.
 const TOKEN_EXPIRY_MARGIN: Duration = Duration::from_secs(10);
-/// Token responses larger than this are refused.
-const MAX_TOKEN_RESPONSE: usize = 1 << 20;
+/// A token is reused for at most this long, whatever its `expires_in`.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Token responses larger than this are refused (counted as they arrive).
+const MAX_TOKEN_RESPONSE: u64 = 1 << 20;
+
+/// When a token fetched at `started` with `expires_in` seconds of life
+/// stops being used: the lifetime is clamped to
+/// [`MIN_TOKEN_LIFETIME`]..=[`MAX_TOKEN_LIFETIME`] (a hostile `expires_in`
+/// must not overflow `Instant`), less [`TOKEN_EXPIRY_MARGIN`].
+fn token_expiry(started: Instant, expires_in: u64) -> Instant {
+    let life = Duration::from_secs(expires_in).clamp(MIN_TOKEN_LIFETIME, MAX_TOKEN_LIFETIME);
+    started
+        .checked_add(life - TOKEN_EXPIRY_MARGIN)
+        .unwrap_or(started)
+}
 
 /// One parsed challenge of a `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,7 +226,8 @@ struct Token {
 
 #[derive(Debug, Default)]
 struct State {
-    tokens: HashMap<(String, String), Token>,
+    /// By (host, scope, anonymous).
+    tokens: HashMap<(String, String, bool), Token>,
     basic_hosts: HashMap<String, ()>,
 }
 
@@ -256,7 +270,10 @@ impl Auth {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn credential(&self, host: &str) -> Option<&Credential> {
+    fn credential(&self, host: &str, anonymous: bool) -> Option<&Credential> {
+        if anonymous {
+            return None;
+        }
         let h = normalize_host(host);
         self.creds.iter().find(|(k, _)| *k == h).map(|(_, c)| c)
     }
@@ -270,23 +287,26 @@ impl Auth {
 
     /// The `Authorization` value to send up front to `host` for `scope`, if
     /// a token is cached or the host asked for Basic before.
-    pub fn cached(&self, host: &str, scope: &str) -> Option<String> {
+    pub fn cached(&self, host: &str, scope: &str, anonymous: bool) -> Option<String> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = state.tokens.get(&(host.to_string(), scope.to_string())) {
+        if let Some(t) = state
+            .tokens
+            .get(&(host.to_string(), scope.to_string(), anonymous))
+        {
             if Instant::now() < t.expires {
                 return Some(format!("Bearer {}", t.value));
             }
         }
         if state.basic_hosts.contains_key(host) {
-            return self.credential(host).map(Self::basic_value);
+            return self.credential(host, anonymous).map(Self::basic_value);
         }
         None
     }
 
     /// Forgets `used` for (`host`, `scope`) after the host refused it.
-    pub fn invalidate(&self, host: &str, scope: &str, used: &str) {
+    pub fn invalidate(&self, host: &str, scope: &str, anonymous: bool, used: &str) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (host.to_string(), scope.to_string());
+        let key = (host.to_string(), scope.to_string(), anonymous);
         if state
             .tokens
             .get(&key)
@@ -297,7 +317,8 @@ impl Auth {
     }
 
     /// Answers a 401 from `site.host`: returns the `Authorization` value to
-    /// retry with.
+    /// retry with. `anonymous`: send no credentials (a token is then asked
+    /// for anonymously).
     ///
     /// # Errors
     /// No usable challenge, no credentials for a Basic challenge, or the
@@ -309,15 +330,16 @@ impl Auth {
         scope: &str,
         challenges: &[Challenge],
         timeout: Duration,
+        anonymous: bool,
     ) -> Result<String, RegistryError> {
-        let cred = self.credential(&site.host);
+        let cred = self.credential(&site.host, anonymous);
         if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
             let realm = c
                 .params
                 .get("realm")
                 .ok_or_else(|| site.auth("Bearer challenge without realm"))?;
             let _one = self.fetching.lock().await;
-            if let Some(v) = self.cached(&site.host, scope) {
+            if let Some(v) = self.cached(&site.host, scope, anonymous) {
                 if v.starts_with("Bearer ") {
                     return Ok(v);
                 }
@@ -331,10 +353,16 @@ impl Auth {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             state
                 .tokens
-                .insert((site.host.clone(), scope.to_string()), token);
+                .insert((site.host.clone(), scope.to_string(), anonymous), token);
             return Ok(value);
         }
         if challenges.iter().any(|c| c.scheme == "basic") {
+            if anonymous {
+                return Err(site.auth(format!(
+                    "registry asks for Basic auth, and credentials are not sent to {}: an image annotation chose it (remote.source_credentials)",
+                    site.host
+                )));
+            }
             let c = cred.filter(|c| !c.username.is_empty()).ok_or_else(|| {
                 site.auth(format!(
                     "registry asks for Basic auth and no username/password is configured for {}",
@@ -408,15 +436,11 @@ impl Auth {
                 }
             }
         };
-        let resp = tokio::time::timeout(timeout, req.send())
+        let mut resp = tokio::time::timeout(timeout, req.send())
             .await
             .map_err(|_| site.timeout(timeout, "the token endpoint"))?
             .map_err(|e| site.auth(format!("token endpoint {realm}: {}", error_chain(&e))))?;
         let status = resp.status().as_u16();
-        let body = tokio::time::timeout(timeout, resp.bytes())
-            .await
-            .map_err(|_| site.timeout(timeout, "the token endpoint"))?
-            .map_err(|e| site.auth(format!("token endpoint {realm}: {}", error_chain(&e))))?;
         tracing::debug!(host = %site.host, realm, status, ms = started.elapsed().as_millis() as u64, "token request");
         let who = cred.map_or("anonymous".to_string(), |c| {
             format!("user {:?}", c.username)
@@ -429,9 +453,18 @@ impl Auth {
                 "token endpoint {realm} refused {who} (HTTP {status})"
             )));
         }
-        if !(200..300).contains(&status) || body.len() > MAX_TOKEN_RESPONSE {
+        if !(200..300).contains(&status) {
             return Err(site.auth(format!("token endpoint {realm} answered HTTP {status}")));
         }
+        // Counted as it arrives: an endless body stops at the cap, and the
+        // whole read (not only each gap) is bounded by the timeout.
+        let body = tokio::time::timeout(
+            timeout,
+            read_to_end(&mut resp, site, timeout, MAX_TOKEN_RESPONSE),
+        )
+        .await
+        .map_err(|_| site.timeout(timeout, "the token endpoint"))?
+        .map_err(|e| site.auth(format!("token endpoint {realm}: {e}")))?;
         let (value, expires) = parse_token_response(&body, started)
             .map_err(|e| site.auth(format!("token endpoint {realm}{e}")))?;
         Ok(Token { value, expires })
@@ -455,8 +488,7 @@ pub fn parse_token_response(body: &[u8], started: Instant) -> Result<(String, In
     if value.is_empty() {
         return Err(" returned no token".to_string());
     }
-    let life = Duration::from_secs(t.expires_in).clamp(MIN_TOKEN_LIFETIME, MAX_TOKEN_LIFETIME);
-    Ok((value, started + life - TOKEN_EXPIRY_MARGIN))
+    Ok((value, token_expiry(started, t.expires_in)))
 }
 
 #[cfg(test)]
@@ -562,10 +594,11 @@ mod tests {
             c("https://index.docker.io/v1/", "second"),
         ]);
         assert_eq!(
-            auth.credential("registry-1.docker.io").unwrap().username,
+            auth.credential("registry-1.docker.io", false).unwrap().username,
             "first"
         );
-        assert!(auth.credential("mirror.local").is_none());
+        assert!(auth.credential("mirror.local", false).is_none());
+        assert!(auth.credential("docker.io", true).is_none(), "anonymous");
     }
 
     #[test]
@@ -574,7 +607,7 @@ mod tests {
         let put = |host: &str, scope: &str, value: &str, expires: Instant| {
             let mut st = auth.state.lock().unwrap();
             st.tokens.insert(
-                (host.into(), scope.into()),
+                (host.into(), scope.into(), false),
                 Token {
                     value: value.into(),
                     expires,
@@ -585,16 +618,33 @@ mod tests {
         put("r.io", "repository:a:pull", "A", later);
         put("r.io", "repository:old:pull", "OLD", Instant::now());
         assert_eq!(
-            auth.cached("r.io", "repository:a:pull").as_deref(),
+            auth.cached("r.io", "repository:a:pull", false).as_deref(),
             Some("Bearer A")
         );
-        assert_eq!(auth.cached("r.io", "repository:b:pull"), None);
-        assert_eq!(auth.cached("m.io", "repository:a:pull"), None);
-        assert_eq!(auth.cached("r.io", "repository:old:pull"), None, "expired");
+        assert_eq!(auth.cached("r.io", "repository:b:pull", false), None);
+        assert_eq!(auth.cached("m.io", "repository:a:pull", false), None);
+        assert_eq!(auth.cached("r.io", "repository:old:pull", false), None, "expired");
         // Invalidation only drops the token that was refused.
-        auth.invalidate("r.io", "repository:a:pull", "Bearer STALE");
-        assert!(auth.cached("r.io", "repository:a:pull").is_some());
-        auth.invalidate("r.io", "repository:a:pull", "Bearer A");
-        assert_eq!(auth.cached("r.io", "repository:a:pull"), None);
+        auth.invalidate("r.io", "repository:a:pull", false, "Bearer STALE");
+        assert!(auth.cached("r.io", "repository:a:pull", false).is_some());
+        auth.invalidate("r.io", "repository:a:pull", false, "Bearer A");
+        assert_eq!(auth.cached("r.io", "repository:a:pull", false), None);
+    }
+
+    #[test]
+    fn token_expiry_is_clamped() {
+        let now = Instant::now();
+        assert_eq!(
+            token_expiry(now, u64::MAX),
+            now + MAX_TOKEN_LIFETIME - TOKEN_EXPIRY_MARGIN
+        );
+        assert_eq!(
+            token_expiry(now, 0),
+            now + MIN_TOKEN_LIFETIME - TOKEN_EXPIRY_MARGIN
+        );
+        assert_eq!(
+            token_expiry(now, 300),
+            now + Duration::from_secs(300) - TOKEN_EXPIRY_MARGIN
+        );
     }
 }

@@ -5,8 +5,8 @@
 //! Invariants: a returned range is exactly the bytes asked for; a body that
 //! ends early is [`RegistryError::ShortRead`], never a shorter `Bytes`. A
 //! semaphore permit is held for the whole of one attempt (headers and body)
-//! and never across a backoff sleep. `Authorization` never leaves the
-//! registry's origin on a redirect.
+//! and never across a backoff sleep. Neither `Authorization` nor a
+//! `hosts.toml` `[header]` leaves the registry's origin on a redirect.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::Ordering;
@@ -204,6 +204,8 @@ impl Registry {
         cap: Capability,
         op: Op<'_>,
     ) -> Result<Outcome, RegistryError> {
+        // Image-chosen names go into URL paths: only grammatical ones do.
+        reference.validate()?;
         let hosts = self.hosts_for(reference, cap)?;
         let mut done = vec![false; hosts.len()];
         let mut errors: Vec<Option<RegistryError>> = (0..hosts.len()).map(|_| None).collect();
@@ -428,7 +430,7 @@ impl Registry {
     ) -> Result<Response, RegistryError> {
         let scope = format!("repository:{}:pull", site.repo);
         let timeout = self.inner.cfg.request_timeout;
-        let mut auth = self.inner.auth.cached(&host.spec.host, &scope);
+        let mut auth = self.inner.auth.cached(&host.spec.host, &scope, self.anonymous);
         let mut answered = false;
         loop {
             let plain = host.spec.http_fallback && host.plain_http.load(Ordering::Relaxed);
@@ -470,13 +472,22 @@ impl Registry {
                     return Err(site.auth(format!("{why} (HTTP 401)")));
                 }
                 if let Some(used) = &auth {
-                    self.inner.auth.invalidate(&host.spec.host, &scope, used);
+                    self.inner
+                        .auth
+                        .invalidate(&host.spec.host, &scope, self.anonymous, used);
                 }
                 let challenges = super::auth::challenges(resp.headers());
                 auth = Some(
                     self.inner
                         .auth
-                        .answer(&host.client, site, &scope, &challenges, timeout)
+                        .answer(
+                            &host.client,
+                            site,
+                            &scope,
+                            &challenges,
+                            timeout,
+                            self.anonymous,
+                        )
                         .await?,
                 );
                 answered = true;
@@ -505,12 +516,16 @@ impl Registry {
                 .client
                 .request(method.clone(), url.clone())
                 .headers(headers.clone());
-            for (k, v) in &host.spec.header {
-                req = req.header(k.as_str(), v.as_str());
-            }
+            // hosts.toml headers are for the registry, like Authorization:
+            // neither follows a redirect to another origin.
             let same_origin = url.origin() == origin;
-            if let (Some(a), true) = (auth, same_origin) {
-                req = req.header("authorization", a);
+            if same_origin {
+                for (k, v) in &host.spec.header {
+                    req = req.header(k.as_str(), v.as_str());
+                }
+                if let Some(a) = auth {
+                    req = req.header("authorization", a);
+                }
             }
             let started = Instant::now();
             let resp = match tokio::time::timeout(timeout, req.send()).await {

@@ -35,12 +35,14 @@
 //!   `offset` bytes and keeping only the window, then dropping the
 //!   connection; this costs `offset` extra bytes of transfer and is logged.
 //! - Redirects (301/302/303/307/308) are followed by hand, up to
-//!   [`MAX_REDIRECTS`]; `Authorization` is dropped when the target is on
-//!   another origin (blob storage such as S3 uses signed URLs).
+//!   [`MAX_REDIRECTS`]; `Authorization` and the `hosts.toml` `[header]`
+//!   values are dropped when the target is on another origin (blob storage
+//!   such as S3 uses signed URLs).
 //! - Concurrency: at most `max_concurrent` requests of one [`Registry`] (and
 //!   its clones) are in flight at once.
 //! - Credentials: [`RegistryConfig::credentials`] first, then Docker's
-//!   `config.json`; credential helpers are not supported.
+//!   `config.json`; credential helpers are not supported. A
+//!   [`Registry::anonymous`] client sends none.
 //! - Host resolution is cached for [`HOSTS_TTL`], so `hosts.toml` edits take
 //!   effect without a restart.
 
@@ -191,6 +193,8 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct Registry {
     inner: Arc<Inner>,
+    /// Send no credentials (see [`Registry::anonymous`]).
+    anonymous: bool,
 }
 
 impl Registry {
@@ -218,6 +222,7 @@ impl Registry {
             }
         }
         Ok(Registry {
+            anonymous: false,
             inner: Arc::new(Inner {
                 auth: auth::Auth::new(creds),
                 permits: tokio::sync::Semaphore::new(cfg.max_concurrent),
@@ -226,6 +231,17 @@ impl Registry {
                 cfg,
             }),
         })
+    }
+
+    /// This client, sending no credentials: for hosts that an image, not the
+    /// operator, chose. It shares everything else (clients, hosts, the
+    /// concurrency limit); its tokens are asked for anonymously and cached
+    /// apart from those that credentials bought.
+    pub fn anonymous(&self) -> Registry {
+        Registry {
+            inner: self.inner.clone(),
+            anonymous: true,
+        }
     }
 
     /// The configuration in use.

@@ -18,6 +18,7 @@ use reqwest::{Method, Response, StatusCode};
 use super::body::{header_str, hv, status_error};
 use super::error::{RegistryError, Site};
 use super::hosts::Capability;
+use super::reference::{validate_digest, validate_object};
 use super::{Host, Reference, Registry};
 
 /// Bytes sent per `PATCH` of a blob upload.
@@ -25,6 +26,7 @@ pub const UPLOAD_PIECE: usize = 16 << 20;
 
 impl Registry {
     fn push_host(&self, reference: &Reference) -> Result<std::sync::Arc<Host>, RegistryError> {
+        reference.validate()?;
         let hosts = self.hosts_for(reference, Capability::Resolve)?;
         Ok(hosts
             .last()
@@ -54,7 +56,10 @@ impl Registry {
     ) -> Result<Response, RegistryError> {
         let scope = format!("repository:{}:pull,push", site.repo);
         let timeout = self.inner.cfg.request_timeout;
-        let mut auth = self.inner.auth.cached(&host.spec.host, &scope);
+        let mut auth = self
+            .inner
+            .auth
+            .cached(&host.spec.host, &scope, self.anonymous);
         let mut answered = false;
         loop {
             let url = self.push_url(host, target);
@@ -86,7 +91,14 @@ impl Registry {
                 auth = Some(
                     self.inner
                         .auth
-                        .answer(&host.client, site, &scope, &challenges, timeout)
+                        .answer(
+                            &host.client,
+                            site,
+                            &scope,
+                            &challenges,
+                            timeout,
+                            self.anonymous,
+                        )
                         .await?,
                 );
                 answered = true;
@@ -162,6 +174,10 @@ impl Registry {
         reference: &Reference,
         digest: &str,
     ) -> Result<bool, RegistryError> {
+        validate_digest(digest).map_err(|reason| RegistryError::InvalidReference {
+            reference: reference.to_string(),
+            reason,
+        })?;
         let host = self.push_host(reference)?;
         let site = self.push_site(&host, reference, digest);
         let path = format!("{}/{}/blobs/{digest}", host.spec.path, reference.repository);
@@ -288,6 +304,10 @@ impl Registry {
         media_type: &str,
         bytes: Bytes,
     ) -> Result<(), RegistryError> {
+        validate_object(object).map_err(|reason| RegistryError::InvalidReference {
+            reference: reference.to_string(),
+            reason,
+        })?;
         let host = self.push_host(reference)?;
         let site = self.push_site(&host, reference, object);
         let path = format!(

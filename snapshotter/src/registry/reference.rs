@@ -136,22 +136,33 @@ fn validate_host(host: &str) -> Result<(), String> {
     }
 }
 
+/// Longest repository name the distribution spec allows.
+const MAX_REPOSITORY_LEN: usize = 255;
+
+/// The distribution spec's repository name: path components
+/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*` separated by `/`.
+fn repository_grammar() -> &'static regex::Regex {
+    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    RE.get_or_init(|| {
+        let component = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*";
+        regex::Regex::new(&format!("^{component}(?:/{component})*$")).expect("static regex")
+    })
+}
+
 fn validate_repository(repo: &str) -> Result<(), String> {
     if repo.is_empty() {
         return Err("empty repository".into());
     }
-    for component in repo.split('/') {
-        let ok = !component.is_empty()
-            && component
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
-            && component.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && component.ends_with(|c: char| c.is_ascii_alphanumeric());
-        if !ok {
-            return Err(format!(
-                "invalid repository component {component:?} (lowercase letters, digits, '.', '_', '-')"
-            ));
-        }
+    if repo.len() > MAX_REPOSITORY_LEN {
+        return Err(format!(
+            "repository name longer than {MAX_REPOSITORY_LEN} bytes"
+        ));
+    }
+    if !repository_grammar().is_match(repo) {
+        return Err(format!(
+            "invalid repository {repo:?} (components of lowercase letters and digits, \
+             joined by '.', '_', '__' or dashes, separated by '/')"
+        ));
     }
     Ok(())
 }
@@ -170,24 +181,48 @@ fn validate_tag(tag: &str) -> Result<(), String> {
     }
 }
 
-/// Checks `algorithm:encoded`; sha256 and sha512 must be lowercase hex of the
-/// right length.
+/// Checks a digest against the OCI grammar: `algorithm:encoded`, the
+/// algorithm `[a-z0-9]+([+._-][a-z0-9]+)*`, the encoded part
+/// `[a-zA-Z0-9=_-]+`; sha256, sha384 and sha512 must be lowercase hex of
+/// their length. Digests are pasted into URL paths, so nothing else passes.
 pub(crate) fn validate_digest(d: &str) -> Result<(), String> {
-    let (algo, hex) = d
-        .split_once(':')
-        .ok_or_else(|| format!("invalid digest {d:?}: no algorithm"))?;
-    let want = match algo {
-        "sha256" => Some(64),
-        "sha512" => Some(128),
-        _ => None,
-    };
-    let hex_ok = hex
-        .chars()
-        .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
-    match want {
-        Some(n) if hex.len() == n && hex_ok => Ok(()),
-        None if !algo.is_empty() && !hex.is_empty() => Ok(()),
-        _ => Err(format!("invalid digest {d:?}")),
+    oci_spec::image::Digest::try_from(d)
+        .map(drop)
+        .map_err(|e| format!("invalid digest {d:?}: {e}"))
+}
+
+impl Reference {
+    /// Checks every part against its grammar. The fields are public, so a
+    /// `Reference` built by hand (not parsed) is checked again here before
+    /// any of it goes into a URL.
+    ///
+    /// # Errors
+    /// [`RegistryError::InvalidReference`] naming the part.
+    pub fn validate(&self) -> Result<(), RegistryError> {
+        let check = || {
+            validate_host(&self.registry)?;
+            validate_repository(&self.repository)?;
+            if let Some(t) = &self.tag {
+                validate_tag(t)?;
+            }
+            if let Some(d) = &self.digest {
+                validate_digest(d)?;
+            }
+            Ok::<_, String>(())
+        };
+        check().map_err(|reason| RegistryError::InvalidReference {
+            reference: self.to_string(),
+            reason,
+        })
+    }
+}
+
+/// Checks what goes after `/manifests/`: a tag or a digest.
+pub(crate) fn validate_object(object: &str) -> Result<(), String> {
+    if object.contains(':') {
+        validate_digest(object)
+    } else {
+        validate_tag(object)
     }
 }
 
@@ -263,5 +298,85 @@ mod tests {
             let err = bad.parse::<Reference>().unwrap_err();
             assert!(err.to_string().contains("reference"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn digests_follow_the_oci_grammar() {
+        let sha512 = format!("sha512:{}", "ab".repeat(64));
+        for good in [D, sha512.as_str(), "multihash+base58:QmRZxt2b1FVZPNqd8hsiykDL3TdBDeTSPX9Kv46HmX4Gx8", "sha256+b64u:LCa0a2j_xo_5m0U8HTBBNBNCLXBkg7-g-YpeiGJm564", "a.b_c-d:x=Y_z-0"] {
+            assert_eq!(validate_digest(good), Ok(()), "{good}");
+        }
+        let short = format!("sha256:{}", "a".repeat(63));
+        let upper = format!("sha256:{}", "A".repeat(64));
+        let sha512_short = format!("sha512:{}", "a".repeat(64));
+        for bad in [
+            "x:/../../admin?a=b",
+            "x:..",
+            "x:a/b",
+            "x:a?b",
+            "x:a#b",
+            "x:a%2fb",
+            "x:a b",
+            "x:",
+            ":abc",
+            "X:abc",
+            "a..b:abc",
+            "a+:abc",
+            "+a:abc",
+            "nocolon",
+            "sha256:/../../v2/_catalog",
+            short.as_str(),
+            upper.as_str(),
+            sha512_short.as_str(),
+        ] {
+            let err = validate_digest(bad).unwrap_err();
+            assert!(err.contains("invalid digest"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn repositories_follow_the_distribution_grammar() {
+        for good in ["a", "library/alpine", "a.b/c_d/e__f/g-h/i---j", "0/9"] {
+            assert_eq!(validate_repository(good), Ok(()), "{good}");
+        }
+        let long = "a".repeat(256);
+        for bad in [
+            "",
+            "a/../b",
+            "..",
+            "a..b",
+            "a._b",
+            "a___b",
+            "a-",
+            "_a",
+            "a/",
+            "/a",
+            "a//b",
+            "A",
+            "a?b",
+            "a%2fb",
+            "a b",
+            long.as_str(),
+        ] {
+            assert!(validate_repository(bad).is_err(), "{bad:?}");
+        }
+        // A hand-built reference is checked too, before any URL is made.
+        let r = Reference {
+            registry: "127.0.0.1:5000".into(),
+            repository: "a/../../admin".into(),
+            tag: None,
+            digest: None,
+        };
+        let err = r.validate().unwrap_err().to_string();
+        assert!(err.contains("invalid repository"), "{err}");
+        let r = Reference {
+            repository: "a".into(),
+            digest: Some("x:/../admin".into()),
+            ..r
+        };
+        assert!(r.validate().is_err());
+        assert_eq!(validate_object("latest"), Ok(()));
+        assert!(validate_object("../x").is_err());
+        assert!(validate_object("x:/../y").is_err());
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
-use super::annotations::Hints;
+use super::annotations::{Hints, SourcePolicy};
 use super::cache::Cache;
 use super::fetch::{BoxFuture, Fetcher, RangeSource};
 use super::layer::{compression_name, entries, LayerReader};
@@ -74,6 +74,8 @@ pub struct RemoteConfig {
     /// Check each lazy layer's diffID against its chain ID in one pass over
     /// the blob (see [`super::identity`]).
     pub verify_layers: bool,
+    /// Which hosts `shoal.source` may name, and with what credentials.
+    pub source: SourcePolicy,
 }
 
 /// Counters for status and metrics.
@@ -199,21 +201,40 @@ pub struct Resolved {
 /// labels older `ctr-remote` versions set, or from the annotations `shoal
 /// convert` writes (which any client passes on, see [`super::annotations`]);
 /// without any, the layer is not remote (containerd pulls it normally).
-pub fn detect(labels: &BTreeMap<String, String>) -> Option<(String, RemoteRef)> {
+/// `shoal.source` is used only as `policy` allows: otherwise the layer is
+/// not remote (logged), and a host it may name gets no credentials unless
+/// the policy says so.
+pub fn detect(
+    labels: &BTreeMap<String, String>,
+    policy: &SourcePolicy,
+) -> Option<(String, RemoteRef)> {
     let get = |k: &str| labels.get(k).filter(|v| !v.is_empty()).cloned();
     let target = get(LABEL_TARGET)?;
     let toc_digest = get(LABEL_TOC_DIGEST)?;
     let shoal = super::annotations::shoal_source(labels);
+    let layer_digest = get(LABEL_CRI_LAYER_DIGEST)
+        .or_else(|| get(LABEL_STARGZ_DIGEST))
+        .or(shoal.1)?;
+    let (image_ref, anonymous) = match get(LABEL_CRI_IMAGE_REF).or_else(|| get(LABEL_STARGZ_REFERENCE)) {
+        Some(client) => (client, false),
+        None => {
+            let source = shoal.0?;
+            match policy.check(&source) {
+                Ok(credentials) => (source, !credentials),
+                Err(reason) => {
+                    warn!(layer = %layer_digest, %reason, "not mounting the layer lazily; containerd pulls it");
+                    return None;
+                }
+            }
+        }
+    };
     Some((
         target,
         RemoteRef {
-            image_ref: get(LABEL_CRI_IMAGE_REF)
-                .or_else(|| get(LABEL_STARGZ_REFERENCE))
-                .or(shoal.0)?,
-            layer_digest: get(LABEL_CRI_LAYER_DIGEST)
-                .or_else(|| get(LABEL_STARGZ_DIGEST))
-                .or(shoal.1)?,
+            image_ref,
+            layer_digest,
             toc_digest,
+            anonymous,
         },
     ))
 }
@@ -251,6 +272,12 @@ impl RemoteLayers {
             checks: Arc::default(),
             stats: RemoteStats::default(),
         })
+    }
+
+    /// Finds a lazily mountable layer in Prepare labels, under this
+    /// daemon's `shoal.source` policy (see [`detect`]).
+    pub fn detect(&self, labels: &BTreeMap<String, String>) -> Option<(String, RemoteRef)> {
+        detect(labels, &self.cfg.source)
     }
 
     /// Sets how long layers mounted from now on record first reads (the

@@ -1,5 +1,7 @@
 //! [`Blobs`] backed by the registry client: layer bytes by HTTP Range
 //! requests to the registry (through its mirrors, auth and redirects).
+//! A layer whose host an image annotation chose is fetched with no
+//! credentials ([`RemoteRef::anonymous`]).
 
 use std::sync::Arc;
 
@@ -65,10 +67,20 @@ fn reference(r: &RemoteRef) -> Result<Reference, String> {
         .map_err(|e| format!("image reference {:?}: {e}", r.image_ref))
 }
 
+impl RegistryBlobs {
+    fn client(&self, r: &RemoteRef) -> Registry {
+        if r.anonymous {
+            self.registry.anonymous()
+        } else {
+            self.registry.clone()
+        }
+    }
+}
+
 impl Blobs for RegistryBlobs {
     fn source(&self, r: &RemoteRef) -> Arc<dyn RangeSource> {
         Arc::new(BlobSource {
-            registry: self.registry.clone(),
+            registry: self.client(r),
             reference: reference(r),
             digest: r.layer_digest.clone(),
         })
@@ -77,7 +89,7 @@ impl Blobs for RegistryBlobs {
     fn size<'a>(&'a self, r: &'a RemoteRef) -> BoxFuture<'a, Result<u64, String>> {
         Box::pin(async move {
             let reference = reference(r)?;
-            self.registry
+            self.client(r)
                 .blob_size(&reference, &r.layer_digest)
                 .await
                 .map_err(|e| e.to_string())

@@ -558,6 +558,7 @@ mod tests {
             image_ref: "img:a".into(),
             layer_digest: "sha256:l1".into(),
             toc_digest: d(1),
+            anonymous: false,
         }];
         let pins = HashSet::from(["img:p".to_owned()]);
         let used = HashMap::new();
@@ -595,6 +596,7 @@ mod tests {
             image_ref: "img:c".into(),
             layer_digest: "sha256:l3".into(),
             toc_digest: d(3),
+            anonymous: false,
         }];
         let p = plan(
             &on_disk,
@@ -657,6 +659,7 @@ mod tests {
             image_ref: image.into(),
             layer_digest: "sha256:l".into(),
             toc_digest: d(1),
+            anonymous: false,
         };
         k.note_mounted(&r("a:1")).unwrap();
         k.note_mounted(&r("a:2")).unwrap();

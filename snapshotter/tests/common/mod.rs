@@ -162,6 +162,7 @@ pub fn test_config() -> RemoteConfig {
         passthrough: true,
         fetch_ahead_bytes: 0,
         verify_layers: false,
+        source: Default::default(),
     }
 }
 
