@@ -21,7 +21,9 @@ use sha2::{Digest as _, Sha256};
 use shoal::metadata::RemoteRef;
 use shoal::registry::{Credential, Reference, Registry, RegistryConfig, RegistryError};
 use shoal::remote::annotations::{SourcePolicy, LABEL_SHOAL_LAYER_DIGEST, LABEL_SHOAL_SOURCE};
-use shoal::remote::layers::{detect, Blobs as _, LABEL_CRI_IMAGE_REF, LABEL_TARGET, LABEL_TOC_DIGEST};
+use shoal::remote::layers::{
+    detect, Blobs as _, LABEL_CRI_IMAGE_REF, LABEL_TARGET, LABEL_TOC_DIGEST,
+};
 use shoal::remote::registry_blobs::RegistryBlobs;
 
 /// One request a server saw.
@@ -97,10 +99,7 @@ fn partial(seen: &Seen, data: &[u8]) -> Response {
     let (a, b): (usize, usize) = (a.parse().unwrap(), b.parse().unwrap());
     reply(
         StatusCode::PARTIAL_CONTENT,
-        &[(
-            "content-range",
-            format!("bytes {a}-{b}/{}", data.len()),
-        )],
+        &[("content-range", format!("bytes {a}-{b}/{}", data.len()))],
         Body::from(data[a..=b].to_vec()),
     )
 }
@@ -239,12 +238,11 @@ async fn endless_token_body_is_cut_at_the_cap() {
     let data = Arc::new(vec![1u8; 100]);
     let server = token_registry(data.clone(), move || {
         let counter = counter.clone();
-        let endless = std::iter::repeat_n((), (SERVER_LIMIT / PIECE as u64) as usize).map(
-            move |()| {
+        let endless =
+            std::iter::repeat_n((), (SERVER_LIMIT / PIECE as u64) as usize).map(move |()| {
                 counter.fetch_add(PIECE as u64, Ordering::Relaxed);
                 Ok::<_, std::io::Error>(Bytes::from_static(&[b' '; PIECE]))
-            },
-        );
+            });
         reply(
             StatusCode::OK,
             &[("content-type", "application/json".into())],
@@ -363,7 +361,11 @@ async fn private_registry(data: Arc<Vec<u8>>) -> Server {
 
 /// Prepare labels of a layer whose only pointer to its registry is the
 /// image's own `shoal.source` annotation (plus a client label if `client`).
-fn layer_labels(source: &str, digest: &str, client: Option<&str>) -> std::collections::BTreeMap<String, String> {
+fn layer_labels(
+    source: &str,
+    digest: &str,
+    client: Option<&str>,
+) -> std::collections::BTreeMap<String, String> {
     let mut l: std::collections::BTreeMap<String, String> = [
         (LABEL_TARGET, "sha256:chain"),
         (LABEL_TOC_DIGEST, "sha256:toc"),
@@ -394,7 +396,13 @@ async fn image_chosen_hosts_get_no_credentials_unless_allowed() {
         password: "secret".into(),
         identity_token: String::new(),
     };
-    let (registry, _) = client_with(certs.path(), &server, "", Duration::from_secs(2), vec![cred]);
+    let (registry, _) = client_with(
+        certs.path(),
+        &server,
+        "",
+        Duration::from_secs(2),
+        vec![cred],
+    );
     let blobs = RegistryBlobs::new(registry);
     let source = format!("{}/private/app", server.host());
     let digest = digest_of(&data);
@@ -415,7 +423,8 @@ async fn image_chosen_hosts_get_no_credentials_unless_allowed() {
     let seen = server.seen();
     assert!(!seen.is_empty());
     assert!(
-        seen.iter().all(|s| s.headers.get("authorization").is_none()),
+        seen.iter()
+            .all(|s| s.headers.get("authorization").is_none()),
         "credentials sent to an image-chosen host: {seen:#?}"
     );
 
@@ -450,13 +459,26 @@ async fn anonymous_client_never_uses_a_token_credentials_bought() {
         password: "secret".into(),
         identity_token: String::new(),
     };
-    let (r, reference) = client_with(certs.path(), &server, "", Duration::from_secs(2), vec![cred]);
+    let (r, reference) = client_with(
+        certs.path(),
+        &server,
+        "",
+        Duration::from_secs(2),
+        vec![cred],
+    );
     let digest = digest_of(&data);
     r.fetch_range(&reference, &digest, 0, 10).await.unwrap();
     assert_eq!(r.token_requests(), 1);
     // The anonymous client asks for its own token, without the password.
-    r.anonymous().fetch_range(&reference, &digest, 0, 10).await.unwrap();
-    assert_eq!(r.token_requests(), 2, "a token bought with credentials is not reused");
+    r.anonymous()
+        .fetch_range(&reference, &digest, 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.token_requests(),
+        2,
+        "a token bought with credentials is not reused"
+    );
     let tokens: Vec<_> = server
         .seen()
         .into_iter()
@@ -464,6 +486,9 @@ async fn anonymous_client_never_uses_a_token_credentials_bought() {
         .collect();
     assert_eq!(tokens.len(), 2);
     assert!(tokens[0].headers.get("authorization").is_some());
-    assert!(tokens[1].headers.get("authorization").is_none(), "{tokens:#?}");
+    assert!(
+        tokens[1].headers.get("authorization").is_none(),
+        "{tokens:#?}"
+    );
     assert!(!tokens[1].target.contains("account="), "{tokens:#?}");
 }

@@ -258,9 +258,9 @@ impl<'a> Converter<'a> {
         super::private_file(&cfg_path)
             .and_then(|mut f| std::io::Write::write_all(&mut f, &cfg_out))
             .map_err(|e| ConvertError::Work {
-            path: cfg_path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+                path: cfg_path.display().to_string(),
+                reason: e.to_string(),
+            })?;
         self.blobs.insert(cfg_new_digest.clone(), cfg_path);
         let cfg_mt = match m["config"]["mediaType"].as_str() {
             Some(DOCKER_CONFIG) | None => OCI_CONFIG.to_string(),

@@ -333,7 +333,8 @@ mod tests {
         assert_eq!(labels["containerd.io/snapshot/stargz/toc.digest"], toc);
         assert!(!labels.contains_key("org.opencontainers.image.title"));
         let sorted: std::collections::BTreeMap<String, String> = labels.into_iter().collect();
-        let (target, remote) = crate::remote::layers::detect(&sorted, &Default::default()).expect("detected as remote");
+        let (target, remote) = crate::remote::layers::detect(&sorted, &Default::default())
+            .expect("detected as remote");
         assert_eq!(target, l.chain_id);
         assert_eq!(remote.toc_digest, toc);
         assert_eq!(remote.layer_digest, l.digest);

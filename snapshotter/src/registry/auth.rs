@@ -594,7 +594,9 @@ mod tests {
             c("https://index.docker.io/v1/", "second"),
         ]);
         assert_eq!(
-            auth.credential("registry-1.docker.io", false).unwrap().username,
+            auth.credential("registry-1.docker.io", false)
+                .unwrap()
+                .username,
             "first"
         );
         assert!(auth.credential("mirror.local", false).is_none());
@@ -623,7 +625,11 @@ mod tests {
         );
         assert_eq!(auth.cached("r.io", "repository:b:pull", false), None);
         assert_eq!(auth.cached("m.io", "repository:a:pull", false), None);
-        assert_eq!(auth.cached("r.io", "repository:old:pull", false), None, "expired");
+        assert_eq!(
+            auth.cached("r.io", "repository:old:pull", false),
+            None,
+            "expired"
+        );
         // Invalidation only drops the token that was refused.
         auth.invalidate("r.io", "repository:a:pull", false, "Bearer STALE");
         assert!(auth.cached("r.io", "repository:a:pull", false).is_some());

@@ -430,7 +430,10 @@ impl Registry {
     ) -> Result<Response, RegistryError> {
         let scope = format!("repository:{}:pull", site.repo);
         let timeout = self.inner.cfg.request_timeout;
-        let mut auth = self.inner.auth.cached(&host.spec.host, &scope, self.anonymous);
+        let mut auth = self
+            .inner
+            .auth
+            .cached(&host.spec.host, &scope, self.anonymous);
         let mut answered = false;
         loop {
             let plain = host.spec.http_fallback && host.plain_http.load(Ordering::Relaxed);

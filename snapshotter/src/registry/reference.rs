@@ -303,7 +303,13 @@ mod tests {
     #[test]
     fn digests_follow_the_oci_grammar() {
         let sha512 = format!("sha512:{}", "ab".repeat(64));
-        for good in [D, sha512.as_str(), "multihash+base58:QmRZxt2b1FVZPNqd8hsiykDL3TdBDeTSPX9Kv46HmX4Gx8", "sha256+b64u:LCa0a2j_xo_5m0U8HTBBNBNCLXBkg7-g-YpeiGJm564", "a.b_c-d:x=Y_z-0"] {
+        for good in [
+            D,
+            sha512.as_str(),
+            "multihash+base58:QmRZxt2b1FVZPNqd8hsiykDL3TdBDeTSPX9Kv46HmX4Gx8",
+            "sha256+b64u:LCa0a2j_xo_5m0U8HTBBNBNCLXBkg7-g-YpeiGJm564",
+            "a.b_c-d:x=Y_z-0",
+        ] {
             assert_eq!(validate_digest(good), Ok(()), "{good}");
         }
         let short = format!("sha256:{}", "a".repeat(63));

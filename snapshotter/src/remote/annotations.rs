@@ -142,7 +142,10 @@ mod tests {
         assert_eq!(r.image_ref, "127.0.0.1:5000/app");
         assert_eq!(r.layer_digest, "sha256:layer");
         assert_eq!(r.toc_digest, "sha256:toc");
-        assert!(r.anonymous, "no credentials to an image-chosen host by default");
+        assert!(
+            r.anonymous,
+            "no credentials to an image-chosen host by default"
+        );
         let (_, r) = detect(&l, &allow(&["127.0.0.1:5000"], true)).unwrap();
         assert!(!r.anonymous, "source_credentials = true");
     }

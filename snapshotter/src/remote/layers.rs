@@ -215,7 +215,9 @@ pub fn detect(
     let layer_digest = get(LABEL_CRI_LAYER_DIGEST)
         .or_else(|| get(LABEL_STARGZ_DIGEST))
         .or(shoal.1)?;
-    let (image_ref, anonymous) = match get(LABEL_CRI_IMAGE_REF).or_else(|| get(LABEL_STARGZ_REFERENCE)) {
+    let (image_ref, anonymous) = match get(LABEL_CRI_IMAGE_REF)
+        .or_else(|| get(LABEL_STARGZ_REFERENCE))
+    {
         Some(client) => (client, false),
         None => {
             let source = shoal.0?;
