@@ -410,13 +410,14 @@ impl Config {
         }
         if let Some(bad) = self.remote.source_hosts.iter().find(|h| {
             h.is_empty()
-                || !h
+                || (h.as_str() != "*")
+                    && !h
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
         }) {
             return Err((
                 "remote.source_hosts",
-                format!("{bad:?} is not a host[:port] (no scheme, no path)"),
+                format!("{bad:?} is not a host[:port] (no scheme, no path) or *"),
             ));
         }
         self.cache.validate()?;
