@@ -22,5 +22,6 @@ fuzz_target!(|data: &[u8]| {
         assert!(len > 0 && off >= 8 && off.checked_add(len).is_some());
     }
     let _ = annotations::shoal_source(&labels);
-    let _ = layers::detect(&labels);
+    // The default policy (any host, anonymously) is the widest one.
+    let _ = layers::detect(&labels, &Default::default());
 });
