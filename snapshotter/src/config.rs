@@ -36,6 +36,15 @@ pub const DEFAULT_BACKGROUND_DELAY_SECS: u64 = 5;
 pub const DEFAULT_FUSE_THREADS: usize = 2;
 /// Default `remote.memory_cache_bytes`: verified chunks kept in memory.
 pub const DEFAULT_MEMORY_CACHE_BYTES: u64 = 256 << 20;
+/// Default `remote.toc_max_entries`: entries in one layer's TOC (`chunk`
+/// entries included). The largest layers seen in practice have a few
+/// hundred thousand files; past this a layer is pulled normally.
+pub const DEFAULT_TOC_MAX_ENTRIES: u64 = 1_000_000;
+/// Default `remote.toc_max_compressed_bytes`: a compressed TOC larger than
+/// this is not even fetched.
+pub const DEFAULT_TOC_MAX_COMPRESSED_BYTES: u64 = 64 << 20;
+/// Default `remote.toc_max_json_bytes`: uncompressed TOC JSON.
+pub const DEFAULT_TOC_MAX_JSON_BYTES: u64 = 256 << 20;
 /// Default `registry.config_path`: containerd's hosts.toml directory.
 pub const DEFAULT_REGISTRY_CONFIG_PATH: &str = "/etc/containerd/certs.d";
 /// Default `registry.request_timeout_secs`.
@@ -101,6 +110,44 @@ pub struct RemoteSection {
     /// A read that has to fetch also takes along up to this many compressed
     /// bytes of the chunks that follow in the blob (0: only its own).
     pub fetch_ahead_bytes: u64,
+    /// Most entries in one layer's TOC; a larger TOC is refused (the layer
+    /// is pulled normally).
+    pub toc_max_entries: u64,
+    /// Most bytes of one layer's compressed TOC.
+    pub toc_max_compressed_bytes: u64,
+    /// Most bytes of one layer's uncompressed TOC JSON.
+    pub toc_max_json_bytes: u64,
+}
+
+impl RemoteSection {
+    /// The TOC limits.
+    pub fn toc_limits(&self) -> crate::remote::toc::TocLimits {
+        crate::remote::toc::TocLimits {
+            max_entries: self.toc_max_entries,
+            max_compressed_bytes: self.toc_max_compressed_bytes,
+            max_json_bytes: self.toc_max_json_bytes,
+        }
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        use crate::remote::toc::{MAX_TOC_COMPRESSED, MAX_TOC_JSON};
+        if self.toc_max_entries == 0 {
+            return Err(("remote.toc_max_entries", "must be at least 1".into()));
+        }
+        if !(1..=MAX_TOC_COMPRESSED).contains(&self.toc_max_compressed_bytes) {
+            return Err((
+                "remote.toc_max_compressed_bytes",
+                format!("must be 1 to {MAX_TOC_COMPRESSED}"),
+            ));
+        }
+        if !(1..=MAX_TOC_JSON).contains(&self.toc_max_json_bytes) {
+            return Err((
+                "remote.toc_max_json_bytes",
+                format!("must be 1 to {MAX_TOC_JSON}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for RemoteSection {
@@ -115,6 +162,9 @@ impl Default for RemoteSection {
             memory_cache_bytes: DEFAULT_MEMORY_CACHE_BYTES,
             passthrough: true,
             fetch_ahead_bytes: DEFAULT_FETCH_AHEAD_BYTES,
+            toc_max_entries: DEFAULT_TOC_MAX_ENTRIES,
+            toc_max_compressed_bytes: DEFAULT_TOC_MAX_COMPRESSED_BYTES,
+            toc_max_json_bytes: DEFAULT_TOC_MAX_JSON_BYTES,
         }
     }
 }
@@ -387,6 +437,7 @@ impl Config {
         if self.remote.fuse_threads == 0 {
             return Err(("remote.fuse_threads", "must be at least 1".into()));
         }
+        self.remote.validate()?;
         self.cache.validate()?;
         if let Some(a) = &self.metrics.address {
             if a.parse::<std::net::SocketAddr>().is_err() {

@@ -118,10 +118,15 @@ fn encode_remote(r: &RemoteLayers, mut enc: DescriptorEncoder) -> Result<(), std
     counter(
         &mut enc,
         "shoal_fallbacks",
-        "Fallbacks: layers pulled normally instead of lazily (toc, mount), \
+        "Fallbacks: layers pulled normally instead of lazily (toc, toc_limit, mount), \
          and verified chunks served without being cached (cache_full, cache_write_error).",
         &[
-            ("reason", "toc", load(&r.stats.fallbacks_toc)),
+            (
+                "reason",
+                "toc",
+                load(&r.stats.fallbacks_toc).saturating_sub(load(&r.stats.fallbacks_toc_limit)),
+            ),
+            ("reason", "toc_limit", load(&r.stats.fallbacks_toc_limit)),
             ("reason", "mount", load(&r.stats.fallbacks_mount)),
             ("reason", "cache_full", load(&s.at_limit)),
             ("reason", "cache_write_error", load(&s.write_failures)),

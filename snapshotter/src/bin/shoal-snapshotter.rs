@@ -118,6 +118,7 @@ fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLa
         fuse_threads: config.remote.fuse_threads,
         passthrough: config.remote.passthrough,
         fetch_ahead_bytes: config.remote.fetch_ahead_bytes,
+        toc_limits: config.remote.toc_limits(),
     };
     let tocs = config.root.join("tocs");
     let layers = RemoteLayers::new(

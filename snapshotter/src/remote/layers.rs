@@ -21,10 +21,10 @@ use tracing::{info, warn};
 use super::annotations::Hints;
 use super::cache::Cache;
 use super::fetch::{BoxFuture, Fetcher, RangeSource};
-use super::layer::{compression_name, entries, LayerReader};
+use super::layer::{compression_name, LayerReader};
 use super::primed::PrimedSource;
 use super::recorder::{Activity, Recorder, Recording};
-use super::toc::{parse_digest, parse_footer, Footer, Toc, FOOTER_FETCH};
+use super::toc::{parse_digest, parse_footer, Footer, Toc, TocLimits, FOOTER_FETCH};
 use crate::metadata::{RemoteRef, Usage};
 
 mod handover;
@@ -70,6 +70,8 @@ pub struct RemoteConfig {
     pub passthrough: bool,
     /// Compressed bytes of following chunks a fetching read takes along.
     pub fetch_ahead_bytes: u64,
+    /// How large a TOC may be; a larger one is refused (a fallback).
+    pub toc_limits: TocLimits,
 }
 
 /// Counters for status and metrics.
@@ -83,6 +85,8 @@ pub struct RemoteStats {
     pub fallbacks_toc: AtomicU64,
     /// Of which: the layer could not be mounted.
     pub fallbacks_mount: AtomicU64,
+    /// Of the TOC fallbacks: the TOC passed a `remote.toc_max_*` limit.
+    pub fallbacks_toc_limit: AtomicU64,
 }
 
 /// Why a layer fell back to a normal pull (a metrics label).
@@ -214,7 +218,7 @@ impl RemoteLayers {
         rt: Handle,
         cfg: RemoteConfig,
     ) -> std::io::Result<RemoteLayers> {
-        let tocs = Arc::new(super::tocs::KeptTocs::new(tocs_dir)?);
+        let tocs = Arc::new(super::tocs::KeptTocs::new(tocs_dir)?.with_limits(cfg.toc_limits));
         let cache = Arc::new(Cache::new(
             fetcher.store().clone(),
             blobs.clone(),
@@ -280,11 +284,13 @@ impl RemoteLayers {
             _ => None,
         };
         let hinted = match (&local, hints.toc) {
-            (None, Some((offset, len))) => self.rt.block_on(self.fetch_toc_at(r, offset, len)),
+            (None, Some((offset, len))) => self.rt.block_on(self.fetch_toc_at(r, offset, len))?,
             _ => None,
         };
+        let limits = &self.cfg.toc_limits;
         let parse = |(f, c): (Footer, Vec<u8>)| {
-            let toc = Toc::parse(&c, &f, &r.toc_digest).map_err(|e| e.to_string())?;
+            let toc =
+                Toc::parse_with(&c, &f, &r.toc_digest, limits).map_err(|e| self.refused(e))?;
             Ok::<_, String>((f, c, toc))
         };
         let (footer, compressed, toc) = match (local, hinted) {
@@ -316,26 +322,36 @@ impl RemoteLayers {
     }
 
     /// The TOC at a hinted position, parsed, if it is there and verifies;
-    /// `None` (logged) sends the caller to the footer.
+    /// `None` (logged) sends the caller to the footer. A TOC there that is
+    /// past a limit is refused outright: the footer's would be the same.
     async fn fetch_toc_at(
         &self,
         r: &RemoteRef,
         offset: u64,
         len: u64,
-    ) -> Option<(Footer, Vec<u8>, Toc)> {
-        let footer = Footer::zstd_at(offset, len).ok()?;
+    ) -> Result<Option<(Footer, Vec<u8>, Toc)>, String> {
+        let Ok(footer) = Footer::zstd_at(offset, len) else {
+            return Ok(None);
+        };
+        let limits = &self.cfg.toc_limits;
+        if limits.check_compressed(len).is_err() {
+            // The footer's own length is checked (and refused) next.
+            return Ok(None);
+        }
         let checked = match self.blobs.source(r).fetch(offset, len).await {
-            Ok(b) => Toc::parse(&b, &footer, &r.toc_digest)
-                .map(|toc| (b.to_vec(), toc))
-                .map_err(|e| e.to_string()),
+            Ok(b) => match Toc::parse_with(&b, &footer, &r.toc_digest, limits) {
+                Ok(toc) => Ok((b.to_vec(), toc)),
+                Err(e @ super::toc::TocError::OverLimit(_)) => return Err(self.refused(e)),
+                Err(e) => Err(e.to_string()),
+            },
             Err(e) => Err(e),
         };
         match checked {
-            Ok((compressed, toc)) => Some((footer, compressed, toc)),
+            Ok((compressed, toc)) => Ok(Some((footer, compressed, toc))),
             Err(e) => {
                 warn!(layer = %r.layer_digest, offset, len, error = %e,
                       "no valid TOC at the annotated position; reading the footer");
-                None
+                Ok(None)
             }
         }
     }
@@ -348,6 +364,11 @@ impl RemoteLayers {
         let source = self.blobs.source(r);
         let tail = source.fetch(size - FOOTER_FETCH, FOOTER_FETCH).await?;
         let footer = parse_footer(&tail, size).map_err(|e| e.to_string())?;
+        // Refused before a byte of it is fetched.
+        self.cfg
+            .toc_limits
+            .check_compressed(footer.toc_len)
+            .map_err(|e| self.refused(e))?;
         let toc = source.fetch(footer.toc_offset, footer.toc_len).await?;
         Ok((footer, toc.to_vec()))
     }
@@ -379,8 +400,7 @@ impl RemoteLayers {
         fd: Option<std::os::fd::OwnedFd>,
     ) -> Result<(), String> {
         let resumed = fd.is_some();
-        let tree = shoal_fuse::Tree::build(entries(&resolved.toc).map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+        let tree = super::layer::tree(&resolved.toc)?;
         let reader = Arc::new(
             LayerReader::new(
                 r.layer_digest.clone(),
@@ -654,6 +674,16 @@ impl RemoteLayers {
     /// The fetcher (for its counters and store).
     pub fn fetcher(&self) -> &Arc<Fetcher> {
         &self.fetcher
+    }
+
+    /// The message of a TOC error, counting a limit's refusal.
+    fn refused(&self, e: super::toc::TocError) -> String {
+        if matches!(e, super::toc::TocError::OverLimit(_)) {
+            self.stats
+                .fallbacks_toc_limit
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        e.to_string()
     }
 
     /// Notes a fallback to a normal pull.

@@ -31,7 +31,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::toc::{parse_digest, Footer, Toc};
+use super::toc::{parse_digest, Footer, Toc, TocLimits};
 use crate::metadata::RemoteRef;
 
 const TOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("cache_tocs");
@@ -158,6 +158,8 @@ pub struct KeptTocs {
     used: Mutex<HashMap<String, u64>>,
     /// Chunk digests of unmounted pinned layers, read once per TOC.
     chunks: Mutex<HashMap<String, Arc<Vec<[u8; 32]>>>>,
+    /// What a kept TOC may be when it is read again.
+    limits: TocLimits,
 }
 
 /// The result of [`KeptTocs::collect`].
@@ -190,7 +192,15 @@ impl KeptTocs {
             db: OnceLock::new(),
             used: Mutex::new(HashMap::new()),
             chunks: Mutex::new(HashMap::new()),
+            limits: TocLimits::default(),
         })
+    }
+
+    /// Reads kept TOCs within `limits` (those the layers were mounted with).
+    #[must_use]
+    pub fn with_limits(mut self, limits: TocLimits) -> KeptTocs {
+        self.limits = limits;
+        self
     }
 
     /// The directory.
@@ -325,7 +335,8 @@ impl KeptTocs {
             .map_err(|e| format!("{}: {e}", footer_path.display()))
             .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))?;
         let compressed = fs::read(&toc_path).map_err(|e| format!("{}: {e}", toc_path.display()))?;
-        let toc = Toc::parse(&compressed, &footer, toc_digest).map_err(|e| e.to_string())?;
+        let toc = Toc::parse_with(&compressed, &footer, toc_digest, &self.limits)
+            .map_err(|e| e.to_string())?;
         let mut v: Vec<[u8; 32]> = toc.files.iter().flatten().map(|c| c.digest).collect();
         v.sort_unstable();
         v.dedup();

@@ -161,6 +161,7 @@ pub fn test_config() -> RemoteConfig {
         fuse_threads: 2,
         passthrough: true,
         fetch_ahead_bytes: 0,
+        toc_limits: Default::default(),
     }
 }
 
