@@ -250,6 +250,9 @@ pub struct CacheSection {
     pub unreferenced_ttl_secs: u64,
     /// Seconds between periodic GC runs.
     pub gc_interval_secs: u64,
+    /// Percentage of `max_bytes` that chunks of layers whose registry
+    /// cannot be reached may keep out of GC's reach.
+    pub unfetchable_max_percent: u8,
 }
 
 impl Default for CacheSection {
@@ -261,6 +264,7 @@ impl Default for CacheSection {
             low_watermark_percent: DEFAULT_LOW_WATERMARK_PERCENT,
             unreferenced_ttl_secs: DEFAULT_UNREFERENCED_TTL_SECS,
             gc_interval_secs: DEFAULT_GC_INTERVAL_SECS,
+            unfetchable_max_percent: DEFAULT_UNFETCHABLE_MAX_PERCENT,
         }
     }
 }
@@ -278,6 +282,9 @@ impl CacheSection {
         }
         if self.gc_interval_secs == 0 {
             return Err(("cache.gc_interval_secs", "must be at least 1".into()));
+        }
+        if self.unfetchable_max_percent > 100 {
+            return Err(("cache.unfetchable_max_percent", "must be 0 to 100".into()));
         }
         Ok(())
     }

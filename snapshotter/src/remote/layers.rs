@@ -611,7 +611,7 @@ impl RemoteLayers {
             .map(|(id, m)| (*id, m.name.clone(), m.remote.clone(), m.reader.clone()))
             .collect();
         let store = self.fetcher.store();
-        let pins = self.cache.pins();
+        let pins = self.cache.pinned_tocs();
         let mut out: Vec<LayerStatus> = layers
             .into_iter()
             .map(|(id, name, remote, reader)| {

@@ -59,7 +59,9 @@ impl TocRecord {
         self.unreferenced_since = 0;
     }
 
-    /// Whether a pin in `pins` covers this layer.
+    /// Whether this layer claims (by the labels it was mounted with) to be
+    /// one that a pin in `pins` names. A claim only: [`super::cache::Cache::pin`]
+    /// binds pins to TOC digests, and GC goes by those.
     pub fn pinned_by(&self, pins: &HashSet<String>) -> bool {
         (!self.layer_digest.is_empty() && pins.contains(&self.layer_digest))
             || self.images.iter().any(|i| pins.contains(i))
@@ -85,7 +87,7 @@ pub struct TocPlan {
 pub struct TocInputs<'a> {
     /// Layers referenced by a snapshot or mounted.
     pub referenced: &'a [RemoteRef],
-    /// Pins.
+    /// TOC digests of pinned layers (pins bound to verified TOCs).
     pub pins: &'a HashSet<String>,
     /// Last local read per TOC in this process.
     pub used: &'a HashMap<String, u64>,
@@ -114,7 +116,7 @@ pub fn plan(
             for r in refs {
                 rec.merge(r);
             }
-            if rec.pinned_by(inp.pins) {
+            if inp.pins.contains(d) {
                 out.pinned.push(d.clone());
             }
             if known != Some(&rec) {
@@ -127,7 +129,7 @@ pub fn plan(
             rec.unreferenced_since = inp.now;
             out.write.push((d.clone(), rec.clone()));
         }
-        if rec.pinned_by(inp.pins) {
+        if inp.pins.contains(d) {
             out.kept += 1;
             out.pinned.push(d.clone());
             continue;
@@ -522,7 +524,8 @@ mod tests {
             layer_digest: "sha256:l1".into(),
             toc_digest: d(1),
         }];
-        let pins = HashSet::from(["img:p".to_owned()]);
+        // Pins are TOC digests (bound to them when pinned).
+        let pins = HashSet::from([d(4)]);
         let used = HashMap::new();
         let inp = |now, used| TocInputs {
             referenced: &referenced,
