@@ -79,11 +79,13 @@ pub fn gc(address: &Path, dry_run: bool, as_json: bool) -> anyhow::Result<()> {
     }
     let verb = if r.dry_run { "would free" } else { "freed" };
     println!(
-        "{verb} {} in {} chunk(s): {} unreferenced past the TTL, {} least recently used, {} of unreachable layers (disk full)",
+        "{verb} {} in {} chunk(s): {} unreferenced past the TTL, {} least recently used, \
+         {} of unreachable layers past their share of the cache, {} of unreachable layers (disk full)",
         human(r.freed_bytes),
         r.evicted_chunks,
         r.evicted_expired,
         r.evicted_lru,
+        r.evicted_unfetchable_over_cap,
         r.evicted_unfetchable
     );
     println!(
@@ -161,7 +163,9 @@ pub fn report_json(r: &GcReport) -> Value {
         "used_before": r.used_before, "used_after": r.used_after,
         "freed_bytes": r.freed_bytes, "evicted_chunks": r.evicted_chunks,
         "evicted_expired": r.evicted_expired, "evicted_lru": r.evicted_lru,
-        "evicted_unfetchable": r.evicted_unfetchable, "skipped_busy": r.skipped_busy,
+        "evicted_unfetchable": r.evicted_unfetchable,
+        "evicted_unfetchable_over_cap": r.evicted_unfetchable_over_cap,
+        "skipped_busy": r.skipped_busy,
         "tocs_removed": r.tocs_removed, "tocs_kept": r.tocs_kept,
         "pinned_bytes": r.pinned_bytes, "kept_unfetchable_bytes": r.kept_unfetchable_bytes,
         "disk_full": r.disk_full, "unfetchable_layers": r.unfetchable_layers,

@@ -47,6 +47,7 @@ pub fn report_to_proto(r: gc::GcReport) -> GcReport {
         evicted_expired: r.evicted_expired,
         evicted_lru: r.evicted_lru,
         evicted_unfetchable: r.evicted_unfetchable,
+        evicted_unfetchable_over_cap: r.evicted_unfetchable_over_cap,
         skipped_busy: r.skipped_busy,
         pinned_bytes: r.pinned_bytes,
         kept_unfetchable_bytes: r.kept_unfetchable_bytes,

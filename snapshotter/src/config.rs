@@ -39,6 +39,15 @@ pub const DEFAULT_SOURCE_CREDENTIALS: bool = false;
 pub const DEFAULT_FUSE_THREADS: usize = 2;
 /// Default `remote.memory_cache_bytes`: verified chunks kept in memory.
 pub const DEFAULT_MEMORY_CACHE_BYTES: u64 = 256 << 20;
+/// Default `remote.toc_max_entries`: entries in one layer's TOC (`chunk`
+/// entries included). The largest layers seen in practice have a few
+/// hundred thousand files; past this a layer is pulled normally.
+pub const DEFAULT_TOC_MAX_ENTRIES: u64 = 1_000_000;
+/// Default `remote.toc_max_compressed_bytes`: a compressed TOC larger than
+/// this is not even fetched.
+pub const DEFAULT_TOC_MAX_COMPRESSED_BYTES: u64 = 64 << 20;
+/// Default `remote.toc_max_json_bytes`: uncompressed TOC JSON.
+pub const DEFAULT_TOC_MAX_JSON_BYTES: u64 = 256 << 20;
 /// Default `registry.config_path`: containerd's hosts.toml directory.
 pub const DEFAULT_REGISTRY_CONFIG_PATH: &str = "/etc/containerd/certs.d";
 /// Default `registry.request_timeout_secs`.
@@ -115,6 +124,56 @@ pub struct RemoteSection {
     pub source_hosts: Vec<String>,
     /// Send the node's credentials to a host `shoal.source` chose.
     pub source_credentials: bool,
+    /// Most entries in one layer's TOC; a larger TOC is refused (the layer
+    /// is pulled normally).
+    pub toc_max_entries: u64,
+    /// Most bytes of one layer's compressed TOC.
+    pub toc_max_compressed_bytes: u64,
+    /// Most bytes of one layer's uncompressed TOC JSON.
+    pub toc_max_json_bytes: u64,
+}
+
+impl RemoteSection {
+    /// The TOC limits.
+    pub fn toc_limits(&self) -> crate::remote::toc::TocLimits {
+        crate::remote::toc::TocLimits {
+            max_entries: self.toc_max_entries,
+            max_compressed_bytes: self.toc_max_compressed_bytes,
+            max_json_bytes: self.toc_max_json_bytes,
+        }
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        use crate::remote::toc::{MAX_TOC_COMPRESSED, MAX_TOC_JSON};
+        if let Some(bad) = self.source_hosts.iter().find(|h| {
+            h.is_empty()
+                || (h.as_str() != "*")
+                    && !h
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+        }) {
+            return Err((
+                "remote.source_hosts",
+                format!("{bad:?} is not a host[:port] (no scheme, no path) or *"),
+            ));
+        }
+        if self.toc_max_entries == 0 {
+            return Err(("remote.toc_max_entries", "must be at least 1".into()));
+        }
+        if !(1..=MAX_TOC_COMPRESSED).contains(&self.toc_max_compressed_bytes) {
+            return Err((
+                "remote.toc_max_compressed_bytes",
+                format!("must be 1 to {MAX_TOC_COMPRESSED}"),
+            ));
+        }
+        if !(1..=MAX_TOC_JSON).contains(&self.toc_max_json_bytes) {
+            return Err((
+                "remote.toc_max_json_bytes",
+                format!("must be 1 to {MAX_TOC_JSON}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for RemoteSection {
@@ -132,6 +191,9 @@ impl Default for RemoteSection {
             verify_layers: true,
             source_hosts: vec!["*".to_owned()],
             source_credentials: DEFAULT_SOURCE_CREDENTIALS,
+            toc_max_entries: DEFAULT_TOC_MAX_ENTRIES,
+            toc_max_compressed_bytes: DEFAULT_TOC_MAX_COMPRESSED_BYTES,
+            toc_max_json_bytes: DEFAULT_TOC_MAX_JSON_BYTES,
         }
     }
 }
@@ -217,6 +279,9 @@ pub struct CacheSection {
     pub unreferenced_ttl_secs: u64,
     /// Seconds between periodic GC runs.
     pub gc_interval_secs: u64,
+    /// Percentage of `max_bytes` that chunks of layers whose registry
+    /// cannot be reached may keep out of GC's reach.
+    pub unfetchable_max_percent: u8,
 }
 
 impl Default for CacheSection {
@@ -228,6 +293,7 @@ impl Default for CacheSection {
             low_watermark_percent: DEFAULT_LOW_WATERMARK_PERCENT,
             unreferenced_ttl_secs: DEFAULT_UNREFERENCED_TTL_SECS,
             gc_interval_secs: DEFAULT_GC_INTERVAL_SECS,
+            unfetchable_max_percent: DEFAULT_UNFETCHABLE_MAX_PERCENT,
         }
     }
 }
@@ -245,6 +311,9 @@ impl CacheSection {
         }
         if self.gc_interval_secs == 0 {
             return Err(("cache.gc_interval_secs", "must be at least 1".into()));
+        }
+        if self.unfetchable_max_percent > 100 {
+            return Err(("cache.unfetchable_max_percent", "must be 0 to 100".into()));
         }
         Ok(())
     }
@@ -408,18 +477,7 @@ impl Config {
         if self.remote.fuse_threads == 0 {
             return Err(("remote.fuse_threads", "must be at least 1".into()));
         }
-        if let Some(bad) = self.remote.source_hosts.iter().find(|h| {
-            h.is_empty()
-                || (h.as_str() != "*")
-                    && !h
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
-        }) {
-            return Err((
-                "remote.source_hosts",
-                format!("{bad:?} is not a host[:port] (no scheme, no path) or *"),
-            ));
-        }
+        self.remote.validate()?;
         self.cache.validate()?;
         if let Some(a) = &self.metrics.address {
             if a.parse::<std::net::SocketAddr>().is_err() {

@@ -118,11 +118,16 @@ fn encode_remote(r: &RemoteLayers, mut enc: DescriptorEncoder) -> Result<(), std
     counter(
         &mut enc,
         "shoal_fallbacks",
-        "Fallbacks: layers pulled normally instead of lazily (toc, mount, conflict: \
+        "Fallbacks: layers pulled normally instead of lazily (toc, toc_limit, mount, conflict: \
          the chain ID is held by an unverified lazy layer of another blob), \
          and verified chunks served without being cached (cache_full, cache_write_error).",
         &[
-            ("reason", "toc", load(&r.stats.fallbacks_toc)),
+            (
+                "reason",
+                "toc",
+                load(&r.stats.fallbacks_toc).saturating_sub(load(&r.stats.fallbacks_toc_limit)),
+            ),
+            ("reason", "toc_limit", load(&r.stats.fallbacks_toc_limit)),
             ("reason", "mount", load(&r.stats.fallbacks_mount)),
             ("reason", "conflict", load(&r.stats.fallbacks_conflict)),
             ("reason", "cache_full", load(&s.at_limit)),
@@ -136,6 +141,13 @@ fn encode_remote(r: &RemoteLayers, mut enc: DescriptorEncoder) -> Result<(), std
         "Lazy layers whose content was checked against their chain ID (diffID), by result; \
          a quarantined layer is never served again.",
         &[("result", "verified", verified), ("result", "quarantined", quarantined)],
+    )?;
+    counter(
+        &mut enc,
+        "shoal_kept_tocs_bad",
+        "Kept TOCs that failed verification when read (torn by a crash, corrupted on disk); \
+         each was removed and fetched again.",
+        &[("", "", load(&r.stats.bad_kept_tocs))],
     )?;
     counter(
         &mut enc,

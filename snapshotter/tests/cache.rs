@@ -85,6 +85,7 @@ fn cfg(max_bytes: u64, high: u8, low: u8, ttl: u64) -> CacheConfig {
         limits: CacheConfig::limits(max_bytes, high, low),
         ttl_secs: ttl,
         interval: Duration::from_secs(3600),
+        unfetchable_max_bytes: u64::MAX,
     }
 }
 
@@ -608,4 +609,94 @@ fn probes_of_many_layers_from_a_silent_registry_take_about_one_timeout() {
         took < PROBE_TIMEOUT * 2,
         "{n} probes took {took:?}: not concurrent"
     );
+}
+
+/// Blobs by TOC digest: an attacker's layer that claims another layer's
+/// digest and image is still served from its own blob.
+struct BlobsByToc(std::collections::HashMap<String, Arc<MemBlob>>);
+
+impl shoal::remote::layers::Blobs for BlobsByToc {
+    fn source(&self, r: &shoal::metadata::RemoteRef) -> Arc<dyn shoal::remote::fetch::RangeSource> {
+        self.0[&r.toc_digest].clone()
+    }
+    fn size<'a>(
+        &'a self,
+        r: &'a shoal::metadata::RemoteRef,
+    ) -> shoal::remote::fetch::BoxFuture<'a, Result<u64, String>> {
+        let n = self.0[&r.toc_digest].bytes.len() as u64;
+        Box::pin(async move { Ok(n) })
+    }
+}
+
+#[test]
+fn a_layer_whose_labels_claim_a_pinned_digest_and_image_is_not_pinned() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let image = "127.0.0.1:5000/prod:v1";
+    let layer_digest = format!("sha256:{}", "c".repeat(64));
+    let (blob_a, toc_a, files_a) = layer(6);
+    let (blob_b, toc_b, files_b) = layer(7);
+    let blobs = Arc::new(BlobsByToc(
+        [
+            (toc_a.clone(), MemBlob::new(blob_a)),
+            (toc_b.clone(), MemBlob::new(blob_b)),
+        ]
+        .into(),
+    ));
+    let clock = Arc::new(ManualClock::new(9_000_000));
+    let sn = open_snapshotter_blobs(dir.path(), blobs, &rt, 0, clock.clone());
+    let cache = sn.remote().unwrap().cache().clone();
+    let store = cache.store().clone();
+    let read_all = |root: &Path, files: &Files| {
+        for (name, want) in files.iter() {
+            assert_eq!(read_uncached(&root.join(name)).unwrap(), *want);
+        }
+    };
+    let root = prepare_labelled(&sn, 1, labels_for(&toc_a, "chain-1", image, &layer_digest));
+    read_all(&root, &files_a);
+    let set_a = stored(&store);
+    // The operator pins the image and its layer: both bind to TOC A.
+    assert_eq!(cache.pin(image).unwrap().layers, 1);
+    assert_eq!(cache.pin(&layer_digest).unwrap().layers, 1);
+
+    // Another image's layer claims the same image reference and layer
+    // digest, with its own (valid) TOC.
+    let root = prepare_labelled(&sn, 2, labels_for(&toc_b, "chain-2", image, &layer_digest));
+    read_all(&root, &files_b);
+    let pinned: Vec<(String, bool)> = sn
+        .remote()
+        .unwrap()
+        .status()
+        .into_iter()
+        .map(|l| (l.remote.toc_digest, l.pinned))
+        .collect();
+    assert_eq!(pinned, [(toc_a.clone(), true), (toc_b.clone(), false)]);
+
+    // Far over a tiny limit: the claimant's chunks go, the pinned layer's stay.
+    let bytes_a: u64 = store
+        .index()
+        .snapshot()
+        .iter()
+        .filter(|(d, _)| set_a.contains(d))
+        .map(|(_, e)| e.size)
+        .sum();
+    cache.configure(cfg(bytes_a / 8, 50, 10, 100));
+    let r = rt.block_on(cache.gc(false, "test"));
+    assert_eq!(r.pinned_bytes, bytes_a, "{r:?}");
+    assert_eq!(stored(&store), set_a, "{r:?}");
+
+    // Unmounted, its kept TOC's record still claims the pin's names: the
+    // TOC is collected after the TTL all the same; the pinned one stays.
+    sn.remove("view-2").unwrap();
+    sn.remove("chain-2").unwrap();
+    clock.advance(100);
+    rt.block_on(cache.gc(false, "test"));
+    clock.advance(100);
+    let r = rt.block_on(cache.gc(false, "test"));
+    assert_eq!((r.tocs_removed, r.tocs_kept), (1, 1), "{r:?}");
+    assert!(!cache.tocs().paths(&toc_b).0.exists());
+    assert!(cache.tocs().paths(&toc_a).0.exists());
+
+    // Pinning again binds what the operator then sees: still TOC A alone.
+    assert_eq!(cache.pin(image).unwrap().layers, 1);
 }

@@ -142,6 +142,7 @@ fn large_local_files_bypass_the_daemon_and_keep_their_backing_files_while_mounte
         limits: CacheConfig::limits(1000, 50, 0),
         ttl_secs: 3600,
         interval: Duration::from_secs(3600),
+        unfetchable_max_bytes: u64::MAX,
     });
     let r = rt.block_on(cache.gc(false, "test"));
     assert!(r.skipped_busy > 0, "{r:?}");

@@ -50,6 +50,11 @@ need '^RuntimeDirectoryPreserve=yes$'
 need '^FileDescriptorStoreMax=[1-9]'
 need '^Restart=always$'
 need '^KillMode=mixed$'
+# Memory limits (docs/operations.md, "Memory limits"): an OOM kill must end
+# in an automatic restart, which keeps the fd store.
+need '^MemoryMax=[1-9]'
+need '^MemoryHigh=[1-9]'
+need '^OOMPolicy=stop$'
 refuse '^[^#]*network-online\.target'
 refuse '^(MountFlags|PrivateMounts|ProtectSystem|ProtectHome|PrivateTmp|PrivateDevices|ReadWritePaths|ReadOnlyPaths|DeviceAllow|Delegate)='
 

@@ -123,6 +123,7 @@ fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLa
             hosts: config.remote.source_hosts.clone(),
             credentials: config.remote.source_credentials,
         },
+        toc_limits: config.remote.toc_limits(),
     };
     let tocs = config.root.join("tocs");
     let layers = RemoteLayers::new(
@@ -143,6 +144,7 @@ fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLa
         ),
         ttl_secs: c.unreferenced_ttl_secs,
         interval: std::time::Duration::from_secs(c.gc_interval_secs),
+        unfetchable_max_bytes: CacheConfig::unfetchable_cap(c.max_bytes, c.unfetchable_max_percent),
     });
     // Without a store the daemon still works, but a restart breaks the
     // readers of lazy layers, as it would without this feature.

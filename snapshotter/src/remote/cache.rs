@@ -14,9 +14,16 @@
 //!   each GC run.
 //! - A layer counts as fetchable only if its blob's size was read from its
 //!   source within [`PROBE_TTL`]; a probe that fails or times out makes it
-//!   unfetchable, so GC keeps its chunks.
+//!   unfetchable, so GC keeps its chunks (up to `unfetchable_max_percent`
+//!   of the cache, see [`super::gc`]).
+//! - Pins are bound to verified TOCs: `shoal pin TARGET` binds the pin to
+//!   the TOC digests of the layers Shoal has then for TARGET (mounted, or
+//!   recorded with a kept TOC), and from then on a layer counts as pinned
+//!   only if its TOC digest is bound. Its TOC verified against that digest,
+//!   so its chunks are the pinned layer's. The image reference and layer
+//!   digest labels an image sends are never enough: an image can claim any.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -159,9 +166,22 @@ impl Cache {
         }
     }
 
-    /// Whether `remote` is covered by a pin in `pins`.
-    pub fn is_pinned(pins: &HashSet<String>, remote: &RemoteRef) -> bool {
-        pins.contains(&remote.layer_digest) || pins.contains(&remote.image_ref)
+    /// Whether `remote` is covered by a pin: `pinned` are the TOC digests
+    /// pins are bound to ([`Cache::pinned_tocs`]).
+    pub fn is_pinned(pinned: &HashSet<String>, remote: &RemoteRef) -> bool {
+        pinned.contains(&remote.toc_digest)
+    }
+
+    /// The TOC digests of pinned layers (empty on a database error, which
+    /// is logged).
+    pub fn pinned_tocs(&self) -> HashSet<String> {
+        match self.store.index().pin_bindings() {
+            Ok(b) => b.into_values().flatten().collect(),
+            Err(e) => {
+                error!(error = %e, "cannot read pins");
+                HashSet::new()
+            }
+        }
     }
 
     /// The pins (empty on a database error, which is logged).
@@ -172,16 +192,16 @@ impl Cache {
         })
     }
 
-    /// Distinct layers (by TOC) `target` covers: mounted, or recorded with
-    /// a kept TOC.
-    fn covered(&self, target: &str) -> u64 {
+    /// Distinct layers (by TOC) whose labels name `target` now: mounted,
+    /// or recorded with a kept TOC.
+    fn claiming(&self, target: &str) -> BTreeSet<String> {
         let pins = HashSet::from([target.to_owned()]);
-        let mut tocs: HashSet<String> = self
+        let mut tocs: BTreeSet<String> = self
             .layers
             .lock()
             .unwrap()
             .values()
-            .filter(|m| Self::is_pinned(&pins, &m.remote))
+            .filter(|m| m.remote.layer_digest == target || m.remote.image_ref == target)
             .map(|m| m.remote.toc_digest.clone())
             .collect();
         match self.tocs.records() {
@@ -192,26 +212,40 @@ impl Cache {
             ),
             Err(e) => warn!(error = %e, "cannot read the TOC records"),
         }
-        tocs.len() as u64
+        tocs
+    }
+
+    /// Layers (TOCs) pin `target` is bound to.
+    fn bound(&self, target: &str) -> u64 {
+        self.store
+            .index()
+            .pin_bindings()
+            .ok()
+            .and_then(|mut b| b.remove(target))
+            .map_or(0, |t| t.len() as u64)
     }
 
     /// Pins an image reference or a layer digest: GC never evicts the
     /// chunks of a layer it covers, mounted or not (found through its kept
-    /// TOC), nor removes that TOC. Blocking.
+    /// TOC), nor removes that TOC. The pin covers the layers Shoal has for
+    /// `target` now, by their verified TOC digests (see the module doc);
+    /// pinning again after pulling a new version adds that version's.
+    /// Blocking.
     ///
     /// # Errors
     /// A bad target, or the database failed.
     pub fn pin(&self, target: &str) -> Result<PinOutcome, String> {
         check_pin_target(target)?;
-        let changed = self
-            .store
-            .index()
+        let index = self.store.index();
+        let changed = index
             .pin(target, self.store.clock().now())
             .map_err(|e| e.to_string())?;
-        info!(target, "pinned");
+        let tocs = self.claiming(target);
+        index.bind_pin(target, &tocs).map_err(|e| e.to_string())?;
+        info!(target, tocs = ?tocs, "pinned");
         Ok(PinOutcome {
             changed,
-            layers: self.covered(target),
+            layers: self.bound(target),
         })
     }
 
@@ -230,7 +264,7 @@ impl Cache {
         }
         Ok(PinOutcome {
             changed,
-            layers: self.covered(target),
+            layers: self.bound(target),
         })
     }
 
@@ -325,7 +359,7 @@ impl Cache {
         let started = Instant::now();
         let cfg = self.config();
         let now = self.store.clock().now();
-        let pins = self.pins();
+        let pins = self.pinned_tocs();
         let mounted: Vec<(RemoteRef, Arc<LayerReader>)> = self
             .layers
             .lock()
@@ -378,6 +412,7 @@ impl Cache {
             Why::Expired => r.evicted_expired += 1,
             Why::Lru => r.evicted_lru += 1,
             Why::Unfetchable => r.evicted_unfetchable += 1,
+            Why::UnfetchableOverCap => r.evicted_unfetchable_over_cap += 1,
         };
         if dry_run {
             for v in &p.victims {
@@ -413,6 +448,12 @@ impl Cache {
             self.stats.runs.fetch_add(1, Ordering::Relaxed);
         }
         report.duration_ms = started.elapsed().as_millis() as u64;
+        if report.evicted_unfetchable_over_cap > 0 {
+            warn!(chunks = report.evicted_unfetchable_over_cap, layers = ?report.unfetchable_layers,
+                  max = cfg.unfetchable_max_bytes,
+                  "evicted the oldest chunks of layers whose registry is unreachable: \
+                   they held more than cache.unfetchable_max_percent");
+        }
         if report.evicted_unfetchable > 0 {
             error!(chunks = report.evicted_unfetchable, layers = ?report.unfetchable_layers,
                    "DISK FULL: evicted chunks of layers whose registry is unreachable; \

@@ -11,10 +11,16 @@
 //!    least recent access until usage is at the low watermark, among the
 //!    unreferenced ones and those whose every referencing layer can still be
 //!    fetched.
-//! 3. A chunk of a pinned layer is never evicted. A chunk of a layer that
-//!    cannot be fetched now (registry unreachable) is evicted only when the
-//!    disk is truly full (a write failed with ENOSPC), and that is logged as
-//!    an error by the caller.
+//! 3. A chunk of a pinned layer is never evicted (pins are bound to verified
+//!    TOC digests, see [`super::cache`]). A chunk of a layer that cannot be
+//!    fetched now (registry unreachable) is evicted only when the disk is
+//!    truly full (a write failed with ENOSPC), and that is logged as an error
+//!    by the caller.
+//! 4. But what unfetchable layers keep that way is capped at
+//!    `unfetchable_max_bytes`: an image controls whether its registry
+//!    answers, so a layer that stops serving after it was fetched must not
+//!    make its chunks unevictable. Past the cap, the oldest unfetchable
+//!    chunks are evicted by rule 2 like any other (`Why::UnfetchableOverCap`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -34,6 +40,9 @@ pub const DEFAULT_LOW_WATERMARK_PERCENT: u8 = 75;
 pub const DEFAULT_UNREFERENCED_TTL_SECS: u64 = 24 * 3600;
 /// Default `cache.gc_interval_secs`.
 pub const DEFAULT_GC_INTERVAL_SECS: u64 = 300;
+/// Default `cache.unfetchable_max_percent`: the share of `max_bytes` that
+/// chunks of unfetchable layers may keep out of rule 2's reach.
+pub const DEFAULT_UNFETCHABLE_MAX_PERCENT: u8 = 25;
 /// How long a "can this layer be fetched?" answer is reused.
 pub const PROBE_TTL: Duration = Duration::from_secs(30);
 /// How often access times are written to the index.
@@ -48,6 +57,9 @@ pub struct CacheConfig {
     pub ttl_secs: u64,
     /// Time between periodic runs.
     pub interval: Duration,
+    /// Bytes of unfetchable layers' chunks kept above the high watermark
+    /// (rule 4); `u64::MAX`: no cap.
+    pub unfetchable_max_bytes: u64,
 }
 
 impl CacheConfig {
@@ -59,6 +71,15 @@ impl CacheConfig {
             high_bytes: pct(high_percent),
             low_bytes: pct(low_percent),
         }
+    }
+
+    /// Rule 4's cap from `max_bytes` and a percentage (no cap when
+    /// `max_bytes` is 0, unlimited).
+    pub fn unfetchable_cap(max_bytes: u64, percent: u8) -> u64 {
+        if max_bytes == 0 {
+            return u64::MAX;
+        }
+        (u128::from(max_bytes) * u128::from(percent) / 100) as u64
     }
 }
 
@@ -72,6 +93,10 @@ impl Default for CacheConfig {
             ),
             ttl_secs: DEFAULT_UNREFERENCED_TTL_SECS,
             interval: Duration::from_secs(DEFAULT_GC_INTERVAL_SECS),
+            unfetchable_max_bytes: Self::unfetchable_cap(
+                DEFAULT_MAX_BYTES,
+                DEFAULT_UNFETCHABLE_MAX_PERCENT,
+            ),
         }
     }
 }
@@ -98,6 +123,8 @@ pub enum Why {
     Lru,
     /// The disk is full and only unfetchable data was left.
     Unfetchable,
+    /// Of an unfetchable layer, past `unfetchable_max_bytes` (rule 4).
+    UnfetchableOverCap,
 }
 
 /// A chunk to evict.
@@ -156,7 +183,7 @@ pub fn plan(
     }
     let mut used: u64 = entries.iter().map(|(_, e)| e.size).sum();
     let mut out = Plan::default();
-    // Rule 1.
+    // Rule 1. `rest`: (digest, entry, referenced, why evicted by rule 2).
     let mut rest = Vec::new();
     let mut unfetchable = Vec::new();
     for (d, e) in entries {
@@ -169,34 +196,53 @@ pub fn plan(
                     why: Why::Expired,
                 });
             }
-            None => rest.push((d, e, false)),
+            None => rest.push((d, e, false, Why::Lru)),
             Some(r) if r.pinned => {
                 out.pinned_bytes += e.size;
                 out.protected.insert(*d);
             }
             Some(r) if r.unfetchable => unfetchable.push((d, e)),
-            Some(_) => rest.push((d, e, true)),
+            Some(_) => rest.push((d, e, true, Why::Lru)),
         }
     }
+    // Rule 4: the oldest unfetchable chunks past the cap join rule 2.
+    unfetchable.sort_by_key(|(_, e)| e.last_access);
+    let total: u64 = unfetchable.iter().map(|(_, e)| e.size).sum();
+    let mut excess = total.saturating_sub(cfg.unfetchable_max_bytes);
+    let over_cap = unfetchable
+        .iter()
+        .take_while(|(_, e)| {
+            let take = excess > 0;
+            excess = excess.saturating_sub(e.size);
+            take
+        })
+        .count();
+    rest.extend(
+        unfetchable
+            .drain(..over_cap)
+            .map(|(d, e)| (d, e, true, Why::UnfetchableOverCap)),
+    );
     let high = cfg.limits.high_bytes;
     let low = cfg.limits.low_bytes;
     let over = |used: u64| (high > 0 && used > high) || disk_full;
     if over(used) {
         // Rule 2: oldest first; unreferenced before referenced at equal age.
-        rest.sort_by_key(|(_, e, referenced)| (e.last_access, *referenced));
-        for (d, e, _) in rest {
+        rest.sort_by_key(|(_, e, referenced, _)| (e.last_access, *referenced));
+        for (d, e, _, why) in rest {
             if used <= low {
-                break;
+                if why == Why::UnfetchableOverCap {
+                    out.kept_unfetchable_bytes += e.size;
+                }
+                continue;
             }
             used -= e.size;
             out.victims.push(Victim {
                 digest: *d,
                 size: e.size,
-                why: Why::Lru,
+                why,
             });
         }
         // Rule 3.
-        unfetchable.sort_by_key(|(_, e)| e.last_access);
         for (d, e) in unfetchable {
             if used <= low || !disk_full {
                 out.kept_unfetchable_bytes += e.size;
@@ -211,7 +257,7 @@ pub fn plan(
             });
         }
     } else {
-        out.kept_unfetchable_bytes = unfetchable.iter().map(|(_, e)| e.size).sum();
+        out.kept_unfetchable_bytes = total;
         out.protected.extend(unfetchable.iter().map(|(d, _)| **d));
     }
     out.used_after = used;
@@ -243,6 +289,9 @@ pub struct GcReport {
     pub evicted_lru: u64,
     /// Of which: of unfetchable layers, because the disk was full.
     pub evicted_unfetchable: u64,
+    /// Of which: of unfetchable layers, past `unfetchable_max_percent`.
+    #[serde(default)]
+    pub evicted_unfetchable_over_cap: u64,
     /// Chunks left because a reader was reading them.
     pub skipped_busy: u64,
     /// Bytes of pinned chunks.
@@ -275,6 +324,7 @@ mod tests {
             limits: CacheConfig::limits(max, 90, 50),
             ttl_secs: 100,
             interval: Duration::from_secs(1),
+            unfetchable_max_bytes: u64::MAX,
         }
     }
 
@@ -367,5 +417,64 @@ mod tests {
         let p = plan(&entries, &layers, &cfg(50), 10, false);
         assert!(p.victims.is_empty());
         assert_eq!(p.kept_unfetchable_bytes, 100);
+    }
+
+    #[test]
+    fn unfetchable_chunks_past_the_cap_go_oldest_first_above_the_high_watermark() {
+        // 10 chunks of 10 bytes, all of unfetchable layers; max 100 → high
+        // 90, low 50; the cap keeps 30 bytes of them.
+        let entries: Vec<_> = (1..=10u8).map(|i| ([i; 32], e(10, u64::from(i)))).collect();
+        let layers = [
+            layer(&[1, 2, 3, 4, 5], false, false),
+            layer(&[6, 7, 8, 9, 10], false, false),
+        ];
+        let c = CacheConfig {
+            unfetchable_max_bytes: 30,
+            ..cfg(100)
+        };
+        let p = plan(&entries, &layers, &c, 50, false);
+        assert_eq!(
+            digests(&p),
+            [
+                (1, Why::UnfetchableOverCap),
+                (2, Why::UnfetchableOverCap),
+                (3, Why::UnfetchableOverCap),
+                (4, Why::UnfetchableOverCap),
+                (5, Why::UnfetchableOverCap)
+            ]
+        );
+        assert_eq!(p.used_after, 50);
+        assert_eq!(p.kept_unfetchable_bytes, 50);
+        // The newest, within the cap, are protected from being taken along.
+        let mut protected: Vec<u8> = p.protected.iter().map(|d| d[0]).collect();
+        protected.sort_unstable();
+        assert_eq!(protected, [8, 9, 10]);
+        // Below the high watermark nothing goes, over the cap or not.
+        assert!(plan(&entries[..9], &layers, &c, 50, false)
+            .victims
+            .is_empty());
+        // Within the cap: kept, as before.
+        let c = CacheConfig {
+            unfetchable_max_bytes: 100,
+            ..cfg(100)
+        };
+        assert!(plan(&entries, &layers, &c, 50, false).victims.is_empty());
+        // Pinned chunks never count against it, nor go.
+        let layers = [
+            layer(&[1, 2, 3], true, false),
+            layer(&[4, 5, 6, 7, 8, 9, 10], false, false),
+        ];
+        let c = CacheConfig {
+            unfetchable_max_bytes: 0,
+            ..cfg(100)
+        };
+        let p = plan(&entries, &layers, &c, 50, false);
+        assert_eq!(p.pinned_bytes, 30);
+        assert_eq!(
+            digests(&p),
+            (4..=8u8)
+                .map(|d| (d, Why::UnfetchableOverCap))
+                .collect::<Vec<_>>()
+        );
     }
 }

@@ -12,13 +12,15 @@
 //!   now), and drops redb rows whose file is gone.
 //! - `used` is the sum of `size` over the map, under the same lock.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 const CHUNKS: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("cache_chunks");
 const PINS: TableDefinition<&str, u64> = TableDefinition::new("cache_pins");
+/// Per pin target, the TOC digests it was bound to when pinned (JSON list).
+const PIN_TOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("cache_pin_tocs");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("cache_meta");
 const LAST_GC: &str = "last_gc";
 
@@ -123,6 +125,7 @@ impl ChunkIndex {
             let txn = db.begin_write()?;
             txn.open_table(CHUNKS)?;
             txn.open_table(PINS)?;
+            txn.open_table(PIN_TOCS)?;
             txn.open_table(META)?;
             txn.commit()?;
             let txn = db.begin_read()?;
@@ -231,8 +234,63 @@ impl ChunkIndex {
     pub fn unpin(&self, target: &str) -> Result<bool, redb::Error> {
         let txn = self.db()?.begin_write()?;
         let had = txn.open_table(PINS)?.remove(target)?.is_some();
+        txn.open_table(PIN_TOCS)?.remove(target)?;
         txn.commit()?;
         Ok(had)
+    }
+
+    /// Binds pin `target` to the layers with these TOC digests too (kept
+    /// with the ones bound before).
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn bind_pin(&self, target: &str, tocs: &BTreeSet<String>) -> Result<(), redb::Error> {
+        let txn = self.db()?.begin_write()?;
+        {
+            let mut t = txn.open_table(PIN_TOCS)?;
+            let mut all: BTreeSet<String> = t
+                .get(target)?
+                .and_then(|v| serde_json::from_slice(v.value()).ok())
+                .unwrap_or_default();
+            all.extend(tocs.iter().cloned());
+            t.insert(
+                target,
+                serde_json::to_vec(&all).unwrap_or_default().as_slice(),
+            )?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The TOC digests each pin is bound to (pins bound to none included).
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn pin_bindings(&self) -> Result<HashMap<String, BTreeSet<String>>, redb::Error> {
+        let Some(db) = self.db.get().and_then(Weak::upgrade) else {
+            return Ok(HashMap::new());
+        };
+        let txn = db.begin_read()?;
+        let pins = txn.open_table(PINS)?;
+        // Absent in a database written before pins were bound.
+        let tocs = match txn.open_table(PIN_TOCS) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = HashMap::new();
+        for row in pins.iter()? {
+            let target = row?.0.value().to_owned();
+            let bound = match &tocs {
+                Some(t) => t
+                    .get(target.as_str())?
+                    .and_then(|v| serde_json::from_slice(v.value()).ok())
+                    .unwrap_or_default(),
+                None => BTreeSet::new(),
+            };
+            out.insert(target, bound);
+        }
+        Ok(out)
     }
 
     /// Every pin.

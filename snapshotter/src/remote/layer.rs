@@ -38,9 +38,14 @@ pub struct ServedStats {
 /// # Errors
 /// An entry with an unknown type or malformed xattrs.
 pub fn entries(toc: &Toc) -> Result<Vec<Entry>, TocError> {
-    let mut out = layer_entries(toc)?;
-    if let Some(f) = &toc.toc_file {
-        out.push(Entry {
+    entries_iter(toc).collect()
+}
+
+/// [`entries`] one at a time, for [`tree`]: the tree is built without a
+/// second copy of every entry.
+pub fn entries_iter(toc: &Toc) -> impl Iterator<Item = Result<Entry, TocError>> + '_ {
+    layer_entries(toc).chain(toc.toc_file.as_ref().map(|f| {
+        Ok(Entry {
             path: TOC_TAR_NAME.to_owned(),
             kind: EntryKind::File,
             mode: f.mode,
@@ -50,47 +55,57 @@ pub fn entries(toc: &Toc) -> Result<Vec<Entry>, TocError> {
             size: f.json.len() as u64,
             data_id: toc.entries.len() as u64,
             ..Entry::default()
-        });
-    }
-    Ok(out)
+        })
+    }))
 }
 
-fn layer_entries(toc: &Toc) -> Result<Vec<Entry>, TocError> {
-    toc.entries
-        .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            let kind = match e.kind.as_str() {
-                "reg" => EntryKind::File,
-                "dir" => EntryKind::Dir,
-                "symlink" => EntryKind::Symlink,
-                "hardlink" => EntryKind::Hardlink,
-                "char" => EntryKind::CharDev,
-                "block" => EntryKind::BlockDev,
-                "fifo" => EntryKind::Fifo,
-                other => {
-                    return Err(TocError::Entry {
-                        name: e.name.clone(),
-                        problem: format!("unknown entry type {other:?}"),
-                    })
-                }
-            };
-            Ok(Entry {
-                path: e.name.clone(),
-                kind,
-                mode: (e.mode & 0o7777) as u32,
-                uid: e.uid,
-                gid: e.gid,
-                mtime: mtime(e),
-                size: e.size,
-                link_target: e.link_name.clone(),
-                dev_major: e.dev_major,
-                dev_minor: e.dev_minor,
-                xattrs: xattrs(e)?,
-                data_id: i as u64,
-            })
+/// The FUSE inode tree of a verified TOC, built entry by entry.
+///
+/// # Errors
+/// An entry [`entries`] refuses, or one the tree refuses.
+pub fn tree(toc: &Toc) -> Result<shoal_fuse::Tree, String> {
+    let mut refused = None;
+    let tree = shoal_fuse::Tree::build(
+        entries_iter(toc).map_while(|r| r.map_err(|e| refused = Some(e)).ok()),
+    );
+    match refused {
+        Some(e) => Err(e.to_string()),
+        None => tree.map_err(|e| e.to_string()),
+    }
+}
+
+fn layer_entries(toc: &Toc) -> impl Iterator<Item = Result<Entry, TocError>> + '_ {
+    toc.entries.iter().enumerate().map(|(i, e)| {
+        let kind = match e.kind.as_str() {
+            "reg" => EntryKind::File,
+            "dir" => EntryKind::Dir,
+            "symlink" => EntryKind::Symlink,
+            "hardlink" => EntryKind::Hardlink,
+            "char" => EntryKind::CharDev,
+            "block" => EntryKind::BlockDev,
+            "fifo" => EntryKind::Fifo,
+            other => {
+                return Err(TocError::Entry {
+                    name: e.name.clone(),
+                    problem: format!("unknown entry type {other:?}"),
+                })
+            }
+        };
+        Ok(Entry {
+            path: e.name.clone(),
+            kind,
+            mode: (e.mode & 0o7777) as u32,
+            uid: e.uid,
+            gid: e.gid,
+            mtime: mtime(e),
+            size: e.size,
+            link_target: e.link_name.clone(),
+            dev_major: e.dev_major,
+            dev_minor: e.dev_minor,
+            xattrs: xattrs(e)?,
+            data_id: i as u64,
         })
-        .collect()
+    })
 }
 
 /// Serves one layer's file bytes.

@@ -21,10 +21,10 @@ use tracing::{info, warn};
 use super::annotations::{Hints, SourcePolicy};
 use super::cache::Cache;
 use super::fetch::{BoxFuture, Fetcher, RangeSource};
-use super::layer::{compression_name, entries, LayerReader};
+use super::layer::{compression_name, LayerReader};
 use super::primed::PrimedSource;
 use super::recorder::{Activity, Recorder, Recording};
-use super::toc::{parse_digest, parse_footer, Footer, Toc, FOOTER_FETCH};
+use super::toc::{parse_digest, parse_footer, Footer, Toc, TocLimits, FOOTER_FETCH};
 use crate::metadata::{RemoteRef, Usage};
 
 mod handover;
@@ -76,6 +76,8 @@ pub struct RemoteConfig {
     pub verify_layers: bool,
     /// Which hosts `shoal.source` may name, and with what credentials.
     pub source: SourcePolicy,
+    /// How large a TOC may be; a larger one is refused (a fallback).
+    pub toc_limits: TocLimits,
 }
 
 /// Counters for status and metrics.
@@ -94,6 +96,8 @@ pub struct RemoteStats {
     pub fallbacks_conflict: AtomicU64,
     /// Kept TOCs that failed verification (removed and fetched again).
     pub bad_kept_tocs: AtomicU64,
+    /// Of the TOC fallbacks: the TOC passed a `remote.toc_max_*` limit.
+    pub fallbacks_toc_limit: AtomicU64,
 }
 
 /// Why a layer fell back to a normal pull (a metrics label).
@@ -253,7 +257,7 @@ impl RemoteLayers {
         rt: Handle,
         cfg: RemoteConfig,
     ) -> std::io::Result<RemoteLayers> {
-        let tocs = Arc::new(super::tocs::KeptTocs::new(tocs_dir)?);
+        let tocs = Arc::new(super::tocs::KeptTocs::new(tocs_dir)?.with_limits(cfg.toc_limits));
         let cache = Arc::new(Cache::new(
             fetcher.store().clone(),
             blobs.clone(),
@@ -316,7 +320,7 @@ impl RemoteLayers {
                 r.toc_digest
             ));
         }
-        let local = self.read_kept(r);
+        let local = self.read_kept(r)?;
         let fetched = local.is_none();
         // Only for a layer seen for the first time: a kept TOC means its
         // chunks may well be local already.
@@ -325,7 +329,7 @@ impl RemoteLayers {
             _ => None,
         };
         let hinted = match (&local, hints.toc) {
-            (None, Some((offset, len))) => self.rt.block_on(self.fetch_toc_at(r, offset, len)),
+            (None, Some((offset, len))) => self.rt.block_on(self.fetch_toc_at(r, offset, len))?,
             _ => None,
         };
         let (footer, compressed, toc) = match (local, hinted) {
@@ -333,7 +337,8 @@ impl RemoteLayers {
             (None, Some(parsed)) => parsed,
             (None, None) => {
                 let (f, c) = self.rt.block_on(self.fetch_toc(r))?;
-                let toc = Toc::parse(&c, &f, &r.toc_digest).map_err(|e| e.to_string())?;
+                let toc = Toc::parse_with(&c, &f, &r.toc_digest, &self.cfg.toc_limits)
+                    .map_err(|e| self.refused(e))?;
                 (f, c, toc)
             }
         };
@@ -360,24 +365,28 @@ impl RemoteLayers {
             ));
         }
         Ok(self
-            .read_kept(r)
+            .read_kept(r)?
             .map(|(_, _, toc)| self.resolved(toc, None)))
     }
 
     /// The kept TOC of `r`, verified. A copy that fails verification (torn
     /// by a crash, corrupted on disk) is removed, so the caller fetches and
-    /// keeps it again.
-    fn read_kept(&self, r: &RemoteRef) -> Option<(Footer, Vec<u8>, Toc)> {
+    /// keeps it again. A copy past a `remote.toc_max_*` limit (lowered
+    /// since it was kept) is refused, as a fetched one would be.
+    fn read_kept(&self, r: &RemoteRef) -> Result<Option<(Footer, Vec<u8>, Toc)>, String> {
         let now = self.cache.store().clock().now();
-        let (footer, compressed) = self.tocs.read_local(&r.toc_digest, now)?;
-        match Toc::parse(&compressed, &footer, &r.toc_digest) {
-            Ok(toc) => Some((footer, compressed, toc)),
+        let Some((footer, compressed)) = self.tocs.read_local(&r.toc_digest, now) else {
+            return Ok(None);
+        };
+        match Toc::parse_with(&compressed, &footer, &r.toc_digest, &self.cfg.toc_limits) {
+            Ok(toc) => Ok(Some((footer, compressed, toc))),
+            Err(e @ super::toc::TocError::OverLimit(_)) => Err(self.refused(e)),
             Err(e) => {
                 self.stats.bad_kept_tocs.fetch_add(1, Ordering::Relaxed);
                 warn!(layer = %r.layer_digest, toc = %r.toc_digest, error = %e,
                       "kept TOC does not verify; removing it to fetch it again");
                 self.tocs.discard(&r.toc_digest);
-                None
+                Ok(None)
             }
         }
     }
@@ -401,26 +410,36 @@ impl RemoteLayers {
     }
 
     /// The TOC at a hinted position, parsed, if it is there and verifies;
-    /// `None` (logged) sends the caller to the footer.
+    /// `None` (logged) sends the caller to the footer. A TOC there that is
+    /// past a limit is refused outright: the footer's would be the same.
     async fn fetch_toc_at(
         &self,
         r: &RemoteRef,
         offset: u64,
         len: u64,
-    ) -> Option<(Footer, Vec<u8>, Toc)> {
-        let footer = Footer::zstd_at(offset, len).ok()?;
+    ) -> Result<Option<(Footer, Vec<u8>, Toc)>, String> {
+        let Ok(footer) = Footer::zstd_at(offset, len) else {
+            return Ok(None);
+        };
+        let limits = &self.cfg.toc_limits;
+        if limits.check_compressed(len).is_err() {
+            // The footer's own length is checked (and refused) next.
+            return Ok(None);
+        }
         let checked = match self.blobs.source(r).fetch(offset, len).await {
-            Ok(b) => Toc::parse(&b, &footer, &r.toc_digest)
-                .map(|toc| (b.to_vec(), toc))
-                .map_err(|e| e.to_string()),
+            Ok(b) => match Toc::parse_with(&b, &footer, &r.toc_digest, limits) {
+                Ok(toc) => Ok((b.to_vec(), toc)),
+                Err(e @ super::toc::TocError::OverLimit(_)) => return Err(self.refused(e)),
+                Err(e) => Err(e.to_string()),
+            },
             Err(e) => Err(e),
         };
         match checked {
-            Ok((compressed, toc)) => Some((footer, compressed, toc)),
+            Ok((compressed, toc)) => Ok(Some((footer, compressed, toc))),
             Err(e) => {
                 warn!(layer = %r.layer_digest, offset, len, error = %e,
                       "no valid TOC at the annotated position; reading the footer");
-                None
+                Ok(None)
             }
         }
     }
@@ -433,6 +452,11 @@ impl RemoteLayers {
         let source = self.blobs.source(r);
         let tail = source.fetch(size - FOOTER_FETCH, FOOTER_FETCH).await?;
         let footer = parse_footer(&tail, size).map_err(|e| e.to_string())?;
+        // Refused before a byte of it is fetched.
+        self.cfg
+            .toc_limits
+            .check_compressed(footer.toc_len)
+            .map_err(|e| self.refused(e))?;
         let toc = source.fetch(footer.toc_offset, footer.toc_len).await?;
         Ok((footer, toc.to_vec()))
     }
@@ -464,8 +488,7 @@ impl RemoteLayers {
         fd: Option<std::os::fd::OwnedFd>,
     ) -> Result<(), String> {
         let resumed = fd.is_some();
-        let tree = shoal_fuse::Tree::build(entries(&resolved.toc).map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+        let tree = super::layer::tree(&resolved.toc)?;
         let reader = Arc::new(
             LayerReader::new(
                 r.layer_digest.clone(),
@@ -680,7 +703,7 @@ impl RemoteLayers {
             .map(|(id, m)| (*id, m.name.clone(), m.remote.clone(), m.reader.clone()))
             .collect();
         let store = self.fetcher.store();
-        let pins = self.cache.pins();
+        let pins = self.cache.pinned_tocs();
         let mut out: Vec<LayerStatus> = layers
             .into_iter()
             .map(|(id, name, remote, reader)| {
@@ -744,6 +767,16 @@ impl RemoteLayers {
     /// The fetcher (for its counters and store).
     pub fn fetcher(&self) -> &Arc<Fetcher> {
         &self.fetcher
+    }
+
+    /// The message of a TOC error, counting a limit's refusal.
+    fn refused(&self, e: super::toc::TocError) -> String {
+        if matches!(e, super::toc::TocError::OverLimit(_)) {
+            self.stats
+                .fallbacks_toc_limit
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        e.to_string()
     }
 
     /// Notes a fallback to a normal pull.

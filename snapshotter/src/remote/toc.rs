@@ -24,9 +24,10 @@ pub const GZIP_FOOTER_SIZE: u64 = 51;
 pub const ZSTD_FOOTER_SIZE: u64 = 48;
 /// Bytes to fetch from the end of a blob to find either footer.
 pub const FOOTER_FETCH: u64 = GZIP_FOOTER_SIZE;
-/// Largest compressed TOC accepted.
+/// Largest compressed TOC any configuration accepts (the footer check; the
+/// configured [`TocLimits::max_compressed_bytes`] may only be lower).
 pub const MAX_TOC_COMPRESSED: u64 = 64 << 20;
-/// Largest uncompressed TOC JSON accepted.
+/// Largest uncompressed TOC JSON any configuration accepts.
 pub const MAX_TOC_JSON: u64 = 512 << 20;
 /// Largest uncompressed chunk accepted; a TOC claiming more is refused, so a
 /// hostile TOC cannot make a read allocate without bound.
@@ -103,6 +104,10 @@ pub enum TocError {
     /// The TOC could not be decompressed or decoded.
     #[error("malformed TOC: {0}")]
     Malformed(String),
+    /// The TOC passes a configured limit ([`TocLimits`]); refused before
+    /// the rest of it is read or decoded.
+    #[error("TOC refused: {0}")]
+    OverLimit(String),
     /// An entry is inconsistent (offsets, sizes, chunk coverage).
     #[error("TOC entry {name:?}: {problem}")]
     Entry {
@@ -112,6 +117,55 @@ pub enum TocError {
         problem: String,
     },
 }
+
+/// How large a TOC may be (`[remote]` `toc_max_*`). Peak memory while a TOC
+/// is parsed and mounted is bounded by these (see docs/configuration.md):
+/// about [`BYTES_PER_ENTRY`] per entry plus twice the JSON bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TocLimits {
+    /// Most entries (all of them, `chunk` entries included).
+    pub max_entries: u64,
+    /// Most bytes of the compressed TOC (checked before it is fetched).
+    pub max_compressed_bytes: u64,
+    /// Most bytes of the uncompressed JSON (checked while decompressing).
+    pub max_json_bytes: u64,
+}
+
+impl Default for TocLimits {
+    fn default() -> Self {
+        use crate::config::{
+            DEFAULT_TOC_MAX_COMPRESSED_BYTES, DEFAULT_TOC_MAX_ENTRIES, DEFAULT_TOC_MAX_JSON_BYTES,
+        };
+        TocLimits {
+            max_entries: DEFAULT_TOC_MAX_ENTRIES,
+            max_compressed_bytes: DEFAULT_TOC_MAX_COMPRESSED_BYTES,
+            max_json_bytes: DEFAULT_TOC_MAX_JSON_BYTES,
+        }
+    }
+}
+
+impl TocLimits {
+    /// Refuses a compressed TOC of `len` bytes.
+    ///
+    /// # Errors
+    /// [`TocError::OverLimit`] above `max_compressed_bytes`.
+    pub fn check_compressed(&self, len: u64) -> Result<(), TocError> {
+        if len > self.max_compressed_bytes {
+            return Err(TocError::OverLimit(format!(
+                "compressed TOC of {len} bytes exceeds remote.toc_max_compressed_bytes = {}",
+                self.max_compressed_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Measured peak memory per TOC entry while a layer is parsed and mounted
+/// (the `Toc`, the FUSE tree, and the transient copies of both), for
+/// entries with short names; longer names and other strings add about twice
+/// their JSON bytes. `tests/toc_limits.rs` measures it (VmHWM of a 2M-entry
+/// TOC) and holds the code to it.
+pub const BYTES_PER_ENTRY: u64 = 768;
 
 /// Parses a `sha256:HEX` digest.
 pub fn parse_digest(s: &str) -> Option<[u8; 32]> {
@@ -236,18 +290,91 @@ pub struct RawEntry {
     pub digest: String,
 }
 
-#[derive(Deserialize)]
+/// The TOC document: `entries`, and Shoal's startup-set mark (`shoal
+/// convert --profile`, docs/format.md); other keys are skipped.
+#[derive(Default)]
 struct Jtoc {
-    #[serde(default)]
     entries: Vec<RawEntry>,
-    /// Shoal's startup-set mark (`shoal convert --profile`, docs/format.md).
-    #[serde(default)]
     startup: Option<StartupMark>,
 }
 
 #[derive(Deserialize)]
 struct StartupMark {
     end: u64,
+}
+
+/// Deserializes a [`Jtoc`] while counting entries: the entry past
+/// `max_entries` stops the parse, so a hostile TOC never materializes more
+/// than the limit (`over` tells that error from malformed JSON).
+struct JtocSeed<'a> {
+    max_entries: u64,
+    over: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for JtocSeed<'_> {
+    type Value = Jtoc;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Jtoc, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for JtocSeed<'_> {
+    type Value = Jtoc;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a TOC object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Jtoc, A::Error> {
+        let mut out = Jtoc::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "entries" => {
+                    out.entries = map.next_value_seed(EntriesSeed {
+                        max_entries: self.max_entries,
+                        over: self.over,
+                    })?;
+                }
+                "startup" => out.startup = map.next_value()?,
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+struct EntriesSeed<'a> {
+    max_entries: u64,
+    over: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = Vec<RawEntry>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<RawEntry>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EntriesSeed<'_> {
+    type Value = Vec<RawEntry>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of TOC entries")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> Result<Vec<RawEntry>, A::Error> {
+        // No size hint: the input is hostile. The Vec grows as entries come.
+        let mut out = Vec::new();
+        while let Some(e) = seq.next_element::<RawEntry>()? {
+            if out.len() as u64 >= self.max_entries {
+                self.over.set(true);
+                return Err(serde::de::Error::custom("too many entries"));
+            }
+            out.push(e);
+        }
+        Ok(out)
+    }
 }
 
 /// One verified-to-be-consistent chunk of a regular file.
@@ -311,7 +438,23 @@ impl Toc {
     /// [`TocError`] for a digest mismatch, malformed JSON, or inconsistent
     /// entries.
     pub fn parse(compressed: &[u8], footer: &Footer, expected: &str) -> Result<Toc, TocError> {
-        let (json, header) = decompress_toc(compressed, footer.compression)?;
+        Toc::parse_with(compressed, footer, expected, &TocLimits::default())
+    }
+
+    /// [`Toc::parse`] within `limits`: the compressed size is checked
+    /// first, the JSON size while decompressing, and the entry count while
+    /// decoding (the entry past the limit ends the parse).
+    ///
+    /// # Errors
+    /// As [`Toc::parse`], and [`TocError::OverLimit`].
+    pub fn parse_with(
+        compressed: &[u8],
+        footer: &Footer,
+        expected: &str,
+        limits: &TocLimits,
+    ) -> Result<Toc, TocError> {
+        limits.check_compressed(compressed.len() as u64)?;
+        let (json, header) = decompress_toc(compressed, footer.compression, limits.max_json_bytes)?;
         let actual = format!("sha256:{}", hex::encode(Sha256::digest(&json)));
         if actual != expected {
             return Err(TocError::DigestMismatch {
@@ -319,8 +462,24 @@ impl Toc {
                 actual,
             });
         }
-        let jtoc: Jtoc =
-            serde_json::from_slice(&json).map_err(|e| TocError::Malformed(e.to_string()))?;
+        let over = std::cell::Cell::new(false);
+        let seed = JtocSeed {
+            max_entries: limits.max_entries,
+            over: &over,
+        };
+        let mut de = serde_json::Deserializer::from_slice(&json);
+        let jtoc = serde::de::DeserializeSeed::deserialize(seed, &mut de)
+            .and_then(|j| de.end().map(|()| j))
+            .map_err(|e| {
+                if over.get() {
+                    TocError::OverLimit(format!(
+                        "more than remote.toc_max_entries = {} entries",
+                        limits.max_entries
+                    ))
+                } else {
+                    TocError::Malformed(e.to_string())
+                }
+            })?;
         let startup_end = jtoc.startup.map(|s| s.end);
         let mut toc = build(jtoc.entries, footer)?;
         // A landmark entry wins; otherwise Shoal's startup mark sets the
@@ -340,7 +499,12 @@ impl Toc {
 /// `(mode, uid, gid, mtime)` of the TOC's tar header (eStargz only).
 type TocHeader = Option<(u32, u32, u32, i64)>;
 
-fn decompress_toc(compressed: &[u8], c: Compression) -> Result<(Vec<u8>, TocHeader), TocError> {
+fn decompress_toc(
+    compressed: &[u8],
+    c: Compression,
+    max_json: u64,
+) -> Result<(Vec<u8>, TocHeader), TocError> {
+    let max_json = max_json.min(MAX_TOC_JSON);
     let bad = |e: std::io::Error| TocError::Malformed(e.to_string());
     let mut json = Vec::new();
     let mut header = None;
@@ -368,19 +532,19 @@ fn decompress_toc(compressed: &[u8], c: Compression) -> Result<(Vec<u8>, TocHead
                 h.mtime().map_err(bad)? as i64,
             ));
             (&mut e)
-                .take(MAX_TOC_JSON + 1)
+                .take(max_json + 1)
                 .read_to_end(&mut json)
                 .map_err(bad)?;
         }
         Compression::Zstd => {
             let d = zstd::stream::read::Decoder::new(compressed).map_err(bad)?;
-            d.take(MAX_TOC_JSON + 1)
-                .read_to_end(&mut json)
-                .map_err(bad)?;
+            d.take(max_json + 1).read_to_end(&mut json).map_err(bad)?;
         }
     }
-    if json.len() as u64 > MAX_TOC_JSON {
-        return Err(TocError::Malformed("TOC JSON larger than the limit".into()));
+    if json.len() as u64 > max_json {
+        return Err(TocError::OverLimit(format!(
+            "TOC JSON larger than remote.toc_max_json_bytes = {max_json}"
+        )));
     }
     Ok((json, header))
 }
@@ -415,7 +579,9 @@ pub fn mtime(e: &RawEntry) -> i64 {
         .unwrap_or(0)
 }
 
-fn build(raw: Vec<RawEntry>, footer: &Footer) -> Result<Toc, TocError> {
+/// Builds the chunk table, compacting `raw` in place to its non-chunk
+/// entries: a second vector of entries would double the peak memory.
+fn build(mut raw: Vec<RawEntry>, footer: &Footer) -> Result<Toc, TocError> {
     // Blob end of each data entry: the next non-zero offset, or the payload end.
     let mut ends = vec![footer.payload_end; raw.len()];
     let mut next = footer.payload_end;
@@ -425,28 +591,31 @@ fn build(raw: Vec<RawEntry>, footer: &Footer) -> Result<Toc, TocError> {
             next = e.offset;
         }
     }
-    let mut entries: Vec<RawEntry> = Vec::with_capacity(raw.len());
-    let mut files: Vec<Vec<Chunk>> = Vec::with_capacity(raw.len());
+    // `raw[..kept]` are the entries so far (`kept <= i`); `files[j]` are the
+    // chunks of `raw[j]`.
+    let mut kept: usize = 0;
+    let mut files: Vec<Vec<Chunk>> = Vec::new();
     let mut prefetch_end = None;
-    for (i, e) in raw.into_iter().enumerate() {
+    for i in 0..raw.len() {
+        let e = std::mem::take(&mut raw[i]);
         let err = |problem: String| TocError::Entry {
             name: e.name.clone(),
             problem,
         };
+        let prev = kept.checked_sub(1).map(|p| &raw[p]);
         match e.kind.as_str() {
             "chunk" => {
-                let Some(file) = files
-                    .last_mut()
-                    .filter(|_| entries.last().is_some_and(|p: &RawEntry| p.kind == "reg"))
+                let Some((prev, file)) = prev
+                    .filter(|p| p.kind == "reg")
+                    .and_then(|p| Some((p, files.last_mut()?)))
                 else {
                     return Err(err("chunk entry does not follow a regular file".into()));
                 };
-                let size = entries.last().map_or(0, |p| p.size);
-                file.push(chunk(&e, size, ends[i], footer).map_err(err)?);
+                file.push(chunk(&e, prev.size, ends[i], footer).map_err(err)?);
             }
             "reg" | "dir" | "symlink" | "hardlink" | "char" | "block" | "fifo" => {
-                if let Some(prev) = entries.last() {
-                    check_coverage(prev, files.last().unwrap())?;
+                if let (Some(prev), Some(chunks)) = (prev, files.last()) {
+                    check_coverage(prev, chunks)?;
                 }
                 let name = e.name.trim_start_matches("./").trim_start_matches('/');
                 if name == PREFETCH_LANDMARK {
@@ -458,17 +627,20 @@ fn build(raw: Vec<RawEntry>, footer: &Footer) -> Result<Toc, TocError> {
                 if e.kind == "reg" && e.size > 0 {
                     chunks.push(chunk(&e, e.size, ends[i], footer).map_err(err)?);
                 }
-                entries.push(e);
+                raw[kept] = e;
+                kept += 1;
                 files.push(chunks);
             }
             other => return Err(err(format!("unknown entry type {other:?}"))),
         }
     }
-    if let Some(prev) = entries.last() {
-        check_coverage(prev, files.last().unwrap())?;
+    drop(ends);
+    raw.truncate(kept);
+    if let (Some(prev), Some(chunks)) = (raw.last(), files.last()) {
+        check_coverage(prev, chunks)?;
     }
     Ok(Toc {
-        entries,
+        entries: raw,
         files,
         prefetch_end,
         compression: footer.compression,

@@ -34,7 +34,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::toc::{parse_digest, Footer, Toc};
+use super::toc::{parse_digest, Footer, Toc, TocLimits};
 use crate::metadata::RemoteRef;
 
 const TOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("cache_tocs");
@@ -66,7 +66,9 @@ impl TocRecord {
         self.unreferenced_since = 0;
     }
 
-    /// Whether a pin in `pins` covers this layer.
+    /// Whether this layer claims (by the labels it was mounted with) to be
+    /// one that a pin in `pins` names. A claim only: [`super::cache::Cache::pin`]
+    /// binds pins to TOC digests, and GC goes by those.
     pub fn pinned_by(&self, pins: &HashSet<String>) -> bool {
         (!self.layer_digest.is_empty() && pins.contains(&self.layer_digest))
             || self.images.iter().any(|i| pins.contains(i))
@@ -92,7 +94,7 @@ pub struct TocPlan {
 pub struct TocInputs<'a> {
     /// Layers referenced by a snapshot or mounted.
     pub referenced: &'a [RemoteRef],
-    /// Pins.
+    /// TOC digests of pinned layers (pins bound to verified TOCs).
     pub pins: &'a HashSet<String>,
     /// Last local read per TOC in this process.
     pub used: &'a HashMap<String, u64>,
@@ -121,7 +123,7 @@ pub fn plan(
             for r in refs {
                 rec.merge(r);
             }
-            if rec.pinned_by(inp.pins) {
+            if inp.pins.contains(d) {
                 out.pinned.push(d.clone());
             }
             if known != Some(&rec) {
@@ -134,7 +136,7 @@ pub fn plan(
             rec.unreferenced_since = inp.now;
             out.write.push((d.clone(), rec.clone()));
         }
-        if rec.pinned_by(inp.pins) {
+        if inp.pins.contains(d) {
             out.kept += 1;
             out.pinned.push(d.clone());
             continue;
@@ -165,6 +167,8 @@ pub struct KeptTocs {
     used: Mutex<HashMap<String, u64>>,
     /// Chunk digests of unmounted pinned layers, read once per TOC.
     chunks: Mutex<HashMap<String, Arc<Vec<[u8; 32]>>>>,
+    /// What a kept TOC may be when it is read again.
+    limits: TocLimits,
 }
 
 /// The result of [`KeptTocs::collect`].
@@ -198,9 +202,17 @@ impl KeptTocs {
             db: OnceLock::new(),
             used: Mutex::new(HashMap::new()),
             chunks: Mutex::new(HashMap::new()),
+            limits: TocLimits::default(),
         };
         k.remove_stale_temp();
         Ok(k)
+    }
+
+    /// Reads kept TOCs within `limits` (those the layers were mounted with).
+    #[must_use]
+    pub fn with_limits(mut self, limits: TocLimits) -> KeptTocs {
+        self.limits = limits;
+        self
     }
 
     /// The directory.
@@ -373,7 +385,8 @@ impl KeptTocs {
             .map_err(|e| format!("{}: {e}", footer_path.display()))
             .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))?;
         let compressed = fs::read(&toc_path).map_err(|e| format!("{}: {e}", toc_path.display()))?;
-        let toc = Toc::parse(&compressed, &footer, toc_digest).map_err(|e| e.to_string())?;
+        let toc = Toc::parse_with(&compressed, &footer, toc_digest, &self.limits)
+            .map_err(|e| e.to_string())?;
         let mut v: Vec<[u8; 32]> = toc.files.iter().flatten().map(|c| c.digest).collect();
         v.sort_unstable();
         v.dedup();
@@ -560,7 +573,8 @@ mod tests {
             toc_digest: d(1),
             anonymous: false,
         }];
-        let pins = HashSet::from(["img:p".to_owned()]);
+        // Pins are TOC digests (bound to them when pinned).
+        let pins = HashSet::from([d(4)]);
         let used = HashMap::new();
         let inp = |now, used| TocInputs {
             referenced: &referenced,

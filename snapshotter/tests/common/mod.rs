@@ -163,6 +163,7 @@ pub fn test_config() -> RemoteConfig {
         fetch_ahead_bytes: 0,
         verify_layers: false,
         source: Default::default(),
+        toc_limits: Default::default(),
     }
 }
 
