@@ -1,11 +1,13 @@
 //! Reading registry responses: headers that matter (`Content-Length`,
 //! `Content-Range`, `Retry-After`), error bodies, and bodies with a timeout
-//! between chunks.
+//! between chunks and a floor on their average rate ([`Pace`]).
 //!
 //! Invariant: [`read_body`] returns exactly the bytes asked for or an error;
-//! a body that ends early is [`RegistryError::ShortRead`].
+//! a body that ends early is [`RegistryError::ShortRead`], one slower than
+//! its [`Pace`] allows is [`RegistryError::Timeout`] or
+//! [`RegistryError::TooSlow`].
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use reqwest::header::HeaderValue;
@@ -103,12 +105,41 @@ pub(crate) async fn read_to_end(
     }
 }
 
+/// How long a body may take: at most `gap` between chunks and, with a
+/// `min_rate` (bytes/s, 0: none), on average at least `min_rate` once
+/// `grace` has passed. So a body of `n` bytes is abandoned after
+/// `max(grace, n / min_rate)` at the latest, however it trickles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pace {
+    pub gap: Duration,
+    pub min_rate: u64,
+    pub grace: Duration,
+}
+
+impl Pace {
+    /// How long to wait for more bytes with `got` in after `elapsed`, and
+    /// whether the rate floor (not `gap`) sets that bound.
+    fn wait(&self, got: u64, elapsed: Duration) -> (Duration, bool) {
+        if self.min_rate == 0 {
+            return (self.gap, false);
+        }
+        let earned = Duration::from_secs_f64(got as f64 / self.min_rate as f64);
+        let left = self.grace.max(earned).saturating_sub(elapsed);
+        if left < self.gap {
+            (left, true)
+        } else {
+            (self.gap, false)
+        }
+    }
+}
+
 /// Where a body's bytes go as they arrive, besides the returned buffer:
 /// each piece with the blob offset of its first byte. A retried request
 /// sends its range again from the start; a receiver keeps what it has.
 pub type BodySink = tokio::sync::mpsc::UnboundedSender<(u64, Bytes)>;
 
-/// Reads `want` bytes after skipping `skip`, with `timeout` between chunks.
+/// Reads `want` bytes after skipping `skip`, as fast as `pace` demands
+/// (skipped bytes count towards the rate).
 /// With `exact`, a body longer than `skip + want` is an error; otherwise
 /// the rest is left unread (the connection is dropped). With `sink`
 /// (and the blob offset of the first wanted byte), every piece kept is also
@@ -117,7 +148,7 @@ pub type BodySink = tokio::sync::mpsc::UnboundedSender<(u64, Bytes)>;
 pub(crate) async fn read_body(
     resp: &mut Response,
     site: &Site,
-    timeout: Duration,
+    pace: Pace,
     mut skip: u64,
     want: u64,
     exact: bool,
@@ -125,9 +156,13 @@ pub(crate) async fn read_body(
 ) -> Result<Bytes, RegistryError> {
     let cap = usize::try_from(want.min(MAX_PREALLOC.max(MAX_MANIFEST_BYTES))).unwrap_or(0);
     let mut buf = BytesMut::with_capacity(cap);
+    let started = Instant::now();
+    let mut got = 0u64;
     while (buf.len() as u64) < want {
-        let chunk = match tokio::time::timeout(timeout, resp.chunk()).await {
-            Err(_) => return Err(site.timeout(timeout, "body bytes")),
+        let (wait, floor) = pace.wait(got, started.elapsed());
+        let chunk = match tokio::time::timeout(wait, resp.chunk()).await {
+            Err(_) if floor => return Err(site.too_slow(got, started.elapsed(), pace.min_rate)),
+            Err(_) => return Err(site.timeout(pace.gap, "body bytes")),
             Ok(Err(e)) => {
                 debug!(host = %site.host, error = %error_chain(&e), "body ended with an error");
                 return Err(site.short(buf.len() as u64, want));
@@ -135,6 +170,7 @@ pub(crate) async fn read_body(
             Ok(Ok(None)) => return Err(site.short(buf.len() as u64, want)),
             Ok(Ok(Some(c))) => c,
         };
+        got += chunk.len() as u64;
         let mut from = 0;
         if skip > 0 {
             from = skip.min(chunk.len() as u64) as usize;
@@ -157,7 +193,7 @@ pub(crate) async fn read_body(
         buf.extend_from_slice(&chunk[from..to]);
     }
     if exact {
-        if let Ok(Ok(Some(c))) = tokio::time::timeout(timeout, resp.chunk()).await {
+        if let Ok(Ok(Some(c))) = tokio::time::timeout(pace.gap, resp.chunk()).await {
             if !c.is_empty() {
                 return Err(site.bad(format!("body longer than the {want} bytes asked for")));
             }

@@ -3,9 +3,9 @@
 //! and checking Range answers and body lengths.
 //!
 //! Invariants: a returned range is exactly the bytes asked for; a body that
-//! ends early is [`RegistryError::ShortRead`], never a shorter `Bytes`. A
-//! semaphore permit is held for the whole of one attempt (headers and body)
-//! and never across a backoff sleep. `Authorization` never leaves the
+//! ends early is [`RegistryError::ShortRead`], never a shorter `Bytes`. The
+//! permits of `limits` are held for the whole of one attempt (headers and
+//! body) and never across a backoff sleep. `Authorization` never leaves the
 //! registry's origin on a redirect.
 
 use std::hash::{BuildHasher, Hasher};
@@ -265,14 +265,14 @@ impl Registry {
         reference: &Reference,
         op: &Op<'_>,
     ) -> Result<Outcome, RegistryError> {
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
-            .await
-            .expect("semaphore never closed");
+        let blob = match *op {
+            Op::Range { digest, .. } | Op::Size { digest } => Some(digest),
+            Op::Manifest => None,
+        };
+        let _permits = self.inner.limits.acquire(&host.spec.host, blob).await;
         let repo = &reference.repository;
         let timeout = self.inner.cfg.request_timeout;
+        let pace = self.pace();
         match *op {
             Op::Range {
                 digest,
@@ -306,7 +306,7 @@ impl Registry {
                         read_body(
                             &mut resp,
                             &site,
-                            timeout,
+                            pace,
                             0,
                             len,
                             true,
@@ -328,7 +328,7 @@ impl Registry {
                         read_body(
                             &mut resp,
                             &site,
-                            timeout,
+                            pace,
                             offset,
                             len,
                             false,
@@ -391,7 +391,7 @@ impl Registry {
                             "manifest of {n} bytes exceeds {MAX_MANIFEST_BYTES}"
                         )));
                     }
-                    Some(n) => read_body(&mut resp, &site, timeout, 0, n, true, None).await?,
+                    Some(n) => read_body(&mut resp, &site, pace, 0, n, true, None).await?,
                     None => read_to_end(&mut resp, &site, timeout, MAX_MANIFEST_BYTES).await?,
                 };
                 if body.len() as u64 > MAX_MANIFEST_BYTES {
