@@ -139,7 +139,9 @@ impl Pace {
 pub type BodySink = tokio::sync::mpsc::UnboundedSender<(u64, Bytes)>;
 
 /// Reads `want` bytes after skipping `skip`, as fast as `pace` demands
-/// (skipped bytes count towards the rate).
+/// (skipped bytes count towards the rate). With `rest`, its bytes come
+/// first, before the response's, and on success it holds what the last
+/// chunk had past the window (so a caller can go on reading the body).
 /// With `exact`, a body longer than `skip + want` is an error; otherwise
 /// the rest is left unread (the connection is dropped). With `sink`
 /// (and the blob offset of the first wanted byte), every piece kept is also
@@ -153,12 +155,18 @@ pub(crate) async fn read_body(
     want: u64,
     exact: bool,
     sink: Option<(&BodySink, u64)>,
+    mut rest: Option<&mut Bytes>,
 ) -> Result<Bytes, RegistryError> {
     let cap = usize::try_from(want.min(MAX_PREALLOC.max(MAX_MANIFEST_BYTES))).unwrap_or(0);
     let mut buf = BytesMut::with_capacity(cap);
     let started = Instant::now();
     let mut got = 0u64;
+    let mut carried = rest.as_deref_mut().map(std::mem::take);
     while (buf.len() as u64) < want {
+        if let Some(c) = carried.take().filter(|c| !c.is_empty()) {
+            take_window(&mut buf, &mut skip, want, sink, &c, &mut rest);
+            continue;
+        }
         let (wait, floor) = pace.wait(got, started.elapsed());
         let chunk = match tokio::time::timeout(wait, resp.chunk()).await {
             Err(_) if floor => return Err(site.too_slow(got, started.elapsed(), pace.min_rate)),
@@ -171,26 +179,10 @@ pub(crate) async fn read_body(
             Ok(Ok(Some(c))) => c,
         };
         got += chunk.len() as u64;
-        let mut from = 0;
-        if skip > 0 {
-            from = skip.min(chunk.len() as u64) as usize;
-            skip -= from as u64;
+        if exact && skip + (want - buf.len() as u64) < chunk.len() as u64 {
+            return Err(site.bad(format!("body longer than the {want} bytes asked for")));
         }
-        let room = (want - buf.len() as u64) as usize;
-        let mut to = chunk.len();
-        if to - from > room {
-            if exact {
-                return Err(site.bad(format!("body longer than the {want} bytes asked for")));
-            }
-            to = from + room;
-        }
-        if let Some((sink, base)) = sink {
-            if to > from {
-                // A receiver that went away only stops wanting the pieces.
-                let _ = sink.send((base + buf.len() as u64, chunk.slice(from..to)));
-            }
-        }
-        buf.extend_from_slice(&chunk[from..to]);
+        take_window(&mut buf, &mut skip, want, sink, &chunk, &mut rest);
     }
     if exact {
         if let Ok(Ok(Some(c))) = tokio::time::timeout(pace.gap, resp.chunk()).await {
@@ -200,6 +192,32 @@ pub(crate) async fn read_body(
         }
     }
     Ok(buf.freeze())
+}
+
+/// Appends to `buf` the part of `chunk` after `skip` bytes, up to `want`
+/// in all (sending it to `sink` too), and leaves in `rest` what is past it.
+fn take_window(
+    buf: &mut BytesMut,
+    skip: &mut u64,
+    want: u64,
+    sink: Option<(&BodySink, u64)>,
+    chunk: &Bytes,
+    rest: &mut Option<&mut Bytes>,
+) {
+    let from = (*skip).min(chunk.len() as u64) as usize;
+    *skip -= from as u64;
+    let room = (want - buf.len() as u64) as usize;
+    let to = chunk.len().min(from + room);
+    if let Some((sink, base)) = sink {
+        if to > from {
+            // A receiver that went away only stops wanting the pieces.
+            let _ = sink.send((base + buf.len() as u64, chunk.slice(from..to)));
+        }
+    }
+    buf.extend_from_slice(&chunk[from..to]);
+    if let Some(r) = rest {
+        **r = chunk.slice(to..);
+    }
 }
 
 #[cfg(test)]

@@ -281,6 +281,9 @@ impl Registry {
                 sink,
             } => {
                 let site = self.site(reference, &host.spec.host, digest);
+                if let Some(b) = self.from_parked(&site, digest, offset, len, sink).await {
+                    return Ok(Outcome::Bytes(b));
+                }
                 let last = offset + len - 1;
                 let mut headers = HeaderMap::new();
                 headers.insert("range", hv(&format!("bytes={offset}-{last}")));
@@ -311,32 +314,15 @@ impl Registry {
                             len,
                             true,
                             sink.map(|s| (s, offset)),
+                            None,
                         )
                         .await
                         .map(Outcome::Bytes)
                     }
-                    StatusCode::OK => {
-                        if let Some(cl) = content_length(&resp) {
-                            if cl < offset + len {
-                                return Err(site.bad(format!(
-                                    "blob has {cl} bytes, range ends at {}",
-                                    offset + len
-                                )));
-                            }
-                        }
-                        warn!(host = %site.host, offset, len, "server ignored Range; skipping to the window in the full body");
-                        read_body(
-                            &mut resp,
-                            &site,
-                            pace,
-                            offset,
-                            len,
-                            false,
-                            sink.map(|s| (s, offset)),
-                        )
+                    StatusCode::OK => self
+                        .read_unranged(resp, &site, digest, offset, len, sink)
                         .await
-                        .map(Outcome::Bytes)
-                    }
+                        .map(Outcome::Bytes),
                     StatusCode::RANGE_NOT_SATISFIABLE => Err(site.bad(format!(
                         "range bytes={offset}-{last} not satisfiable (Content-Range {:?})",
                         header_str(&resp, "content-range")
@@ -391,7 +377,7 @@ impl Registry {
                             "manifest of {n} bytes exceeds {MAX_MANIFEST_BYTES}"
                         )));
                     }
-                    Some(n) => read_body(&mut resp, &site, pace, 0, n, true, None).await?,
+                    Some(n) => read_body(&mut resp, &site, pace, 0, n, true, None, None).await?,
                     None => read_to_end(&mut resp, &site, timeout, MAX_MANIFEST_BYTES).await?,
                 };
                 if body.len() as u64 > MAX_MANIFEST_BYTES {
