@@ -55,7 +55,18 @@ pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
 /// Default `registry.retries`.
 pub const DEFAULT_RETRIES: u32 = 3;
 /// Default `registry.max_concurrent`.
-pub const DEFAULT_MAX_CONCURRENT: usize = 8;
+pub const DEFAULT_MAX_CONCURRENT: usize = 32;
+/// Default `registry.max_concurrent_per_host`: below `max_concurrent`, so a
+/// slow host leaves slots to the others.
+pub const DEFAULT_MAX_CONCURRENT_PER_HOST: usize = 8;
+/// Default `registry.max_concurrent_per_blob`: below the host's, so one
+/// layer leaves slots to the other layers of its host.
+pub const DEFAULT_MAX_CONCURRENT_PER_BLOB: usize = 4;
+/// Default `registry.min_rate_bytes_per_sec`: 4 KiB/s, far below any working
+/// link's share, far above a trickle.
+pub const DEFAULT_MIN_RATE_BYTES_PER_SEC: u64 = 4 << 10;
+/// Default `registry.min_rate_grace_secs`.
+pub const DEFAULT_MIN_RATE_GRACE_SECS: u64 = 10;
 /// A config file larger than this is refused before parsing.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -210,6 +221,15 @@ pub struct RegistrySection {
     pub retries: u32,
     /// Concurrent registry requests, for the whole daemon.
     pub max_concurrent: usize,
+    /// Concurrent requests to one registry host (or mirror).
+    pub max_concurrent_per_host: usize,
+    /// Concurrent requests for one blob (layer) on one host.
+    pub max_concurrent_per_blob: usize,
+    /// Bytes/s a response body must average after `min_rate_grace_secs`
+    /// (0: no floor).
+    pub min_rate_bytes_per_sec: u64,
+    /// Seconds a response body may take before the rate floor applies.
+    pub min_rate_grace_secs: u64,
     /// Docker config file with credentials; unset means
     /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
@@ -224,6 +244,10 @@ impl Default for RegistrySection {
             request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
             retries: DEFAULT_RETRIES,
             max_concurrent: DEFAULT_MAX_CONCURRENT,
+            max_concurrent_per_host: DEFAULT_MAX_CONCURRENT_PER_HOST,
+            max_concurrent_per_blob: DEFAULT_MAX_CONCURRENT_PER_BLOB,
+            min_rate_bytes_per_sec: DEFAULT_MIN_RATE_BYTES_PER_SEC,
+            min_rate_grace_secs: DEFAULT_MIN_RATE_GRACE_SECS,
             docker_config: None,
             credentials: Vec::new(),
         }
@@ -487,8 +511,20 @@ impl Config {
                 ));
             }
         }
-        if self.registry.max_concurrent == 0 {
-            return Err(("registry.max_concurrent", "must be at least 1".into()));
+        for (key, n) in [
+            ("registry.max_concurrent", self.registry.max_concurrent),
+            (
+                "registry.max_concurrent_per_host",
+                self.registry.max_concurrent_per_host,
+            ),
+            (
+                "registry.max_concurrent_per_blob",
+                self.registry.max_concurrent_per_blob,
+            ),
+        ] {
+            if n == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
         }
         if self.registry.request_timeout_secs == 0 {
             return Err(("registry.request_timeout_secs", "must be at least 1".into()));

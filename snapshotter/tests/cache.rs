@@ -552,6 +552,7 @@ fn probes_of_many_layers_from_a_silent_registry_take_about_one_timeout() {
         max_concurrent: PROBE_CONCURRENCY,
         credentials: Vec::new(),
         docker_config: Some(dir.path().join("no-docker-config.json")),
+        ..RegistryConfig::default()
     })
     .unwrap();
     let blobs: Arc<dyn Blobs> =

@@ -53,6 +53,7 @@ fn client(certs: &Path, docker_config: Option<PathBuf>, creds: Vec<Credential>) 
         max_concurrent: 8,
         credentials: creds,
         docker_config: Some(docker_config.unwrap_or_else(|| certs.join("no-docker-config.json"))),
+        ..RegistryConfig::default()
     })
     .unwrap()
 }

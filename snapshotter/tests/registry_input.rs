@@ -135,6 +135,7 @@ fn client_with(
         max_concurrent: 4,
         credentials,
         docker_config: Some(certs.join("no-docker-config.json")),
+        ..RegistryConfig::default()
     })
     .unwrap();
     let reference = format!("{}/test/repo:v1", server.host()).parse().unwrap();

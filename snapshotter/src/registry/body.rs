@@ -1,11 +1,13 @@
 //! Reading registry responses: headers that matter (`Content-Length`,
 //! `Content-Range`, `Retry-After`), error bodies, and bodies with a timeout
-//! between chunks.
+//! between chunks and a floor on their average rate ([`Pace`]).
 //!
 //! Invariant: [`read_body`] returns exactly the bytes asked for or an error;
-//! a body that ends early is [`RegistryError::ShortRead`].
+//! a body that ends early is [`RegistryError::ShortRead`], one slower than
+//! its [`Pace`] allows is [`RegistryError::Timeout`] or
+//! [`RegistryError::TooSlow`].
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use reqwest::header::HeaderValue;
@@ -103,12 +105,43 @@ pub(crate) async fn read_to_end(
     }
 }
 
+/// How long a body may take: at most `gap` between chunks and, with a
+/// `min_rate` (bytes/s, 0: none), on average at least `min_rate` once
+/// `grace` has passed. So a body of `n` bytes is abandoned after
+/// `max(grace, n / min_rate)` at the latest, however it trickles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pace {
+    pub gap: Duration,
+    pub min_rate: u64,
+    pub grace: Duration,
+}
+
+impl Pace {
+    /// How long to wait for more bytes with `got` in after `elapsed`, and
+    /// whether the rate floor (not `gap`) sets that bound.
+    fn wait(&self, got: u64, elapsed: Duration) -> (Duration, bool) {
+        if self.min_rate == 0 {
+            return (self.gap, false);
+        }
+        let earned = Duration::from_secs_f64(got as f64 / self.min_rate as f64);
+        let left = self.grace.max(earned).saturating_sub(elapsed);
+        if left < self.gap {
+            (left, true)
+        } else {
+            (self.gap, false)
+        }
+    }
+}
+
 /// Where a body's bytes go as they arrive, besides the returned buffer:
 /// each piece with the blob offset of its first byte. A retried request
 /// sends its range again from the start; a receiver keeps what it has.
 pub type BodySink = tokio::sync::mpsc::UnboundedSender<(u64, Bytes)>;
 
-/// Reads `want` bytes after skipping `skip`, with `timeout` between chunks.
+/// Reads `want` bytes after skipping `skip`, as fast as `pace` demands
+/// (skipped bytes count towards the rate). With `rest`, its bytes come
+/// first, before the response's, and on success it holds what the last
+/// chunk had past the window (so a caller can go on reading the body).
 /// With `exact`, a body longer than `skip + want` is an error; otherwise
 /// the rest is left unread (the connection is dropped). With `sink`
 /// (and the blob offset of the first wanted byte), every piece kept is also
@@ -117,17 +150,27 @@ pub type BodySink = tokio::sync::mpsc::UnboundedSender<(u64, Bytes)>;
 pub(crate) async fn read_body(
     resp: &mut Response,
     site: &Site,
-    timeout: Duration,
+    pace: Pace,
     mut skip: u64,
     want: u64,
     exact: bool,
     sink: Option<(&BodySink, u64)>,
+    mut rest: Option<&mut Bytes>,
 ) -> Result<Bytes, RegistryError> {
     let cap = usize::try_from(want.min(MAX_PREALLOC.max(MAX_MANIFEST_BYTES))).unwrap_or(0);
     let mut buf = BytesMut::with_capacity(cap);
+    let started = Instant::now();
+    let mut got = 0u64;
+    let mut carried = rest.as_deref_mut().map(std::mem::take);
     while (buf.len() as u64) < want {
-        let chunk = match tokio::time::timeout(timeout, resp.chunk()).await {
-            Err(_) => return Err(site.timeout(timeout, "body bytes")),
+        if let Some(c) = carried.take().filter(|c| !c.is_empty()) {
+            take_window(&mut buf, &mut skip, want, sink, &c, &mut rest);
+            continue;
+        }
+        let (wait, floor) = pace.wait(got, started.elapsed());
+        let chunk = match tokio::time::timeout(wait, resp.chunk()).await {
+            Err(_) if floor => return Err(site.too_slow(got, started.elapsed(), pace.min_rate)),
+            Err(_) => return Err(site.timeout(pace.gap, "body bytes")),
             Ok(Err(e)) => {
                 debug!(host = %site.host, error = %error_chain(&e), "body ended with an error");
                 return Err(site.short(buf.len() as u64, want));
@@ -135,35 +178,46 @@ pub(crate) async fn read_body(
             Ok(Ok(None)) => return Err(site.short(buf.len() as u64, want)),
             Ok(Ok(Some(c))) => c,
         };
-        let mut from = 0;
-        if skip > 0 {
-            from = skip.min(chunk.len() as u64) as usize;
-            skip -= from as u64;
+        got += chunk.len() as u64;
+        if exact && skip + (want - buf.len() as u64) < chunk.len() as u64 {
+            return Err(site.bad(format!("body longer than the {want} bytes asked for")));
         }
-        let room = (want - buf.len() as u64) as usize;
-        let mut to = chunk.len();
-        if to - from > room {
-            if exact {
-                return Err(site.bad(format!("body longer than the {want} bytes asked for")));
-            }
-            to = from + room;
-        }
-        if let Some((sink, base)) = sink {
-            if to > from {
-                // A receiver that went away only stops wanting the pieces.
-                let _ = sink.send((base + buf.len() as u64, chunk.slice(from..to)));
-            }
-        }
-        buf.extend_from_slice(&chunk[from..to]);
+        take_window(&mut buf, &mut skip, want, sink, &chunk, &mut rest);
     }
     if exact {
-        if let Ok(Ok(Some(c))) = tokio::time::timeout(timeout, resp.chunk()).await {
+        if let Ok(Ok(Some(c))) = tokio::time::timeout(pace.gap, resp.chunk()).await {
             if !c.is_empty() {
                 return Err(site.bad(format!("body longer than the {want} bytes asked for")));
             }
         }
     }
     Ok(buf.freeze())
+}
+
+/// Appends to `buf` the part of `chunk` after `skip` bytes, up to `want`
+/// in all (sending it to `sink` too), and leaves in `rest` what is past it.
+fn take_window(
+    buf: &mut BytesMut,
+    skip: &mut u64,
+    want: u64,
+    sink: Option<(&BodySink, u64)>,
+    chunk: &Bytes,
+    rest: &mut Option<&mut Bytes>,
+) {
+    let from = (*skip).min(chunk.len() as u64) as usize;
+    *skip -= from as u64;
+    let room = (want - buf.len() as u64) as usize;
+    let to = chunk.len().min(from + room);
+    if let Some((sink, base)) = sink {
+        if to > from {
+            // A receiver that went away only stops wanting the pieces.
+            let _ = sink.send((base + buf.len() as u64, chunk.slice(from..to)));
+        }
+    }
+    buf.extend_from_slice(&chunk[from..to]);
+    if let Some(r) = rest {
+        **r = chunk.slice(to..);
+    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //! repository and object (digest or tag) involved.
 //!
 //! Invariant: [`RegistryError::is_transient`] decides retries: only
-//! connection trouble, timeouts, truncated bodies, 5xx, 408 and 429 are
-//! transient. (Any error moves on to the next host; see `fetch`.)
+//! connection trouble, timeouts, bodies under the rate floor, truncated
+//! bodies, 5xx, 408 and 429 are transient. (Any error moves on to the next host; see `fetch`.)
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -72,6 +72,23 @@ pub enum RegistryError {
         after: Duration,
         /// `response headers` or `body bytes`.
         waiting_for: &'static str,
+    },
+    /// The body came in slower, on average, than the configured floor
+    /// (`registry.min_rate_bytes_per_sec`) allows.
+    #[error("{host}/{repo}@{object}: body too slow: {got} bytes in {elapsed:?}, under the floor of {min_rate} bytes/s")]
+    TooSlow {
+        /// Host contacted.
+        host: String,
+        /// Repository.
+        repo: String,
+        /// Digest or tag.
+        object: String,
+        /// Bytes received (skipped ones included).
+        got: u64,
+        /// Time since the body started.
+        elapsed: Duration,
+        /// The floor, bytes/s.
+        min_rate: u64,
     },
     /// An unexpected HTTP status.
     #[error("{host}/{repo}@{object}: HTTP {status}{}", detail_suffix(detail))]
@@ -157,6 +174,7 @@ impl RegistryError {
         match self {
             RegistryError::Transport { .. }
             | RegistryError::Timeout { .. }
+            | RegistryError::TooSlow { .. }
             | RegistryError::ShortRead { .. } => true,
             RegistryError::Status { status, .. } => {
                 *status >= 500 || *status == 408 || *status == 429
@@ -208,6 +226,17 @@ impl Site {
             object: self.object.clone(),
             after,
             waiting_for,
+        }
+    }
+
+    pub fn too_slow(&self, got: u64, elapsed: Duration, min_rate: u64) -> RegistryError {
+        RegistryError::TooSlow {
+            host: self.host.clone(),
+            repo: self.repo.clone(),
+            object: self.object.clone(),
+            got,
+            elapsed,
+            min_rate,
         }
     }
 

@@ -3,9 +3,9 @@
 //! and checking Range answers and body lengths.
 //!
 //! Invariants: a returned range is exactly the bytes asked for; a body that
-//! ends early is [`RegistryError::ShortRead`], never a shorter `Bytes`. A
-//! semaphore permit is held for the whole of one attempt (headers and body)
-//! and never across a backoff sleep. Neither `Authorization` nor a
+//! ends early is [`RegistryError::ShortRead`], never a shorter `Bytes`. The
+//! permits of `limits` are held for the whole of one attempt (headers and
+//! body) and never across a backoff sleep. Neither `Authorization` nor a
 //! `hosts.toml` `[header]` leaves the registry's origin on a redirect.
 
 use std::hash::{BuildHasher, Hasher};
@@ -267,14 +267,14 @@ impl Registry {
         reference: &Reference,
         op: &Op<'_>,
     ) -> Result<Outcome, RegistryError> {
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
-            .await
-            .expect("semaphore never closed");
+        let blob = match *op {
+            Op::Range { digest, .. } | Op::Size { digest } => Some(digest),
+            Op::Manifest => None,
+        };
+        let _permits = self.inner.limits.acquire(&host.spec.host, blob).await;
         let repo = &reference.repository;
         let timeout = self.inner.cfg.request_timeout;
+        let pace = self.pace();
         match *op {
             Op::Range {
                 digest,
@@ -283,6 +283,9 @@ impl Registry {
                 sink,
             } => {
                 let site = self.site(reference, &host.spec.host, digest);
+                if let Some(b) = self.from_parked(&site, digest, offset, len, sink).await {
+                    return Ok(Outcome::Bytes(b));
+                }
                 let last = offset + len - 1;
                 let mut headers = HeaderMap::new();
                 headers.insert("range", hv(&format!("bytes={offset}-{last}")));
@@ -308,37 +311,20 @@ impl Registry {
                         read_body(
                             &mut resp,
                             &site,
-                            timeout,
+                            pace,
                             0,
                             len,
                             true,
                             sink.map(|s| (s, offset)),
+                            None,
                         )
                         .await
                         .map(Outcome::Bytes)
                     }
-                    StatusCode::OK => {
-                        if let Some(cl) = content_length(&resp) {
-                            if cl < offset + len {
-                                return Err(site.bad(format!(
-                                    "blob has {cl} bytes, range ends at {}",
-                                    offset + len
-                                )));
-                            }
-                        }
-                        warn!(host = %site.host, offset, len, "server ignored Range; skipping to the window in the full body");
-                        read_body(
-                            &mut resp,
-                            &site,
-                            timeout,
-                            offset,
-                            len,
-                            false,
-                            sink.map(|s| (s, offset)),
-                        )
+                    StatusCode::OK => self
+                        .read_unranged(resp, &site, digest, offset, len, sink)
                         .await
-                        .map(Outcome::Bytes)
-                    }
+                        .map(Outcome::Bytes),
                     StatusCode::RANGE_NOT_SATISFIABLE => Err(site.bad(format!(
                         "range bytes={offset}-{last} not satisfiable (Content-Range {:?})",
                         header_str(&resp, "content-range")
@@ -393,7 +379,7 @@ impl Registry {
                             "manifest of {n} bytes exceeds {MAX_MANIFEST_BYTES}"
                         )));
                     }
-                    Some(n) => read_body(&mut resp, &site, timeout, 0, n, true, None).await?,
+                    Some(n) => read_body(&mut resp, &site, pace, 0, n, true, None, None).await?,
                     None => read_to_end(&mut resp, &site, timeout, MAX_MANIFEST_BYTES).await?,
                 };
                 if body.len() as u64 > MAX_MANIFEST_BYTES {

@@ -25,21 +25,31 @@
 //!   (connection errors, timeouts, truncated bodies, 5xx, 408, 429). The
 //!   error returned is the last failing host's, normally the server's.
 //! - Timeouts: `request_timeout` bounds connecting plus waiting for the
-//!   response headers, and then *each gap* between body chunks. There is no
-//!   whole-transfer limit, so large ranges on slow links don't fail while
-//!   bytes keep arriving.
+//!   response headers, and then *each gap* between body chunks. A body must
+//!   also average at least `min_rate` bytes/s once `min_rate_grace` has
+//!   passed, so a body of `n` bytes takes at most
+//!   `max(min_rate_grace, n / min_rate)`: a host that trickles bytes cannot
+//!   hold a request slot for long, while large ranges on slow links that
+//!   keep the floor still finish.
 //! - Ranges: `Range: bytes=a-b`. A 206 must carry exactly that
 //!   `Content-Range` (and a matching `Content-Length`); the body must be
 //!   exactly `len` bytes or the read fails with [`RegistryError::ShortRead`].
 //!   A 200 (the server ignored `Range`) is accepted by streaming past
-//!   `offset` bytes and keeping only the window, then dropping the
-//!   connection; this costs `offset` extra bytes of transfer and is logged.
+//!   `offset` bytes and keeping only the window; the host is remembered
+//!   (logged once), and the answer is parked at the window's end, so the
+//!   blob's next range at or past it continues the same answer instead of
+//!   starting again from byte 0 (`unranged`): a layer fetched in blob order
+//!   costs one pass over the blob, not O(N²).
 //! - Redirects (301/302/303/307/308) are followed by hand, up to
 //!   [`MAX_REDIRECTS`]; `Authorization` and the `hosts.toml` `[header]`
 //!   values are dropped when the target is on another origin (blob storage
 //!   such as S3 uses signed URLs).
-//! - Concurrency: at most `max_concurrent` requests of one [`Registry`] (and
-//!   its clones) are in flight at once.
+//! - Concurrency (`limits`): at most `max_concurrent` requests of one
+//!   [`Registry`] (and its clones) are in flight at once, at most
+//!   `max_concurrent_per_host` to one host, and at most
+//!   `max_concurrent_per_blob` for one blob on one host, so a slow host
+//!   leaves slots to the others and one layer leaves slots to the other
+//!   layers of its host.
 //! - Credentials: [`RegistryConfig::credentials`] first, then Docker's
 //!   `config.json`; credential helpers are not supported. A
 //!   [`Registry::anonymous`] client sends none.
@@ -51,8 +61,10 @@ mod body;
 pub mod error;
 mod fetch;
 pub mod hosts;
+mod limits;
 mod push;
 pub mod reference;
+mod unranged;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -76,7 +88,16 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default [`RegistryConfig::retries`].
 pub const DEFAULT_RETRIES: u32 = 3;
 /// Default [`RegistryConfig::max_concurrent`].
-pub const DEFAULT_MAX_CONCURRENT: usize = 8;
+pub const DEFAULT_MAX_CONCURRENT: usize = crate::config::DEFAULT_MAX_CONCURRENT;
+/// Default [`RegistryConfig::max_concurrent_per_host`].
+pub const DEFAULT_MAX_CONCURRENT_PER_HOST: usize = crate::config::DEFAULT_MAX_CONCURRENT_PER_HOST;
+/// Default [`RegistryConfig::max_concurrent_per_blob`].
+pub const DEFAULT_MAX_CONCURRENT_PER_BLOB: usize = crate::config::DEFAULT_MAX_CONCURRENT_PER_BLOB;
+/// Default [`RegistryConfig::min_rate`].
+pub const DEFAULT_MIN_RATE: u64 = crate::config::DEFAULT_MIN_RATE_BYTES_PER_SEC;
+/// Default [`RegistryConfig::min_rate_grace`].
+pub const DEFAULT_MIN_RATE_GRACE: Duration =
+    Duration::from_secs(crate::config::DEFAULT_MIN_RATE_GRACE_SECS);
 /// How long a registry's resolved hosts are reused before `hosts.toml` is
 /// read again.
 pub const HOSTS_TTL: Duration = Duration::from_secs(60);
@@ -110,6 +131,15 @@ pub struct RegistryConfig {
     pub retries: u32,
     /// Requests in flight at once, per [`Registry`].
     pub max_concurrent: usize,
+    /// Requests in flight at once to one host (`host[:port]`).
+    pub max_concurrent_per_host: usize,
+    /// Range and size requests in flight at once for one blob on one host.
+    pub max_concurrent_per_blob: usize,
+    /// Bytes/s a response body must average once `min_rate_grace` has
+    /// passed (0: no floor).
+    pub min_rate: u64,
+    /// How long a body may take before `min_rate` applies.
+    pub min_rate_grace: Duration,
     /// Credentials, tried before the Docker config.
     pub credentials: Vec<Credential>,
     /// Docker config file; `None` means `$DOCKER_CONFIG/config.json` or
@@ -125,6 +155,10 @@ impl Default for RegistryConfig {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             retries: DEFAULT_RETRIES,
             max_concurrent: DEFAULT_MAX_CONCURRENT,
+            max_concurrent_per_host: DEFAULT_MAX_CONCURRENT_PER_HOST,
+            max_concurrent_per_blob: DEFAULT_MAX_CONCURRENT_PER_BLOB,
+            min_rate: DEFAULT_MIN_RATE,
+            min_rate_grace: DEFAULT_MIN_RATE_GRACE,
             credentials: Vec::new(),
             docker_config: None,
         }
@@ -139,6 +173,10 @@ impl RegistryConfig {
             request_timeout: Duration::from_secs(s.request_timeout_secs),
             retries: s.retries,
             max_concurrent: s.max_concurrent,
+            max_concurrent_per_host: s.max_concurrent_per_host,
+            max_concurrent_per_blob: s.max_concurrent_per_blob,
+            min_rate: s.min_rate_bytes_per_sec,
+            min_rate_grace: Duration::from_secs(s.min_rate_grace_secs),
             credentials: s
                 .credentials
                 .iter()
@@ -183,7 +221,8 @@ type HostList = Arc<Vec<Arc<Host>>>;
 struct Inner {
     cfg: RegistryConfig,
     auth: auth::Auth,
-    permits: tokio::sync::Semaphore,
+    limits: limits::Limits,
+    unranged: unranged::Unranged,
     clients: Mutex<HashMap<TlsKey, reqwest::Client>>,
     hosts: Mutex<HashMap<String, (Instant, HostList)>>,
 }
@@ -203,12 +242,16 @@ impl Registry {
     ///
     /// # Errors
     /// An explicitly configured Docker config that cannot be read or parsed,
-    /// or `max_concurrent == 0`.
+    /// or a concurrency limit of 0.
     pub fn new(cfg: RegistryConfig) -> Result<Self, RegistryError> {
-        if cfg.max_concurrent == 0 {
-            return Err(RegistryError::Client(
-                "max_concurrent must be at least 1".into(),
-            ));
+        for (name, n) in [
+            ("max_concurrent", cfg.max_concurrent),
+            ("max_concurrent_per_host", cfg.max_concurrent_per_host),
+            ("max_concurrent_per_blob", cfg.max_concurrent_per_blob),
+        ] {
+            if n == 0 {
+                return Err(RegistryError::Client(format!("{name} must be at least 1")));
+            }
         }
         let mut creds = cfg.credentials.clone();
         let explicit = cfg.docker_config.is_some();
@@ -225,7 +268,12 @@ impl Registry {
             anonymous: false,
             inner: Arc::new(Inner {
                 auth: auth::Auth::new(creds),
-                permits: tokio::sync::Semaphore::new(cfg.max_concurrent),
+                limits: limits::Limits::new(
+                    cfg.max_concurrent,
+                    cfg.max_concurrent_per_host,
+                    cfg.max_concurrent_per_blob,
+                ),
+                unranged: unranged::Unranged::default(),
                 clients: Mutex::new(HashMap::new()),
                 hosts: Mutex::new(HashMap::new()),
                 cfg,
@@ -241,6 +289,15 @@ impl Registry {
         Registry {
             inner: self.inner.clone(),
             anonymous: true,
+        }
+    }
+
+    /// How long a response body may take.
+    fn pace(&self) -> body::Pace {
+        body::Pace {
+            gap: self.inner.cfg.request_timeout,
+            min_rate: self.inner.cfg.min_rate,
+            grace: self.inner.cfg.min_rate_grace,
         }
     }
 

@@ -136,12 +136,7 @@ impl Registry {
         body: Option<Bytes>,
         auth: Option<&str>,
     ) -> Result<Response, RegistryError> {
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
-            .await
-            .expect("semaphore never closed");
+        let _permits = self.inner.limits.acquire(&host.spec.host, None).await;
         let mut req = host
             .client
             .request(method.clone(), url)
