@@ -7,24 +7,22 @@
 //! trickled reads give up once under the rate floor; and the per-host and
 //! per-blob caps hold at the server.
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest as _, Sha256};
 use shoal::registry::{
     Reference, Registry, RegistryConfig, RegistryError, DEFAULT_MAX_CONCURRENT_PER_BLOB,
     DEFAULT_MAX_CONCURRENT_PER_HOST,
 };
+use common::http::{digest_of, read_head, write_hosts};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const BLOB_LEN: usize = 64 << 10;
-
-fn digest_of(data: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(data))
-}
 
 fn blob(seed: u8) -> Vec<u8> {
     (0..BLOB_LEN)
@@ -56,14 +54,9 @@ impl Server {
                 let (blobs, trickled, inf, per) =
                     (blobs.clone(), trickled.clone(), inf.clone(), per.clone());
                 tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
+                    let Some(buf) = read_head(&mut sock).await else {
+                        return;
+                    };
                     let text = String::from_utf8_lossy(&buf).to_string();
                     let path = text.split(' ').nth(1).unwrap_or("").to_string();
                     let digest = path.rsplit('/').next().unwrap_or("").to_string();
@@ -97,6 +90,7 @@ impl Server {
                         if trickled.contains(&digest) {
                             // Watches for the client hanging up, so the
                             // count of requests in flight is exact.
+                            let mut chunk = [0u8; 64];
                             for byte in body {
                                 if sock.write_all(&[*byte]).await.is_err() {
                                     break;
@@ -138,17 +132,6 @@ impl Server {
             .copied()
             .unwrap_or(0)
     }
-}
-
-fn write_hosts(certs: &Path, host: &str) {
-    let (h, p) = host.rsplit_once(':').unwrap();
-    let dir = certs.join(format!("{h}_{p}_"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("hosts.toml"),
-        format!("server = \"http://{host}\"\n"),
-    )
-    .unwrap();
 }
 
 /// The default limits, with a per-gap timeout the trickle never trips and
@@ -214,7 +197,7 @@ async fn a_trickling_host_leaves_other_hosts_and_blobs_their_slots() {
     let fast = Server::start(vec![other.clone()], HashSet::new(), Duration::ZERO).await;
     let certs = tempfile::tempdir().unwrap();
     for s in [&slow, &mixed, &fast] {
-        write_hosts(certs.path(), &s.host());
+        write_hosts(certs.path(), &s.host(), "");
     }
     let r = client(certs.path());
 
@@ -280,7 +263,7 @@ async fn a_body_under_the_rate_floor_fails_after_the_grace_period() {
     let trickled = HashSet::from([digest_of(&data)]);
     let slow = Server::start(vec![data.clone()], trickled, Duration::from_millis(200)).await;
     let certs = tempfile::tempdir().unwrap();
-    write_hosts(certs.path(), &slow.host());
+    write_hosts(certs.path(), &slow.host(), "");
     let r = client(certs.path());
     let started = Instant::now();
     let err = tokio::time::timeout(

@@ -7,6 +7,8 @@
 //! The servers are real HTTP servers (axum on a free loopback port) that
 //! record every request they see.
 
+mod common;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +19,7 @@ use axum::extract::Request;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
-use sha2::{Digest as _, Sha256};
+use common::http::{digest_of, local_registry};
 use shoal::metadata::RemoteRef;
 use shoal::registry::{Credential, Reference, Registry, RegistryConfig, RegistryError};
 use shoal::remote::annotations::{SourcePolicy, LABEL_SHOAL_LAYER_DIGEST, LABEL_SHOAL_SOURCE};
@@ -104,10 +106,6 @@ fn partial(seen: &Seen, data: &[u8]) -> Response {
     )
 }
 
-fn digest_of(data: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(data))
-}
-
 /// A client whose `hosts.toml` sends `server`'s registry to plain HTTP,
 /// with `extra` appended to the file; no ambient Docker config.
 fn client(certs: &Path, server: &Server, extra: &str, timeout: Duration) -> (Registry, Reference) {
@@ -121,25 +119,14 @@ fn client_with(
     timeout: Duration,
     credentials: Vec<Credential>,
 ) -> (Registry, Reference) {
-    let dir = certs.join(format!("127.0.0.1_{}_", server.port));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("hosts.toml"),
-        format!("server = \"http://{}\"\n{extra}", server.host()),
-    )
-    .unwrap();
-    let r = Registry::new(RegistryConfig {
-        config_path: certs.to_path_buf(),
+    let cfg = RegistryConfig {
         request_timeout: timeout,
         retries: 0,
         max_concurrent: 4,
         credentials,
-        docker_config: Some(certs.join("no-docker-config.json")),
         ..RegistryConfig::default()
-    })
-    .unwrap();
-    let reference = format!("{}/test/repo:v1", server.host()).parse().unwrap();
-    (r, reference)
+    };
+    local_registry(certs, &server.host(), extra, cfg)
 }
 
 #[tokio::test]

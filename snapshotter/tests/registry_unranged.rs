@@ -4,28 +4,18 @@
 //! Fetching a layer in blob order, as the background fetch does, must cost
 //! one pass over the blob, not a pass from byte 0 per range.
 
+mod common;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use sha2::{Digest as _, Sha256};
+use common::http::{digest_of, local_registry, read_head};
 use shoal::registry::{Reference, Registry, RegistryConfig};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-fn digest_of(data: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(data))
-}
+use tokio::io::AsyncWriteExt as _;
 
 fn blob(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::noise(len, 7)
 }
 
 /// Serves `data` whole to every GET, whatever its `Range`.
@@ -45,13 +35,8 @@ impl NoRange {
             while let Ok((mut sock, _)) = listener.accept().await {
                 let (data, reqs, sent) = (data.clone(), reqs.clone(), sent.clone());
                 tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
+                    if read_head(&mut sock).await.is_none() {
+                        return;
                     }
                     reqs.fetch_add(1, Ordering::SeqCst);
                     let head = format!(
@@ -84,22 +69,11 @@ impl NoRange {
 }
 
 fn client(certs: &Path, server: &NoRange) -> (Registry, Reference) {
-    let dir = certs.join(format!("127.0.0.1_{}_", server.port));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("hosts.toml"),
-        format!("server = \"http://{}\"\n", server.host()),
-    )
-    .unwrap();
-    let r = Registry::new(RegistryConfig {
-        config_path: certs.to_path_buf(),
+    let cfg = RegistryConfig {
         retries: 0,
-        docker_config: Some(certs.join("no-docker-config.json")),
         ..RegistryConfig::default()
-    })
-    .unwrap();
-    let reference = format!("{}/test/repo:v1", server.host()).parse().unwrap();
-    (r, reference)
+    };
+    local_registry(certs, &server.host(), "", cfg)
 }
 
 #[tokio::test]

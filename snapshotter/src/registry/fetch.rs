@@ -402,6 +402,23 @@ impl Registry {
         }
     }
 
+    /// The `Authorization` value that answers `resp`'s 401 challenges for
+    /// `scope` (fetch and push share it).
+    pub(super) async fn answer(
+        &self,
+        host: &Host,
+        site: &Site,
+        scope: &str,
+        resp: &Response,
+        timeout: Duration,
+    ) -> Result<String, RegistryError> {
+        let challenges = super::auth::challenges(resp.headers());
+        self.inner
+            .auth
+            .answer(&host.client, site, scope, &challenges, timeout, self.anonymous)
+            .await
+    }
+
     /// Sends one request to `host` (path relative to its origin), answering a
     /// 401 once with credentials, falling back to plain HTTP for loopback
     /// hosts, and following redirects. Returns the final response, whatever
@@ -465,20 +482,7 @@ impl Registry {
                         .auth
                         .invalidate(&host.spec.host, &scope, self.anonymous, used);
                 }
-                let challenges = super::auth::challenges(resp.headers());
-                auth = Some(
-                    self.inner
-                        .auth
-                        .answer(
-                            &host.client,
-                            site,
-                            &scope,
-                            &challenges,
-                            timeout,
-                            self.anonymous,
-                        )
-                        .await?,
-                );
+                auth = Some(self.answer(host, site, &scope, &resp, timeout).await?);
                 answered = true;
                 continue;
             }

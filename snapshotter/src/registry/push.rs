@@ -87,20 +87,7 @@ impl Registry {
                 other => other?,
             };
             if resp.status() == StatusCode::UNAUTHORIZED && !answered {
-                let challenges = super::auth::challenges(resp.headers());
-                auth = Some(
-                    self.inner
-                        .auth
-                        .answer(
-                            &host.client,
-                            site,
-                            &scope,
-                            &challenges,
-                            timeout,
-                            self.anonymous,
-                        )
-                        .await?,
-                );
+                auth = Some(self.answer(host, site, &scope, &resp, timeout).await?);
                 answered = true;
                 continue;
             }

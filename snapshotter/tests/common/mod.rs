@@ -10,6 +10,7 @@
 #![allow(dead_code)] // each test crate uses a different subset
 
 pub mod estargz;
+pub mod http;
 
 use std::collections::BTreeMap;
 use std::io::Write;
