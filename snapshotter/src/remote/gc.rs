@@ -342,6 +342,15 @@ mod tests {
     }
 
     #[test]
+    fn the_unfetchable_cap_is_a_share_of_max_bytes() {
+        assert_eq!(CacheConfig::unfetchable_cap(20 << 30, 25), 5 << 30);
+        assert_eq!(CacheConfig::unfetchable_cap(1000, 0), 0);
+        assert_eq!(CacheConfig::unfetchable_cap(1000, 100), 1000);
+        // No size limit: nothing to take a share of.
+        assert_eq!(CacheConfig::unfetchable_cap(0, 25), u64::MAX);
+    }
+
+    #[test]
     fn unreferenced_chunks_go_only_after_the_ttl() {
         let entries = [([1; 32], e(10, 1000)), ([2; 32], e(10, 1050))];
         let layers = [];
