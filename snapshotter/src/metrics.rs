@@ -140,7 +140,10 @@ fn encode_remote(r: &RemoteLayers, mut enc: DescriptorEncoder) -> Result<(), std
         "shoal_layer_checks",
         "Lazy layers whose content was checked against their chain ID (diffID), by result; \
          a quarantined layer is never served again.",
-        &[("result", "verified", verified), ("result", "quarantined", quarantined)],
+        &[
+            ("result", "verified", verified),
+            ("result", "quarantined", quarantined),
+        ],
     )?;
     counter(
         &mut enc,

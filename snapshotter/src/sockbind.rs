@@ -34,7 +34,13 @@ pub fn bind_private<T>(
         let tmp = dir.join("s");
         let sock = bind(&tmp)?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-        renameat2(AT_FDCWD, &tmp, AT_FDCWD, path, RenameFlags::RENAME_NOREPLACE)?;
+        renameat2(
+            AT_FDCWD,
+            &tmp,
+            AT_FDCWD,
+            path,
+            RenameFlags::RENAME_NOREPLACE,
+        )?;
         Ok(sock)
     })();
     let _ = std::fs::remove_file(dir.join("s"));

@@ -15,11 +15,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::http::{digest_of, read_head, write_hosts};
 use shoal::registry::{
     Reference, Registry, RegistryConfig, RegistryError, DEFAULT_MAX_CONCURRENT_PER_BLOB,
     DEFAULT_MAX_CONCURRENT_PER_HOST,
 };
-use common::http::{digest_of, read_head, write_hosts};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const BLOB_LEN: usize = 64 << 10;

@@ -129,6 +129,17 @@ fn client_with(
     local_registry(certs, &server.host(), extra, cfg)
 }
 
+/// A client holding the node's credentials (`node`/`secret`) for `server`.
+fn node_client(certs: &Path, server: &Server) -> (Registry, Reference) {
+    let cred = Credential {
+        host: server.host(),
+        username: "node".into(),
+        password: "secret".into(),
+        identity_token: String::new(),
+    };
+    client_with(certs, server, "", Duration::from_secs(2), vec![cred])
+}
+
 #[tokio::test]
 async fn image_chosen_digests_and_repositories_never_reach_the_server() {
     let data = Arc::new(vec![7u8; 1000]);
@@ -378,19 +389,7 @@ async fn image_chosen_hosts_get_no_credentials_unless_allowed() {
     let data = Arc::new(vec![9u8; 64]);
     let server = private_registry(data.clone()).await;
     let certs = tempfile::tempdir().unwrap();
-    let cred = Credential {
-        host: server.host(),
-        username: "node".into(),
-        password: "secret".into(),
-        identity_token: String::new(),
-    };
-    let (registry, _) = client_with(
-        certs.path(),
-        &server,
-        "",
-        Duration::from_secs(2),
-        vec![cred],
-    );
+    let (registry, _) = node_client(certs.path(), &server);
     let blobs = RegistryBlobs::new(registry);
     let source = format!("{}/private/app", server.host());
     let digest = digest_of(&data);
@@ -441,19 +440,7 @@ async fn anonymous_client_never_uses_a_token_credentials_bought() {
     })
     .await;
     let certs = tempfile::tempdir().unwrap();
-    let cred = Credential {
-        host: server.host(),
-        username: "node".into(),
-        password: "secret".into(),
-        identity_token: String::new(),
-    };
-    let (r, reference) = client_with(
-        certs.path(),
-        &server,
-        "",
-        Duration::from_secs(2),
-        vec![cred],
-    );
+    let (r, reference) = node_client(certs.path(), &server);
     let digest = digest_of(&data);
     r.fetch_range(&reference, &digest, 0, 10).await.unwrap();
     assert_eq!(r.token_requests(), 1);

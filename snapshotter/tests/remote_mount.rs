@@ -315,7 +315,10 @@ fn a_bad_kept_toc_is_removed_and_the_layer_mounted_again_once_serving() {
 
     // Once serving, with the registry back: fetched, kept again, mounted.
     blob.offline.store(false, Ordering::SeqCst);
-    sn.remount_waiting().expect("a remount thread").join().unwrap();
+    sn.remount_waiting()
+        .expect("a remount thread")
+        .join()
+        .unwrap();
     assert_eq!(sn.waiting_remounts(), 0);
     let m = sn
         .create(Kind::View, "view-2", Some("chain-1"), BTreeMap::new())

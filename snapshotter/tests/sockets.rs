@@ -60,7 +60,10 @@ impl Drop for Holder {
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < Duration::from_secs(5), "timed out waiting for {what}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -77,8 +80,13 @@ fn sockets_have_mode_0600_from_bind_whatever_the_umask() {
         .enable_all()
         .build()
         .unwrap();
-    let listener = rt.block_on(async { shoal::server::bind(&address) }).unwrap();
-    assert!(std::fs::symlink_metadata(&address).unwrap().file_type().is_socket());
+    let listener = rt
+        .block_on(async { shoal::server::bind(&address) })
+        .unwrap();
+    assert!(std::fs::symlink_metadata(&address)
+        .unwrap()
+        .file_type()
+        .is_socket());
     assert_eq!(mode(&address), 0o600, "gRPC socket under umask 0");
     only(dir.path(), &["shoal.sock"]);
     // It serves at its final path.
@@ -90,7 +98,9 @@ fn sockets_have_mode_0600_from_bind_whatever_the_umask() {
     let holder = Holder::start(dir.path());
     wait_for("the holder's socket", || sock.exists());
     assert_eq!(mode(&sock), 0o600, "holder socket under umask 0");
-    wait_for("the holder's pid file", || dir.path().join(HOLDER_PID).exists());
+    wait_for("the holder's pid file", || {
+        dir.path().join(HOLDER_PID).exists()
+    });
     only(dir.path(), &[HOLDER_PID, HOLDER_SOCKET, "shoal.sock"]);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
@@ -166,7 +176,11 @@ fn the_fd_holder_refuses_other_users_even_through_an_open_socket() {
     let secret = tempfile::tempfile().unwrap();
     store.store("shoal-1", secret.as_fd()).unwrap();
 
-    assert_eq!(list_as_nobody(&sock), 0, "nobody was answered by the holder");
+    assert_eq!(
+        list_as_nobody(&sock),
+        0,
+        "nobody was answered by the holder"
+    );
 
     // Root still is, and the holder kept running.
     let (_, kept) = FdStore::open(dir.path()).unwrap();

@@ -26,10 +26,10 @@ use nix::sys::socket::{
 };
 // The wire format is shared with the daemon as source, not through the
 // `shoal` library: the holder links only std, libc and nix.
-#[path = "../handover/wire.rs"]
-mod wire;
 #[path = "../sockbind.rs"]
 mod sockbind;
+#[path = "../handover/wire.rs"]
+mod wire;
 
 fn main() -> ExitCode {
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();

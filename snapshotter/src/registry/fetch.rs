@@ -283,7 +283,7 @@ impl Registry {
                 sink,
             } => {
                 let site = self.site(reference, &host.spec.host, digest);
-                if let Some(b) = self.from_parked(&site, digest, offset, len, sink).await {
+                if let Some(b) = self.continue_parked(&site, digest, offset, len, sink).await {
                     return Ok(Outcome::Bytes(b));
                 }
                 let last = offset + len - 1;
@@ -415,7 +415,14 @@ impl Registry {
         let challenges = super::auth::challenges(resp.headers());
         self.inner
             .auth
-            .answer(&host.client, site, scope, &challenges, timeout, self.anonymous)
+            .answer(
+                &host.client,
+                site,
+                scope,
+                &challenges,
+                timeout,
+                self.anonymous,
+            )
             .await
     }
 

@@ -166,7 +166,7 @@ impl Registry {
     /// The range from a parked answer of `digest` on `site.host` that is at
     /// or before `offset`, if there is one. `None`: none, or it failed (it
     /// is dropped, and the caller sends a request).
-    pub(super) async fn from_parked(
+    pub(super) async fn continue_parked(
         &self,
         site: &Site,
         digest: &str,

@@ -48,7 +48,10 @@ const CHECKS: TableDefinition<&str, &[u8]> = TableDefinition::new("layer_checks"
 pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
     match parent {
         None => diff_id.to_owned(),
-        Some(p) => format!("sha256:{}", hex::encode(Sha256::digest(format!("{p} {diff_id}")))),
+        Some(p) => format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(format!("{p} {diff_id}")))
+        ),
     }
 }
 
@@ -327,7 +330,8 @@ pub async fn diff_id_pass(
         let held = buf.clone().freeze();
         let mut u = unpacker.take().ok_or("pass state lost")?;
         let (u, n) = tokio::task::spawn_blocking(move || {
-            u.write_all(&window).map_err(|e| format!("decompression failed at {pos}: {e}"))?;
+            u.write_all(&window)
+                .map_err(|e| format!("decompression failed at {pos}: {e}"))?;
             Ok::<_, String>((u, store_chunks(&st, c, &held, buf_at, &ready)))
         })
         .await
@@ -335,7 +339,9 @@ pub async fn diff_id_pass(
         unpacker = Some(u);
         stored += n;
         // Keep only what the next unfinished chunk needs.
-        let keep_from = chunks.get(next_chunk).map_or(pos, |c| c.blob_offset.max(buf_at));
+        let keep_from = chunks
+            .get(next_chunk)
+            .map_or(pos, |c| c.blob_offset.max(buf_at));
         let drop = usize::try_from(keep_from.min(pos) - buf_at).unwrap_or(buf.len());
         let _ = buf.split_to(drop.min(buf.len()));
         buf_at += drop as u64;
@@ -362,7 +368,9 @@ fn store_chunks(store: &ChunkStore, c: Compression, held: &Bytes, at: u64, ready
             continue;
         }
         let (from, to) = ((ch.blob_offset - at) as usize, (ch.blob_end - at) as usize);
-        let Some(raw) = held.get(from..to) else { continue };
+        let Some(raw) = held.get(from..to) else {
+            continue;
+        };
         if let Ok(data) = decode_chunk(c, raw, ch) {
             if store.put(ch.digest, data).is_ok() {
                 n += 1;
@@ -406,7 +414,10 @@ mod tests {
         c.claim("sha256:z", None);
         let again = Checks::default();
         again.attach(&db).unwrap();
-        assert_eq!(again.get("sha256:x"), Check::Quarantined("diffID mismatch".into()));
+        assert_eq!(
+            again.get("sha256:x"),
+            Check::Quarantined("diffID mismatch".into())
+        );
         assert_eq!(again.parent("sha256:x"), Some(Some("sha256:p".into())));
         assert_eq!(again.get("sha256:y"), Check::Verified);
         assert_eq!(again.get("sha256:z"), Check::Unverified);

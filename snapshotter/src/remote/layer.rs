@@ -423,7 +423,11 @@ impl LayerReader {
 /// chunk with a wrong length: the read then fails (EIO), it never slices
 /// out of bounds.
 fn lengths_match(chunks: &[Chunk], bufs: &[Bytes]) -> bool {
-    chunks.len() == bufs.len() && chunks.iter().zip(bufs).all(|(c, b)| b.len() as u64 == c.len)
+    chunks.len() == bufs.len()
+        && chunks
+            .iter()
+            .zip(bufs)
+            .all(|(c, b)| b.len() as u64 == c.len)
 }
 
 /// Copies `[offset, end)` of the file out of its chunks' bytes (whose

@@ -135,7 +135,12 @@ impl RemoteLayers {
     /// Why not: the layer is quarantined, or unverified and another blob or
     /// TOC claims the same chain ID (one of the two images lies about its
     /// diffID; containerd's own unpack of the new one will tell).
-    pub fn may_adopt(&self, name: &str, existing: &RemoteRef, new: &RemoteRef) -> Result<(), String> {
+    pub fn may_adopt(
+        &self,
+        name: &str,
+        existing: &RemoteRef,
+        new: &RemoteRef,
+    ) -> Result<(), String> {
         match self.checks.get(name) {
             Check::Verified => Ok(()),
             Check::Quarantined(why) => Err(format!("chain ID {name} is quarantined: {why}")),
@@ -178,6 +183,9 @@ impl RemoteLayers {
     /// The verdicts' counters: (verified, quarantined) since start.
     pub fn check_counts(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
-        (self.checks.verified.load(Relaxed), self.checks.quarantined.load(Relaxed))
+        (
+            self.checks.verified.load(Relaxed),
+            self.checks.quarantined.load(Relaxed),
+        )
     }
 }
