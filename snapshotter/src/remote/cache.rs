@@ -25,9 +25,10 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -125,12 +126,12 @@ impl Cache {
     /// Sets limits, TTL and interval.
     pub fn configure(&self, cfg: CacheConfig) {
         self.store.set_limits(cfg.limits);
-        *self.cfg.lock().unwrap() = cfg;
+        *self.cfg.lock() = cfg;
     }
 
     /// The settings.
     pub fn config(&self) -> CacheConfig {
-        *self.cfg.lock().unwrap()
+        *self.cfg.lock()
     }
 
     /// The store.
@@ -146,10 +147,7 @@ impl Cache {
     /// Notes that snapshot `id` serves layer `remote` through `reader`.
     /// Memory only: it runs inside the snapshot's write transaction.
     pub fn register(&self, id: u64, remote: RemoteRef, reader: Arc<LayerReader>) {
-        self.layers
-            .lock()
-            .unwrap()
-            .insert(id, Mounted { remote, reader });
+        self.layers.lock().insert(id, Mounted { remote, reader });
     }
 
     /// Notes that snapshot `id` is unmounted, and records its layer with
@@ -157,7 +155,7 @@ impl Cache {
     /// first time a layer or image is unmounted); never call it inside a
     /// redb write transaction.
     pub fn unregister(&self, id: u64) {
-        let Some(m) = self.layers.lock().unwrap().remove(&id) else {
+        let Some(m) = self.layers.lock().remove(&id) else {
             return;
         };
         if let Err(e) = self.tocs.note_mounted(&m.remote) {
@@ -199,7 +197,6 @@ impl Cache {
         let mut tocs: BTreeSet<String> = self
             .layers
             .lock()
-            .unwrap()
             .values()
             .filter(|m| m.remote.layer_digest == target || m.remote.image_ref == target)
             .map(|m| m.remote.toc_digest.clone())
@@ -270,7 +267,7 @@ impl Cache {
 
     /// The last GC report (this run of the daemon, else the stored one).
     pub fn last_report(&self) -> Option<GcReport> {
-        if let Some(r) = self.last.lock().unwrap().clone() {
+        if let Some(r) = self.last.lock().clone() {
             return Some(r);
         }
         let json = self.store.index().last_gc().ok().flatten()?;
@@ -285,7 +282,7 @@ impl Cache {
         let mut out = HashMap::new();
         let mut todo = Vec::new();
         {
-            let probes = self.probes.lock().unwrap();
+            let probes = self.probes.lock();
             for r in remotes {
                 let k = key(r);
                 match probes.get(&k) {
@@ -317,10 +314,7 @@ impl Cache {
                 warn!(layer = %r.layer_digest, image = %r.image_ref,
                       "layer cannot be fetched now; GC keeps its chunks");
             }
-            self.probes
-                .lock()
-                .unwrap()
-                .insert(k.clone(), (Instant::now(), ok));
+            self.probes.lock().insert(k.clone(), (Instant::now(), ok));
             out.insert(k, ok);
         }
         out
@@ -363,7 +357,6 @@ impl Cache {
         let mounted: Vec<(RemoteRef, Arc<LayerReader>)> = self
             .layers
             .lock()
-            .unwrap()
             .values()
             .map(|m| (m.remote.clone(), m.reader.clone()))
             .collect();
@@ -499,7 +492,7 @@ impl Cache {
             {
                 error!(error = %e, "cannot store the GC result");
             }
-            *self.last.lock().unwrap() = Some(report.clone());
+            *self.last.lock() = Some(report.clone());
         }
         report
     }

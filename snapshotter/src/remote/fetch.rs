@@ -18,9 +18,10 @@ use std::future::Future;
 use std::io::Read;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use sha2::{Digest as _, Sha256};
@@ -172,7 +173,7 @@ struct LeadGuard<'a> {
 
 impl Drop for LeadGuard<'_> {
     fn drop(&mut self) {
-        let mut m = self.fetcher.inflight.lock().unwrap();
+        let mut m = self.fetcher.inflight.lock();
         for k in &self.keys {
             m.remove(k);
         }
@@ -394,7 +395,7 @@ impl Fetcher {
             }
         }
         let (mut waits, mut leads) = (Vec::new(), Vec::new());
-        let mut m = self.inflight.lock().unwrap();
+        let mut m = self.inflight.lock();
         for (i, c) in chunks.iter().enumerate() {
             if out[i].is_some() {
                 continue;

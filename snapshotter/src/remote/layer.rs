@@ -126,7 +126,7 @@ pub struct LayerReader {
     /// Offer kernel passthrough for files laid out as whole-file objects.
     passthrough: bool,
     /// Objects this mount handed to the kernel as backing files.
-    held: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+    held: parking_lot::Mutex<std::collections::HashSet<[u8; 32]>>,
     /// Compressed bytes of following chunks a fetching read takes along.
     fetch_ahead: u64,
     /// Every chunk in blob order (built on the first read that fetches).
@@ -219,7 +219,7 @@ impl LayerReader {
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Relaxed);
         let objects = self.fetcher.store().objects();
-        for key in self.held.lock().unwrap().drain() {
+        for key in self.held.lock().drain() {
             objects.release(&key);
         }
     }
@@ -460,7 +460,7 @@ impl ChunkSource for LayerReader {
         let key = super::objects::key(chunks.iter().copied());
         let o = store.backing_object(&key)?;
         let f = std::fs::File::open(&o.path).ok()?;
-        if self.held.lock().unwrap().insert(key) {
+        if self.held.lock().insert(key) {
             store.objects().hold(key);
         }
         self.fetcher
