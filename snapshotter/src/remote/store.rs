@@ -373,6 +373,14 @@ impl ChunkStore {
         self.memory.lock().lru.contains(digest) || self.on_disk(digest)
     }
 
+    /// Whether the store's records (memory, index, objects) hold `digest`:
+    /// no file IO, so callers may ask under their own locks.
+    pub fn known(&self, digest: &[u8; 32]) -> bool {
+        self.memory.lock().lru.contains(digest)
+            || self.index.contains(digest)
+            || self.objects.locate(digest).is_some()
+    }
+
     /// Whether `digest` is stored on disk (not just in memory).
     pub fn on_disk(&self, digest: &[u8; 32]) -> bool {
         self.index.contains(digest)
