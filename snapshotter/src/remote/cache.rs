@@ -173,13 +173,7 @@ impl Cache {
     /// The TOC digests of pinned layers (empty on a database error, which
     /// is logged).
     pub fn pinned_tocs(&self) -> HashSet<String> {
-        match self.store.index().pin_bindings() {
-            Ok(b) => b.into_values().flatten().collect(),
-            Err(e) => {
-                error!(error = %e, "cannot read pins");
-                HashSet::new()
-            }
-        }
+        pinned_tocs(&self.store)
     }
 
     /// The pins (empty on a database error, which is logged).
@@ -353,22 +347,30 @@ impl Cache {
         let started = Instant::now();
         let cfg = self.config();
         let now = self.store.clock().now();
-        let pins = self.pinned_tocs();
         let mounted: Vec<(RemoteRef, Arc<LayerReader>)> = self
             .layers
             .lock()
             .values()
             .map(|m| (m.remote.clone(), m.reader.clone()))
             .collect();
-        let kept = {
-            let tocs = self.tocs.clone();
-            let in_use: Vec<RemoteRef> = mounted.iter().map(|(r, _)| r.clone()).collect();
-            let pins = pins.clone();
-            tokio::task::spawn_blocking(move || {
-                tocs.collect(&in_use, &pins, cfg.ttl_secs, now, dry_run)
-            })
-            .await
-            .unwrap_or_default()
+        // The database's work runs on the blocking pool, off the runtime.
+        let (store, tocs) = (self.store.clone(), self.tocs.clone());
+        let in_use: Vec<RemoteRef> = mounted.iter().map(|(r, _)| r.clone()).collect();
+        let read = tokio::task::spawn_blocking(move || {
+            let pins = pinned_tocs(&store);
+            let kept = tocs.collect(&in_use, &pins, cfg.ttl_secs, now, dry_run);
+            (pins, kept)
+        })
+        .await;
+        // Without the pins nothing is evicted.
+        let Ok((pins, kept)) = read else {
+            error!(trigger, "GC skipped: reading the pins and kept TOCs failed");
+            return GcReport {
+                dry_run,
+                trigger: trigger.to_owned(),
+                at: now,
+                ..GcReport::default()
+            };
         };
         let mut layers = self.layer_refs(&pins, mounted).await;
         // Pinned layers no snapshot references: their chunks from the kept TOC.
@@ -482,16 +484,16 @@ impl Cache {
                     "chunk GC: nothing to evict"
                 );
             }
-            if let Err(e) = self.store.index().flush() {
-                error!(error = %e, "cannot write the chunk index");
-            }
-            if let Err(e) = self
-                .store
-                .index()
-                .set_last_gc(&serde_json::to_vec(&report).unwrap_or_default())
-            {
-                error!(error = %e, "cannot store the GC result");
-            }
+            let (store, json) = (self.store.clone(), serde_json::to_vec(&report));
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.index().flush() {
+                    error!(error = %e, "cannot write the chunk index");
+                }
+                if let Err(e) = store.index().set_last_gc(&json.unwrap_or_default()) {
+                    error!(error = %e, "cannot store the GC result");
+                }
+            })
+            .await;
             *self.last.lock() = Some(report.clone());
         }
         report
@@ -536,5 +538,17 @@ impl Cache {
                 next_gc = Instant::now() + me.config().interval;
             }
         });
+    }
+}
+
+/// The TOC digests of pinned layers (empty on a database error, which is
+/// logged). Blocking: a database read.
+fn pinned_tocs(store: &ChunkStore) -> HashSet<String> {
+    match store.index().pin_bindings() {
+        Ok(b) => b.into_values().flatten().collect(),
+        Err(e) => {
+            error!(error = %e, "cannot read pins");
+            HashSet::new()
+        }
     }
 }
