@@ -251,6 +251,11 @@ impl Objects {
         Ok((crc32fast::hash(&buf) == p.crc).then(|| Bytes::from(buf)))
     }
 
+    /// Whether object `key` checked out since this process started.
+    pub fn verified(&self, key: &[u8; 32]) -> bool {
+        self.inner.lock().verified.contains(key)
+    }
+
     /// Checks every chunk's crc32 once per process (the kernel reads a
     /// passthrough file without asking us, so bit rot or a stray write since
     /// the last start is caught here, before the first open is answered).
