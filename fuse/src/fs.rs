@@ -3,7 +3,9 @@
 //! Invariants:
 //! - Every handler answers from the immutable tree without blocking, except
 //!   `read`, which hands its reply to [`ChunkSource::read`] (inside
-//!   `catch_unwind`, so a panicking source answers `EIO` and the worker lives).
+//!   `catch_unwind`, so a panicking source answers `EIO` and the worker lives),
+//!   and `open`, which hands the rest of the open (mode decision and reply) to
+//!   [`ChunkSource::prepare_backing`] while passthrough is on.
 //! - Inode numbers are the tree's; attributes and entries (including negative
 //!   lookups) are cached by the kernel for [`TTL`], and file pages are kept
 //!   across opens (`FOPEN_KEEP_CACHE`): layers never change.
@@ -41,7 +43,7 @@ pub(crate) struct LayerFs {
     tree: Tree,
     source: Arc<dyn ChunkSource>,
     stats: Arc<Stats>,
-    modes: IoModes,
+    modes: Arc<IoModes>,
 }
 
 impl LayerFs {
@@ -62,12 +64,35 @@ impl LayerFs {
             tree,
             source,
             stats,
-            modes,
+            modes: Arc::new(modes),
         }
     }
 
     fn node(&self, ino: INodeNo) -> Result<Node<'_>, Errno> {
         self.tree.get(ino.0).ok_or(Errno::ENOENT)
+    }
+}
+
+/// Decides the I/O mode of an open of `ino` and answers it (on a FUSE
+/// worker, or on the thread that finished [`ChunkSource::prepare_backing`]).
+fn answer_open(
+    modes: &IoModes,
+    source: &dyn ChunkSource,
+    stats: &Stats,
+    ino: u64,
+    data_id: Option<u64>,
+    reply: ReplyOpen,
+) {
+    let decision = modes.decide(ino, || {
+        let fd = source.backing(data_id?)?;
+        Some(reply.open_backing(&fd))
+    });
+    match decision {
+        Decision::Passthrough(id) => {
+            stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+            reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), &id)
+        }
+        Decision::Cached => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
     }
 }
 
@@ -228,22 +253,17 @@ impl Filesystem for LayerFs {
             Ok(_) if flags.acc_mode() != OpenAccMode::O_RDONLY => reply.error(Errno::EROFS),
             Ok(_) if flags.0 & libc::O_TRUNC != 0 => reply.error(Errno::EROFS),
             Ok(n) => {
-                let data_id = n.data_id();
-                if let (Some(id), true) = (data_id, self.modes.enabled()) {
-                    // Outside the decision lock: a slow check blocks only
-                    // this open.
-                    self.source.prepare_backing(id);
-                }
-                let decision = self.modes.decide(n.ino(), || {
-                    let fd = self.source.backing(data_id?)?;
-                    Some(reply.open_backing(&fd))
-                });
-                match decision {
-                    Decision::Passthrough(id) => {
-                        self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
-                        reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), &id)
-                    }
-                    Decision::Cached => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+                let (ino, data_id) = (n.ino(), n.data_id());
+                let answer = {
+                    let (modes, source) = (self.modes.clone(), self.source.clone());
+                    let stats = self.stats.clone();
+                    move || answer_open(&modes, &*source, &stats, ino, data_id, reply)
+                };
+                match (data_id, self.modes.enabled()) {
+                    // Outside the decision lock, and maybe off this worker:
+                    // a slow check holds up only this open.
+                    (Some(id), true) => self.source.prepare_backing(id, Box::new(answer)),
+                    _ => answer(),
                 }
             }
         }

@@ -45,13 +45,17 @@ pub trait ChunkSource: Send + Sync + 'static {
         None
     }
 
-    /// Called on every open of file `data_id` while passthrough is on, just
-    /// before the mode decision and outside its lock: slow work that
-    /// [`ChunkSource::backing`] would otherwise do under that lock (such as
-    /// checking the backing file once) belongs here, so that it holds up
-    /// only this open, not every other open on the mount. The default does
-    /// nothing.
-    fn prepare_backing(&self, _data_id: u64) {}
+    /// Called on every open of file `data_id` while passthrough is on, with
+    /// the rest of the open: `answer` decides the I/O mode (outside and
+    /// before which nothing is locked) and replies. Slow work that
+    /// [`ChunkSource::backing`] would otherwise do under the decision lock
+    /// (such as checking the backing file once) belongs here, off the FUSE
+    /// worker: do it on another thread and call `answer` there when done,
+    /// so that it holds up only this open, not the mount's workers. The
+    /// default answers right away, on the worker.
+    fn prepare_backing(&self, _data_id: u64, answer: Box<dyn FnOnce() + Send>) {
+        answer();
+    }
 }
 
 /// Counters of one mount, cheap enough for the read path.

@@ -30,7 +30,8 @@ pub enum Behaviour {
     /// Panic inside [`ChunkSource::backing`], i.e. in the `open` handler.
     PanicOnOpen,
     /// As [`Behaviour::Backing`], but [`ChunkSource::prepare_backing`]
-    /// blocks until the gate is opened (a slow first check of the file).
+    /// answers the open from another thread once the gate is opened (a slow
+    /// first check of the file).
     SlowBacking(std::path::PathBuf, Arc<Gate>),
 }
 
@@ -141,9 +142,16 @@ impl ChunkSource for MemSource {
         }
     }
 
-    fn prepare_backing(&self, data_id: u64) {
-        if let Some((_, Behaviour::SlowBacking(_, gate))) = self.files.get(&data_id) {
-            gate.pass();
+    fn prepare_backing(&self, data_id: u64, answer: Box<dyn FnOnce() + Send>) {
+        match self.files.get(&data_id) {
+            Some((_, Behaviour::SlowBacking(_, gate))) => {
+                let gate = gate.clone();
+                std::thread::spawn(move || {
+                    gate.pass();
+                    answer();
+                });
+            }
+            _ => answer(),
         }
     }
 }

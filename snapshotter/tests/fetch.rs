@@ -318,3 +318,54 @@ async fn a_lying_early_request_is_caught_and_the_bad_chunk_refetched_from_the_so
     // The early request, then the one bad chunk again, from the source.
     assert_eq!(src.requests.load(Ordering::SeqCst), 2);
 }
+
+/// Decoding and the store's write (write, fsync, rename) run off the async
+/// runtime: while a chunk's write is stuck (its temp file is a FIFO that
+/// nobody reads yet), a runtime with a single thread still runs its other
+/// tasks. Once the write goes on, the read completes.
+#[test]
+fn a_stuck_chunk_write_does_not_stall_the_runtime() {
+    use std::io::Read as _;
+    use std::time::Duration;
+
+    let (src, toc, chunks) = setup(0);
+    let (dir, f) = fetcher();
+    let c = chunks[0];
+    // The store's first write names its temp file `HEX8-0`.
+    let fifo = dir
+        .path()
+        .join("tmp")
+        .join(format!("{}-0", hex::encode(&c.digest[..8])));
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let (alive_tx, alive) = std::sync::mpsc::channel();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let compression = toc.compression;
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let fetch = tokio::spawn(async move { f.get(&*src, compression, "layer", &[c]).await });
+            // The source answers after 20 ms; the write is stuck by then.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _ = alive_tx.send(fetch.is_finished());
+            let _ = done_tx.send(fetch.await.unwrap());
+        });
+    });
+    let alive = alive.recv_timeout(Duration::from_secs(5));
+    // Let the write go on (also when the runtime was stuck).
+    let mut drained = Vec::new();
+    std::fs::File::open(&fifo)
+        .unwrap()
+        .read_to_end(&mut drained)
+        .unwrap();
+    assert_eq!(
+        alive,
+        Ok(false),
+        "the runtime must run other tasks while the fetch's write is stuck"
+    );
+    let got = done.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!(Sha256::digest(&got[0]).as_slice(), c.digest);
+    assert!(drained.len() as u64 > c.len, "header and data were written");
+}

@@ -190,3 +190,77 @@ fn a_rotted_object_is_dropped_before_the_kernel_reads_it() {
     assert_eq!(store.stats.corrupt_on_disk.load(Ordering::Relaxed), 2);
     assert_eq!(modes(&root).0, 0, "no rotted object may back an inode");
 }
+
+/// The first check of an object after a restart runs off the FUSE workers:
+/// while the checks of two large files are stuck (their objects are FIFOs
+/// that nobody writes, so opening them blocks), as many as the mount has
+/// workers, the mount still serves a third file. Once the objects are back,
+/// the stuck opens complete with the right bytes.
+#[test]
+fn stuck_first_checks_of_objects_leave_the_fuse_workers_free() {
+    use std::sync::mpsc::channel;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let files = files();
+    let (blob, toc) = blob();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    drop(laid_out(dir.path(), &blob, &toc, &rt, clock.clone()));
+    // A fresh process: its objects are not checked yet.
+    let sn = open_snapshotter_with(dir.path(), blob.clone(), &rt, 0, clock);
+    let root = PathBuf::from(
+        &sn.create(Kind::View, "view2", Some("chain"), BTreeMap::new())
+            .unwrap()[0]
+            .source,
+    );
+    // Each object moves aside, and a FIFO takes its name.
+    let aside = dir.path().join("aside");
+    std::fs::create_dir(&aside).unwrap();
+    let mut objects = Vec::new();
+    for d in std::fs::read_dir(dir.path().join("chunks/files"))
+        .unwrap()
+        .flatten()
+    {
+        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+            if f.path().extension().is_none() {
+                objects.push(f.path());
+            }
+        }
+    }
+    assert_eq!(objects.len(), 2);
+    for (i, o) in objects.iter().enumerate() {
+        let fifo = aside.join(format!("{i}.fifo"));
+        std::fs::rename(o, aside.join(format!("{i}.real"))).unwrap();
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::fs::hard_link(&fifo, o).unwrap();
+    }
+    let big: Vec<_> = ["big1", "big2"]
+        .into_iter()
+        .map(|name| {
+            let p = root.join(name);
+            std::thread::spawn(move || read_uncached(&p))
+        })
+        .collect();
+    // Both opens reach their (stuck) checks.
+    std::thread::sleep(Duration::from_millis(500));
+    let (tx, rx) = channel();
+    let small = root.join("small");
+    std::thread::spawn(move || tx.send(read_uncached(&small)));
+    let got = rx.recv_timeout(Duration::from_secs(10));
+    // Put the objects back, then let the stuck checks go on.
+    for (i, o) in objects.iter().enumerate() {
+        std::fs::rename(aside.join(format!("{i}.real")), o).unwrap();
+        drop(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(aside.join(format!("{i}.fifo")))
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        got.expect("the mount stalled while objects were being checked"),
+        files[2].1
+    );
+    for (t, f) in big.into_iter().zip(&files) {
+        assert_eq!(t.join().unwrap(), f.1);
+    }
+}

@@ -25,9 +25,10 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -125,12 +126,12 @@ impl Cache {
     /// Sets limits, TTL and interval.
     pub fn configure(&self, cfg: CacheConfig) {
         self.store.set_limits(cfg.limits);
-        *self.cfg.lock().unwrap() = cfg;
+        *self.cfg.lock() = cfg;
     }
 
     /// The settings.
     pub fn config(&self) -> CacheConfig {
-        *self.cfg.lock().unwrap()
+        *self.cfg.lock()
     }
 
     /// The store.
@@ -146,10 +147,7 @@ impl Cache {
     /// Notes that snapshot `id` serves layer `remote` through `reader`.
     /// Memory only: it runs inside the snapshot's write transaction.
     pub fn register(&self, id: u64, remote: RemoteRef, reader: Arc<LayerReader>) {
-        self.layers
-            .lock()
-            .unwrap()
-            .insert(id, Mounted { remote, reader });
+        self.layers.lock().insert(id, Mounted { remote, reader });
     }
 
     /// Notes that snapshot `id` is unmounted, and records its layer with
@@ -157,7 +155,7 @@ impl Cache {
     /// first time a layer or image is unmounted); never call it inside a
     /// redb write transaction.
     pub fn unregister(&self, id: u64) {
-        let Some(m) = self.layers.lock().unwrap().remove(&id) else {
+        let Some(m) = self.layers.lock().remove(&id) else {
             return;
         };
         if let Err(e) = self.tocs.note_mounted(&m.remote) {
@@ -175,13 +173,7 @@ impl Cache {
     /// The TOC digests of pinned layers (empty on a database error, which
     /// is logged).
     pub fn pinned_tocs(&self) -> HashSet<String> {
-        match self.store.index().pin_bindings() {
-            Ok(b) => b.into_values().flatten().collect(),
-            Err(e) => {
-                error!(error = %e, "cannot read pins");
-                HashSet::new()
-            }
-        }
+        pinned_tocs(&self.store)
     }
 
     /// The pins (empty on a database error, which is logged).
@@ -199,7 +191,6 @@ impl Cache {
         let mut tocs: BTreeSet<String> = self
             .layers
             .lock()
-            .unwrap()
             .values()
             .filter(|m| m.remote.layer_digest == target || m.remote.image_ref == target)
             .map(|m| m.remote.toc_digest.clone())
@@ -270,7 +261,7 @@ impl Cache {
 
     /// The last GC report (this run of the daemon, else the stored one).
     pub fn last_report(&self) -> Option<GcReport> {
-        if let Some(r) = self.last.lock().unwrap().clone() {
+        if let Some(r) = self.last.lock().clone() {
             return Some(r);
         }
         let json = self.store.index().last_gc().ok().flatten()?;
@@ -285,7 +276,7 @@ impl Cache {
         let mut out = HashMap::new();
         let mut todo = Vec::new();
         {
-            let probes = self.probes.lock().unwrap();
+            let probes = self.probes.lock();
             for r in remotes {
                 let k = key(r);
                 match probes.get(&k) {
@@ -317,10 +308,7 @@ impl Cache {
                 warn!(layer = %r.layer_digest, image = %r.image_ref,
                       "layer cannot be fetched now; GC keeps its chunks");
             }
-            self.probes
-                .lock()
-                .unwrap()
-                .insert(k.clone(), (Instant::now(), ok));
+            self.probes.lock().insert(k.clone(), (Instant::now(), ok));
             out.insert(k, ok);
         }
         out
@@ -359,23 +347,30 @@ impl Cache {
         let started = Instant::now();
         let cfg = self.config();
         let now = self.store.clock().now();
-        let pins = self.pinned_tocs();
         let mounted: Vec<(RemoteRef, Arc<LayerReader>)> = self
             .layers
             .lock()
-            .unwrap()
             .values()
             .map(|m| (m.remote.clone(), m.reader.clone()))
             .collect();
-        let kept = {
-            let tocs = self.tocs.clone();
-            let in_use: Vec<RemoteRef> = mounted.iter().map(|(r, _)| r.clone()).collect();
-            let pins = pins.clone();
-            tokio::task::spawn_blocking(move || {
-                tocs.collect(&in_use, &pins, cfg.ttl_secs, now, dry_run)
-            })
-            .await
-            .unwrap_or_default()
+        // The database's work runs on the blocking pool, off the runtime.
+        let (store, tocs) = (self.store.clone(), self.tocs.clone());
+        let in_use: Vec<RemoteRef> = mounted.iter().map(|(r, _)| r.clone()).collect();
+        let read = tokio::task::spawn_blocking(move || {
+            let pins = pinned_tocs(&store);
+            let kept = tocs.collect(&in_use, &pins, cfg.ttl_secs, now, dry_run);
+            (pins, kept)
+        })
+        .await;
+        // Without the pins nothing is evicted.
+        let Ok((pins, kept)) = read else {
+            error!(trigger, "GC skipped: reading the pins and kept TOCs failed");
+            return GcReport {
+                dry_run,
+                trigger: trigger.to_owned(),
+                at: now,
+                ..GcReport::default()
+            };
         };
         let mut layers = self.layer_refs(&pins, mounted).await;
         // Pinned layers no snapshot references: their chunks from the kept TOC.
@@ -489,17 +484,17 @@ impl Cache {
                     "chunk GC: nothing to evict"
                 );
             }
-            if let Err(e) = self.store.index().flush() {
-                error!(error = %e, "cannot write the chunk index");
-            }
-            if let Err(e) = self
-                .store
-                .index()
-                .set_last_gc(&serde_json::to_vec(&report).unwrap_or_default())
-            {
-                error!(error = %e, "cannot store the GC result");
-            }
-            *self.last.lock().unwrap() = Some(report.clone());
+            let (store, json) = (self.store.clone(), serde_json::to_vec(&report));
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.index().flush() {
+                    error!(error = %e, "cannot write the chunk index");
+                }
+                if let Err(e) = store.index().set_last_gc(&json.unwrap_or_default()) {
+                    error!(error = %e, "cannot store the GC result");
+                }
+            })
+            .await;
+            *self.last.lock() = Some(report.clone());
         }
         report
     }
@@ -543,5 +538,17 @@ impl Cache {
                 next_gc = Instant::now() + me.config().interval;
             }
         });
+    }
+}
+
+/// The TOC digests of pinned layers (empty on a database error, which is
+/// logged). Blocking: a database read.
+fn pinned_tocs(store: &ChunkStore) -> HashSet<String> {
+    match store.index().pin_bindings() {
+        Ok(b) => b.into_values().flatten().collect(),
+        Err(e) => {
+            error!(error = %e, "cannot read pins");
+            HashSet::new()
+        }
     }
 }

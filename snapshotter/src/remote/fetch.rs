@@ -15,18 +15,19 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::Read;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
+pub use super::decode::decode_chunk;
+use super::decode::{decode_and_keep_async, Decoder, Kept, Settled};
 use super::priority::Priority;
 use super::store::ChunkStore;
 use super::toc::{Chunk, Compression};
@@ -172,38 +173,11 @@ struct LeadGuard<'a> {
 
 impl Drop for LeadGuard<'_> {
     fn drop(&mut self) {
-        let mut m = self.fetcher.inflight.lock().unwrap();
+        let mut m = self.fetcher.inflight.lock();
         for k in &self.keys {
             m.remove(k);
         }
     }
-}
-
-/// Decompresses one chunk and checks its length and digest.
-///
-/// # Errors
-/// A message saying what did not match.
-pub fn decode_chunk(c: Compression, compressed: &[u8], chunk: &Chunk) -> Result<Bytes, String> {
-    let mut out = Vec::with_capacity(chunk.len as usize);
-    let res = match c {
-        Compression::Gzip => flate2::read::MultiGzDecoder::new(compressed)
-            .take(chunk.len)
-            .read_to_end(&mut out),
-        Compression::Zstd => zstd::stream::read::Decoder::new(compressed)
-            .and_then(|d| d.take(chunk.len).read_to_end(&mut out)),
-    };
-    res.map_err(|e| format!("decompression failed: {e}"))?;
-    if out.len() as u64 != chunk.len {
-        return Err(format!(
-            "decompressed {} bytes, TOC says {}",
-            out.len(),
-            chunk.len
-        ));
-    }
-    if Sha256::digest(&out).as_slice() != chunk.digest {
-        return Err("sha256 does not match chunkDigest".into());
-    }
-    Ok(Bytes::from(out))
 }
 
 impl Fetcher {
@@ -378,48 +352,62 @@ impl Fetcher {
 
     /// Decides, for every chunk of `chunks` not yet in `out`, whether it is
     /// ready (filled in), being fetched by another reader (wait), or ours to
-    /// fetch (lead). All decisions are taken under one hold of the in-flight
+    /// fetch (lead). The decisions are taken under one hold of the in-flight
     /// lock, so two readers of the same chunks never split them between
     /// them: one leads every missing chunk (as merged runs), the other waits.
+    /// No file is read under the lock: a chunk that the store's records
+    /// hold by then (its leader just finished) is read after the lock goes,
+    /// and led in a second pass only if that read misses.
     #[allow(clippy::type_complexity)]
     fn plan(
         &self,
         chunks: &[Chunk],
         out: &mut [Option<Bytes>],
     ) -> (Vec<(usize, Slot)>, Vec<(usize, Lead)>) {
-        // The store first, without the lock (disk reads).
-        for (i, c) in chunks.iter().enumerate() {
-            if out[i].is_none() {
-                out[i] = self.store.get(&c.digest);
-            }
-        }
         let (mut waits, mut leads) = (Vec::new(), Vec::new());
-        let mut m = self.inflight.lock().unwrap();
-        for (i, c) in chunks.iter().enumerate() {
-            if out[i].is_some() {
-                continue;
+        let mut todo: Vec<usize> = (0..chunks.len()).filter(|&i| out[i].is_none()).collect();
+        for pass in 0..2 {
+            // The store first, without the lock (disk reads).
+            for &i in &todo {
+                out[i] = self.store.get(&chunks[i].digest);
             }
-            if let Some(rx) = m.get(&c.digest) {
-                waits.push((i, rx.clone()));
-                continue;
+            let mut again = Vec::new();
+            let mut m = self.inflight.lock();
+            for &i in &todo {
+                let c = &chunks[i];
+                if out[i].is_some() {
+                    continue;
+                }
+                if let Some(rx) = m.get(&c.digest) {
+                    waits.push((i, rx.clone()));
+                    continue;
+                }
+                // A leader may have finished between the store lookup and
+                // taking the lock.
+                if pass == 0 && self.store.known(&c.digest) {
+                    again.push(i);
+                    continue;
+                }
+                let (tx, rx) = watch::channel(None);
+                m.insert(c.digest, rx);
+                leads.push((i, tx));
             }
-            // Re-check under the lock: a leader may have finished between
-            // the store lookup and taking the lock.
-            if let Some(b) = self.store.get(&c.digest) {
-                out[i] = Some(b);
-                continue;
+            drop(m);
+            if again.is_empty() {
+                break;
             }
-            let (tx, rx) = watch::channel(None);
-            m.insert(c.digest, rx);
-            leads.push((i, tx));
+            todo = again;
         }
+        // Runs are cut from leads in chunk order.
+        leads.sort_by_key(|(i, _)| *i);
         (waits, leads)
     }
 
     /// Fetches one merged run and returns a result per chunk. The range is
     /// streamed: each chunk is verified, stored and handed to its waiters as
     /// soon as its last byte is in, so a reader of the run's first chunk
-    /// does not wait for the run's end, and decoding overlaps the transfer.
+    /// does not wait for the run's end. Decoding and the store's write run
+    /// on the blocking pool ([`Decoder`]), overlapping the transfer.
     async fn fetch_run(
         &self,
         source: &dyn RangeSource,
@@ -434,6 +422,7 @@ impl Fetcher {
         let mut results: Vec<Option<Result<Bytes, FetchError>>> = vec![None; run.len()];
         let mut failed = Vec::new();
         let mut next = 0;
+        let mut decoder = Decoder::new(Arc::clone(&self.store), compression);
         // The run's bytes so far: blob offsets [start, start + have.len()).
         let mut have: Vec<u8> = Vec::new();
         let (sink, mut pieces) = tokio::sync::mpsc::unbounded_channel();
@@ -445,34 +434,23 @@ impl Fetcher {
                 Some(p) = pieces.recv() => {
                     extend_contiguous(&mut have, start, p);
                     while next < run.len() && chunks[run[next].0].blob_end - start <= have.len() as u64 {
-                        let c = &chunks[run[next].0];
-                        let slice = &have[(c.blob_offset - start) as usize..(c.blob_end - start) as usize];
-                        self.settle(compression, layer, source, c, slice, &run[next].1, &mut results[next], &mut failed, next);
+                        let c = chunks[run[next].0];
+                        let span = (c.blob_offset - start) as usize..(c.blob_end - start) as usize;
+                        decoder.send(next, c, Bytes::copy_from_slice(&have[span]));
                         next += 1;
                     }
                 }
+                Some(s) = decoder.next(), if decoder.pending() > 0 => {
+                    self.settle(layer, source, chunks, run, s, &mut results, &mut failed);
+                }
             }
         };
-        while let Ok(p) = pieces.try_recv() {
-            extend_contiguous(&mut have, start, p);
-        }
         match outcome {
             Ok(data) => {
                 for k in next..run.len() {
-                    let c = &chunks[run[k].0];
-                    let slice =
-                        &data[(c.blob_offset - start) as usize..(c.blob_end - start) as usize];
-                    self.settle(
-                        compression,
-                        layer,
-                        source,
-                        c,
-                        slice,
-                        &run[k].1,
-                        &mut results[k],
-                        &mut failed,
-                        k,
-                    );
+                    let c = chunks[run[k].0];
+                    let span = (c.blob_offset - start) as usize..(c.blob_end - start) as usize;
+                    decoder.send(k, c, data.slice(span));
                 }
             }
             Err(e) => {
@@ -482,9 +460,19 @@ impl Fetcher {
                 }
             }
         }
+        while let Some(s) = decoder.next().await {
+            self.settle(layer, source, chunks, run, s, &mut results, &mut failed);
+        }
+        drop(decoder);
+        // A decoder that died settled nothing more: refetch those too.
+        for (k, r) in results.iter().enumerate() {
+            if r.is_none() && !failed.contains(&k) {
+                failed.push(k);
+            }
+        }
         // Chunks that did not verify: once more each, alone.
         for k in failed {
-            let c = &chunks[run[k].0];
+            let c = chunks[run[k].0];
             let r = match self
                 .fetch_range(
                     source,
@@ -495,19 +483,22 @@ impl Fetcher {
                 )
                 .await
             {
-                Ok(again) => decode_chunk(compression, &again, c).map_err(|problem| {
-                    self.note_verify_failure(layer, c, source.name(), &problem);
-                    FetchError::Verify {
-                        chunk: hex::encode(c.digest),
-                        source_name: source.name().to_owned(),
-                        problem,
+                Ok(again) => {
+                    let store = Arc::clone(&self.store);
+                    match decode_and_keep_async(store, compression, c, again).await {
+                        Ok(kept) => Ok(self.kept(layer, &c, kept)),
+                        Err(problem) => {
+                            self.note_verify_failure(layer, &c, source.name(), &problem);
+                            Err(FetchError::Verify {
+                                chunk: hex::encode(c.digest),
+                                source_name: source.name().to_owned(),
+                                problem,
+                            })
+                        }
                     }
-                }),
+                }
                 Err(e) => Err(e),
             };
-            if let Ok(b) = &r {
-                self.keep(layer, c, b);
-            }
             let _ = run[k].1.send(Some(r.clone()));
             results[k] = Some(r);
         }
@@ -517,26 +508,26 @@ impl Fetcher {
             .collect()
     }
 
-    /// Verifies one chunk's compressed bytes; a good chunk is stored and
-    /// handed to its waiters now, a bad one is noted and left for a refetch.
+    /// Takes one decoded chunk of the run: a good chunk (stored by the
+    /// decoder) goes to its waiters now, a bad one is noted and left for a
+    /// refetch.
     #[allow(clippy::too_many_arguments)]
     fn settle(
         &self,
-        compression: Compression,
         layer: &str,
         source: &dyn RangeSource,
-        c: &Chunk,
-        compressed: &[u8],
-        tx: &Lead,
-        result: &mut Option<Result<Bytes, FetchError>>,
+        chunks: &[Chunk],
+        run: &[(usize, Lead)],
+        (k, r): Settled,
+        results: &mut [Option<Result<Bytes, FetchError>>],
         failed: &mut Vec<usize>,
-        k: usize,
     ) {
-        match decode_chunk(compression, compressed, c) {
-            Ok(b) => {
-                self.keep(layer, c, &b);
-                let _ = tx.send(Some(Ok(b.clone())));
-                *result = Some(Ok(b));
+        let c = &chunks[run[k].0];
+        match r {
+            Ok(kept) => {
+                let b = self.kept(layer, c, kept);
+                let _ = run[k].1.send(Some(Ok(b.clone())));
+                results[k] = Some(Ok(b));
             }
             Err(problem) => {
                 self.note_verify_failure(layer, c, source.name(), &problem);
@@ -545,12 +536,13 @@ impl Fetcher {
         }
     }
 
-    /// Puts a verified chunk in the store (memory, and disk if it can).
-    fn keep(&self, layer: &str, c: &Chunk, b: &Bytes) {
-        if let Err(e) = self.store.put(c.digest, b.clone()) {
+    /// Counts a verified chunk that the store kept in memory only.
+    fn kept(&self, layer: &str, c: &Chunk, (b, not_cached): Kept) -> Bytes {
+        if let Some(e) = not_cached {
             self.stats.not_cached.fetch_add(1, Ordering::Relaxed);
             self.store.log_not_cached(layer, &c.digest, &e);
         }
+        b
     }
 
     async fn fetch_range(

@@ -13,8 +13,9 @@
 //! - `used` is the sum of `size` over the map, under the same lock.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
+use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 const CHUNKS: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("cache_chunks");
@@ -51,7 +52,7 @@ pub struct ChunkIndex {
 impl ChunkIndex {
     /// Records a chunk written now.
     pub fn insert(&self, digest: [u8; 32], size: u64, now: u64) {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state.lock();
         let e = Entry {
             size,
             last_access: now,
@@ -65,7 +66,7 @@ impl ChunkIndex {
 
     /// Notes a read of `digest` at `now` (memory only until the next flush).
     pub fn touch(&self, digest: &[u8; 32], now: u64) {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state.lock();
         if let Some(e) = s.entries.get_mut(digest) {
             if e.last_access < now {
                 e.last_access = now;
@@ -76,7 +77,7 @@ impl ChunkIndex {
 
     /// Forgets `digest`; returns its entry if it had one.
     pub fn remove(&self, digest: &[u8; 32]) -> Option<Entry> {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state.lock();
         let e = s.entries.remove(digest)?;
         s.used -= e.size;
         s.dirty.insert(*digest);
@@ -85,17 +86,17 @@ impl ChunkIndex {
 
     /// Whether `digest` is stored.
     pub fn contains(&self, digest: &[u8; 32]) -> bool {
-        self.state.lock().unwrap().entries.contains_key(digest)
+        self.state.lock().entries.contains_key(digest)
     }
 
     /// Bytes stored.
     pub fn used(&self) -> u64 {
-        self.state.lock().unwrap().used
+        self.state.lock().used
     }
 
     /// Chunks stored.
     pub fn len(&self) -> usize {
-        self.state.lock().unwrap().entries.len()
+        self.state.lock().entries.len()
     }
 
     /// Whether nothing is stored.
@@ -105,7 +106,7 @@ impl ChunkIndex {
 
     /// A copy of every entry.
     pub fn snapshot(&self) -> Vec<([u8; 32], Entry)> {
-        let s = self.state.lock().unwrap();
+        let s = self.state.lock();
         s.entries.iter().map(|(d, e)| (*d, *e)).collect()
     }
 
@@ -138,7 +139,7 @@ impl ChunkIndex {
             m
         };
         {
-            let mut guard = self.state.lock().unwrap();
+            let mut guard = self.state.lock();
             let s = &mut *guard;
             let mut on_disk_set = HashSet::new();
             for (d, size) in on_disk {
@@ -173,7 +174,7 @@ impl ChunkIndex {
             return Ok(());
         };
         let batch: Vec<([u8; 32], Option<Entry>)> = {
-            let mut s = self.state.lock().unwrap();
+            let mut s = self.state.lock();
             let dirty = std::mem::take(&mut s.dirty);
             dirty
                 .into_iter()
@@ -202,7 +203,7 @@ impl ChunkIndex {
             Ok(())
         })();
         if res.is_err() {
-            let mut s = self.state.lock().unwrap();
+            let mut s = self.state.lock();
             s.dirty.extend(batch.into_iter().map(|(d, _)| d));
         }
         res

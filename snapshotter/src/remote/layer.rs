@@ -126,7 +126,7 @@ pub struct LayerReader {
     /// Offer kernel passthrough for files laid out as whole-file objects.
     passthrough: bool,
     /// Objects this mount handed to the kernel as backing files.
-    held: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+    held: parking_lot::Mutex<std::collections::HashSet<[u8; 32]>>,
     /// Compressed bytes of following chunks a fetching read takes along.
     fetch_ahead: u64,
     /// Every chunk in blob order (built on the first read that fetches).
@@ -219,7 +219,7 @@ impl LayerReader {
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Relaxed);
         let objects = self.fetcher.store().objects();
-        for key in self.held.lock().unwrap().drain() {
+        for key in self.held.lock().drain() {
             objects.release(&key);
         }
     }
@@ -464,7 +464,7 @@ impl ChunkSource for LayerReader {
         let key = super::objects::key(chunks.iter().copied());
         let o = store.backing_object(&key)?;
         let f = std::fs::File::open(&o.path).ok()?;
-        if self.held.lock().unwrap().insert(key) {
+        if self.held.lock().insert(key) {
             store.objects().hold(key);
         }
         self.fetcher
@@ -475,17 +475,27 @@ impl ChunkSource for LayerReader {
     }
 
     /// Checks the file's object (once per process) before the mode
-    /// decision, so that the check of a large object holds up only this open.
-    fn prepare_backing(&self, data_id: u64) {
-        if !self.passthrough {
-            return;
-        }
-        if let Some(chunks) = usize::try_from(data_id)
+    /// decision, on the blocking pool when it is not checked yet: the check
+    /// of a large object holds up only this open, never a FUSE worker. The
+    /// open is answered once the check is over, so the kernel reads no
+    /// unchecked object.
+    fn prepare_backing(&self, data_id: u64, answer: Box<dyn FnOnce() + Send>) {
+        let key = usize::try_from(data_id)
             .ok()
+            .filter(|_| self.passthrough)
             .and_then(|i| self.object_chunks(i))
-        {
-            let key = super::objects::key(chunks.iter().copied());
-            let _ = self.fetcher.store().backing_object(&key);
+            .map(|chunks| super::objects::key(chunks.iter().copied()));
+        let store = self.fetcher.store();
+        match key {
+            Some(key) if store.objects().get(&key).is_some() && !store.objects().verified(&key) => {
+                let store = store.clone();
+                // A runtime shut down drops `answer`: the open fails (EIO).
+                self.rt.spawn_blocking(move || {
+                    let _ = store.backing_object(&key);
+                    answer();
+                });
+            }
+            _ => answer(),
         }
     }
 

@@ -12,9 +12,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
@@ -528,7 +529,7 @@ impl RemoteLayers {
             super::readahead::raise(mountpoint);
         }
         self.cache.register(id, r.clone(), reader.clone());
-        self.mounted.lock().unwrap().insert(
+        self.mounted.lock().insert(
             id,
             MountedLayer {
                 name: name.to_owned(),
@@ -552,7 +553,6 @@ impl RemoteLayers {
         let Some((reader, primed)) = self
             .mounted
             .lock()
-            .unwrap()
             .get_mut(&id)
             .map(|m| (m.reader.clone(), m.primed.take()))
         else {
@@ -633,7 +633,6 @@ impl RemoteLayers {
         let reader = self
             .mounted
             .lock()
-            .unwrap()
             .get(&id)
             .map(|m| m.reader.clone())
             .ok_or_else(|| format!("snapshot {id} is not a mounted remote layer"))?;
@@ -665,12 +664,12 @@ impl RemoteLayers {
 
     /// Whether snapshot `id` is mounted (by this process).
     pub fn is_mounted(&self, id: u64) -> bool {
-        self.mounted.lock().is_ok_and(|m| m.contains_key(&id))
+        self.mounted.lock().contains_key(&id)
     }
 
     /// Layers mounted now.
     pub fn mounted_count(&self) -> usize {
-        self.mounted.lock().unwrap().len()
+        self.mounted.lock().len()
     }
 
     /// The chunk cache (GC, pins).
@@ -682,7 +681,7 @@ impl RemoteLayers {
     pub fn unmount(&self, id: u64) {
         // Not under the lock: unregister may wait for a Prepare's write
         // transaction, whose mount takes this lock.
-        let m = self.mounted.lock().unwrap().remove(&id);
+        let m = self.mounted.lock().remove(&id);
         if let Some(m) = m {
             self.forget_fd(id);
             self.cache.unregister(id);
@@ -698,7 +697,6 @@ impl RemoteLayers {
         let layers: Vec<(u64, String, RemoteRef, Arc<LayerReader>)> = self
             .mounted
             .lock()
-            .unwrap()
             .iter()
             .map(|(id, m)| (*id, m.name.clone(), m.remote.clone(), m.reader.clone()))
             .collect();
@@ -741,7 +739,6 @@ impl RemoteLayers {
         let readers: Vec<(RemoteRef, Arc<LayerReader>)> = self
             .mounted
             .lock()
-            .unwrap()
             .values()
             .map(|m| (m.remote.clone(), m.reader.clone()))
             .collect();
@@ -797,7 +794,7 @@ impl RemoteLayers {
 
 impl Drop for RemoteLayers {
     fn drop(&mut self) {
-        let ids: Vec<u64> = self.mounted.lock().unwrap().keys().copied().collect();
+        let ids: Vec<u64> = self.mounted.lock().keys().copied().collect();
         for id in ids {
             self.unmount(id);
         }

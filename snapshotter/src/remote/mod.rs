@@ -26,12 +26,14 @@
 //! - [`layer`]: a mounted layer: FUSE reads → store or fetch.
 //! - [`identity`]: whether a lazy layer's content is the layer its chain ID
 //!   names (diffID check in one pass over the blob, verdicts, quarantine).
-//! - [`fetch`]: merged Range fetches, decompression, verification, single
-//!   flight.
+//! - [`fetch`]: merged Range fetches, single flight.
+//! - [`decode`]: decompression, verification and the store's write, on the
+//!   blocking pool.
 
 pub mod annotations;
 pub mod cache;
 pub mod clock;
+pub mod decode;
 pub mod fetch;
 pub mod gc;
 pub mod identity;

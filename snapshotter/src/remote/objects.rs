@@ -26,9 +26,10 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 use tracing::warn;
 
@@ -215,7 +216,7 @@ impl Objects {
                 }
             }
         }
-        *objects.inner.lock().unwrap() = inner;
+        *objects.inner.lock() = inner;
         Ok(objects)
     }
 
@@ -226,12 +227,12 @@ impl Objects {
 
     /// The object `key`, if visible.
     pub fn get(&self, key: &[u8; 32]) -> Option<Arc<Object>> {
-        self.inner.lock().unwrap().objects.get(key).cloned()
+        self.inner.lock().objects.get(key).cloned()
     }
 
     /// An object holding chunk `digest`, and the chunk's place in it.
     pub fn locate(&self, digest: &[u8; 32]) -> Option<(Arc<Object>, Placed)> {
-        let inner = self.inner.lock().unwrap();
+        let inner = self.inner.lock();
         let (key, i) = inner.by_chunk.get(digest)?.first()?;
         let o = inner.objects.get(key)?.clone();
         let p = *o.chunks.get(*i)?;
@@ -250,6 +251,11 @@ impl Objects {
         Ok((crc32fast::hash(&buf) == p.crc).then(|| Bytes::from(buf)))
     }
 
+    /// Whether object `key` checked out since this process started.
+    pub fn verified(&self, key: &[u8; 32]) -> bool {
+        self.inner.lock().verified.contains(key)
+    }
+
     /// Checks every chunk's crc32 once per process (the kernel reads a
     /// passthrough file without asking us, so bit rot or a stray write since
     /// the last start is caught here, before the first open is answered).
@@ -258,7 +264,7 @@ impl Objects {
     /// # Errors
     /// The object cannot be read.
     pub fn verify_once(&self, o: &Object) -> io::Result<bool> {
-        if self.inner.lock().unwrap().verified.contains(&o.key) {
+        if self.inner.lock().verified.contains(&o.key) {
             return Ok(true);
         }
         let f = File::open(&o.path)?;
@@ -270,20 +276,20 @@ impl Objects {
                 return Ok(false);
             }
         }
-        self.inner.lock().unwrap().verified.insert(o.key);
+        self.inner.lock().verified.insert(o.key);
         Ok(true)
     }
 
     /// Objects and their bytes.
     pub fn totals(&self) -> (u64, u64) {
-        let inner = self.inner.lock().unwrap();
+        let inner = self.inner.lock();
         let bytes = inner.objects.values().map(|o| o.size()).sum();
         (inner.objects.len() as u64, bytes)
     }
 
     /// Every chunk held in an object, with its length (for the index scan).
     pub fn chunks(&self) -> Vec<([u8; 32], u64)> {
-        let inner = self.inner.lock().unwrap();
+        let inner = self.inner.lock();
         inner
             .objects
             .values()
@@ -320,7 +326,7 @@ impl Objects {
                 crc: crc32fast::hash(data),
             });
         }
-        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let _writing = self.writing.lock();
         // Written meanwhile by another layer sharing the file.
         if let Some(o) = self.get(&key).filter(|o| o.path.exists()) {
             return Ok(o);
@@ -359,7 +365,7 @@ impl Objects {
             return Err(e);
         }
         let o = Arc::new(Object { key, path, chunks });
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         for (i, c) in o.chunks.iter().enumerate() {
             let keys = inner.by_chunk.entry(c.digest).or_default();
             if !keys.iter().any(|(k, _)| *k == key) {
@@ -374,12 +380,12 @@ impl Objects {
 
     /// Notes that a mounted layer uses object `key` as a backing file.
     pub fn hold(&self, key: [u8; 32]) {
-        *self.inner.lock().unwrap().held.entry(key).or_insert(0) += 1;
+        *self.inner.lock().held.entry(key).or_insert(0) += 1;
     }
 
     /// Ends one [`Objects::hold`].
     pub fn release(&self, key: &[u8; 32]) {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         if let Some(n) = inner.held.get_mut(key) {
             *n -= 1;
             if *n == 0 {
@@ -390,7 +396,7 @@ impl Objects {
 
     /// Whether a mounted layer holds object `key`.
     pub fn is_held(&self, key: &[u8; 32]) -> bool {
-        self.inner.lock().unwrap().held.contains_key(key)
+        self.inner.lock().held.contains_key(key)
     }
 
     /// Removes object `key` unless held; returns it (its chunks are then
@@ -399,7 +405,7 @@ impl Objects {
     /// # Errors
     /// Held or missing.
     pub fn remove(&self, key: &[u8; 32]) -> Result<Arc<Object>, NotRemoved> {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         if inner.held.contains_key(key) {
             return Err(NotRemoved::Held);
         }
@@ -423,7 +429,6 @@ impl Objects {
     pub fn holding(&self, digest: &[u8; 32]) -> Vec<[u8; 32]> {
         self.inner
             .lock()
-            .unwrap()
             .by_chunk
             .get(digest)
             .map(|v| v.iter().map(|(k, _)| *k).collect())

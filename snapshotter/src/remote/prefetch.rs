@@ -8,8 +8,9 @@
 //! flight before it returns the rootfs mounts.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use parking_lot::Mutex;
 use tokio::sync::watch;
 
 /// Prefetch tasks by snapshot id.
@@ -28,11 +29,7 @@ pub struct Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.set
-            .map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
+        self.set.map.lock().remove(&self.id);
     }
 }
 
@@ -40,10 +37,7 @@ impl InFlight {
     /// Notes that snapshot `id` is prefetching until the guard drops.
     pub fn begin(self: &Arc<Self>, id: u64) -> Running {
         let (tx, rx) = watch::channel(false);
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, rx);
+        self.map.lock().insert(id, rx);
         Running {
             set: self.clone(),
             id,
@@ -53,13 +47,7 @@ impl InFlight {
 
     /// Waits until every prefetch in flight now has ended.
     pub async fn wait_all(&self) {
-        let rxs: Vec<watch::Receiver<bool>> = self
-            .map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let rxs: Vec<watch::Receiver<bool>> = self.map.lock().values().cloned().collect();
         for mut rx in rxs {
             // Err: the sender dropped, i.e. the prefetch ended.
             let _ = rx.wait_for(|done| *done).await;
@@ -68,7 +56,7 @@ impl InFlight {
 
     /// Prefetches in flight.
     pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.map.lock().len()
     }
 
     /// Whether none is in flight.

@@ -16,9 +16,10 @@
 //! range once the early request failed or priming is
 //! [`PrimedSource::finish`]ed, goes to the inner source too.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use tokio::sync::watch;
 use tracing::debug;
 
@@ -47,7 +48,7 @@ struct Shared {
 impl Shared {
     /// Appends a piece that continues the window.
     fn take(&self, piece: (u64, Bytes)) {
-        let mut bytes = self.bytes.lock().unwrap();
+        let mut bytes = self.bytes.lock();
         if extend_contiguous(&mut bytes, 0, piece) {
             self.progress
                 .send_replace(Progress::Have(bytes.len() as u64));
@@ -115,17 +116,13 @@ impl PrimedSource {
     /// Ends priming: the window's bytes are dropped, and every range goes
     /// to the inner source (called once the startup fetch is over).
     pub fn finish(&self) {
-        if let Some(w) = self.window.lock().unwrap().take() {
+        if let Some(w) = self.window.lock().take() {
             w.shared.progress.send_replace(Progress::Gone);
         }
     }
 
     fn shared(&self) -> Option<Arc<Shared>> {
-        self.window
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|w| w.shared.clone())
+        self.window.lock().as_ref().map(|w| w.shared.clone())
     }
 
     /// Sends `[offset, offset + len)` from the window to `sink` as it
@@ -147,14 +144,14 @@ impl PrimedSource {
             if have > sent {
                 let upto = have.min(end);
                 let piece = {
-                    let bytes = w.bytes.lock().unwrap();
+                    let bytes = w.bytes.lock();
                     Bytes::copy_from_slice(&bytes[sent as usize..upto as usize])
                 };
                 let _ = sink.send((sent, piece));
                 sent = upto;
             }
             if sent >= end {
-                let bytes = w.bytes.lock().unwrap();
+                let bytes = w.bytes.lock();
                 return Some(Bytes::copy_from_slice(
                     &bytes[offset as usize..end as usize],
                 ));

@@ -14,8 +14,10 @@
 //! plus one record per file read while recording.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 /// Default `profile.window_secs`: longest recording after a layer is mounted.
 pub const DEFAULT_PROFILE_WINDOW_SECS: u64 = 30;
@@ -129,16 +131,13 @@ impl Recorder {
             .last_first_read
             .fetch_max(now + 1, Ordering::Relaxed);
         let ms = u32::try_from(at).unwrap_or(u32::MAX);
-        self.order
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((ms, id as u32));
+        self.order.lock().push((ms, id as u32));
     }
 
     /// (milliseconds after mount, entry id) of every first read so far, in
     /// order.
     pub fn first_reads(&self) -> Vec<(u32, u32)> {
-        self.order.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.order.lock().clone()
     }
 }
 

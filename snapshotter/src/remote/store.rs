@@ -28,10 +28,11 @@ use std::io::{self, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use lru::LruCache;
+use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 use tracing::{error, warn};
 
@@ -134,7 +135,7 @@ struct ReadGuard<'a> {
 
 impl Drop for ReadGuard<'_> {
     fn drop(&mut self) {
-        let mut b = self.store.busy.lock().unwrap();
+        let mut b = self.store.busy.lock();
         if let Some(n) = b.get_mut(&self.digest) {
             *n -= 1;
             if *n == 0 {
@@ -216,12 +217,12 @@ impl ChunkStore {
 
     /// Sets the capacity limits.
     pub fn set_limits(&self, limits: Limits) {
-        *self.limits.lock().unwrap() = limits;
+        *self.limits.lock() = limits;
     }
 
     /// The capacity limits.
     pub fn limits(&self) -> Limits {
-        *self.limits.lock().unwrap()
+        *self.limits.lock()
     }
 
     /// The index (sizes, access times, pins).
@@ -310,7 +311,7 @@ impl ChunkStore {
 
     /// The verified chunk `digest`, if present in memory or on disk.
     pub fn get(&self, digest: &[u8; 32]) -> Option<Bytes> {
-        if let Some(b) = self.memory.lock().unwrap().lru.get(digest) {
+        if let Some(b) = self.memory.lock().lru.get(digest) {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
             let b = b.clone();
             self.index.touch(digest, self.clock.now());
@@ -359,7 +360,7 @@ impl ChunkStore {
     /// Runs `f` (a disk read of chunk `digest`) with the reader guard
     /// held, so GC leaves the chunk alone meanwhile.
     fn reading<T>(&self, digest: &[u8; 32], f: impl FnOnce() -> T) -> T {
-        *self.busy.lock().unwrap().entry(*digest).or_insert(0) += 1;
+        *self.busy.lock().entry(*digest).or_insert(0) += 1;
         let _guard = ReadGuard {
             store: self,
             digest: *digest,
@@ -369,7 +370,15 @@ impl ChunkStore {
 
     /// Whether `digest` is stored (without reading it).
     pub fn contains(&self, digest: &[u8; 32]) -> bool {
-        self.memory.lock().unwrap().lru.contains(digest) || self.on_disk(digest)
+        self.memory.lock().lru.contains(digest) || self.on_disk(digest)
+    }
+
+    /// Whether the store's records (memory, index, objects) hold `digest`:
+    /// no file IO, so callers may ask under their own locks.
+    pub fn known(&self, digest: &[u8; 32]) -> bool {
+        self.memory.lock().lru.contains(digest)
+            || self.index.contains(digest)
+            || self.objects.locate(digest).is_some()
     }
 
     /// Whether `digest` is stored on disk (not just in memory).
@@ -441,7 +450,7 @@ impl ChunkStore {
             if let Some(e) = self.index.remove(&c.digest) {
                 freed += e.size;
             }
-            let mut m = self.memory.lock().unwrap();
+            let mut m = self.memory.lock();
             if let Some(b) = m.lru.pop(&c.digest) {
                 m.bytes -= b.len() as u64;
             }
@@ -516,7 +525,7 @@ impl ChunkStore {
         {
             // Check and reserve under one lock; the reservation is released
             // once the index counts the chunk (or the write failed).
-            let mut writing = self.writing.lock().unwrap();
+            let mut writing = self.writing.lock();
             if limits.max_bytes > 0
                 && self
                     .index
@@ -551,7 +560,7 @@ impl ChunkStore {
         if res.is_ok() {
             self.index.insert(digest, size, now);
         }
-        *self.writing.lock().unwrap() -= size;
+        *self.writing.lock() -= size;
         match &res {
             Ok(()) => {
                 if limits.high_bytes > 0 && self.index.used() > limits.high_bytes {
@@ -606,7 +615,7 @@ impl ChunkStore {
     /// `digest` is left alone (`Busy`) if it also holds a chunk in `keep`:
     /// an object is only ever removed whole.
     pub fn evict_keeping(&self, digest: &[u8; 32], keep: &HashSet<[u8; 32]>) -> Evicted {
-        let busy = self.busy.lock().unwrap();
+        let busy = self.busy.lock();
         if busy.contains_key(digest) {
             return Evicted::Busy;
         }
@@ -641,7 +650,7 @@ impl ChunkStore {
         let removed = fs::remove_file(&path).is_ok();
         drop(busy);
         {
-            let mut m = self.memory.lock().unwrap();
+            let mut m = self.memory.lock();
             if let Some(b) = m.lru.pop(digest) {
                 m.bytes -= b.len() as u64;
             }
@@ -660,7 +669,7 @@ impl ChunkStore {
     }
 
     fn remember(&self, digest: [u8; 32], data: Bytes) {
-        let mut m = self.memory.lock().unwrap();
+        let mut m = self.memory.lock();
         let len = data.len() as u64;
         if len > self.memory_limit {
             return;
@@ -706,6 +715,32 @@ mod tests {
         assert!(!s3.path(&d).exists());
     }
 
+    /// A panic while a store lock is held (in any thread) must not break
+    /// later reads: the locks do not poison.
+    #[test]
+    fn a_panic_under_a_store_lock_leaves_reads_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(ChunkStore::open(dir.path(), 1 << 20).unwrap());
+        let (a, b) = (Bytes::from(vec![1u8; 300]), Bytes::from(vec![2u8; 200]));
+        s.put(digest(&a), a.clone()).unwrap();
+        s.put(digest(&b), b.clone()).unwrap();
+        s.memory.lock().lru.pop(&digest(&b)); // b only on disk now
+        let held = Arc::clone(&s);
+        let panicked = std::thread::spawn(move || {
+            let _memory = held.memory.lock();
+            let _busy = held.busy.lock();
+            let _writing = held.writing.lock();
+            panic!("a bug while the store locks are held");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert_eq!(s.get(&digest(&a)).unwrap(), a, "memory hit");
+        assert_eq!(s.get(&digest(&b)).unwrap(), b, "disk hit");
+        let c = Bytes::from(vec![3u8; 100]);
+        s.put(digest(&c), c.clone()).unwrap();
+        assert_eq!(s.get(&digest(&c)).unwrap(), c);
+    }
+
     #[test]
     fn memory_is_bounded_by_bytes() {
         let dir = tempfile::tempdir().unwrap();
@@ -714,7 +749,7 @@ mod tests {
             let data = Bytes::from(vec![i; 40]);
             s.put(digest(&data), data).unwrap();
         }
-        assert!(s.memory.lock().unwrap().bytes <= 100);
+        assert!(s.memory.lock().bytes <= 100);
     }
 
     #[test]
@@ -768,9 +803,9 @@ mod tests {
         assert!(!s.on_disk(&digest(&chunks[2])));
         // A chunk being read is not evicted.
         let d0 = digest(&chunks[0]);
-        s.busy.lock().unwrap().insert(d0, 1);
+        s.busy.lock().insert(d0, 1);
         assert_eq!(s.evict(&d0), Evicted::Busy);
-        s.busy.lock().unwrap().clear();
+        s.busy.lock().clear();
         assert_eq!(s.evict(&d0), Evicted::Freed(one));
         assert_eq!(s.evict(&d0), Evicted::Missing);
         assert_eq!(s.index().used(), one);

@@ -28,8 +28,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
+use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -248,7 +249,7 @@ impl KeptTocs {
     /// Reads the local copy of `toc_digest` (footer, compressed TOC), if
     /// complete, and notes the use at `now`.
     pub fn read_local(&self, toc_digest: &str, now: u64) -> Option<(Footer, Vec<u8>)> {
-        let mut used = self.used.lock().unwrap();
+        let mut used = self.used.lock();
         used.insert(toc_digest.to_owned(), now);
         let (toc, footer) = self.paths(toc_digest);
         let footer: Footer = serde_json::from_slice(&fs::read(footer).ok()?).ok()?;
@@ -288,9 +289,7 @@ impl KeptTocs {
     pub fn discard(&self, toc_digest: &str) {
         // Under the lock that orders reads against removal.
         let _used = self.used.lock();
-        if let Ok(mut chunks) = self.chunks.lock() {
-            chunks.remove(toc_digest);
-        }
+        self.chunks.lock().remove(toc_digest);
         if let Err(e) = self.remove_files(toc_digest) {
             warn!(toc = %toc_digest, error = %e, "cannot remove a kept TOC that does not verify");
         }
@@ -377,7 +376,7 @@ impl KeptTocs {
     /// # Errors
     /// The TOC is missing or does not verify.
     pub fn chunk_digests(&self, toc_digest: &str) -> Result<Arc<Vec<[u8; 32]>>, String> {
-        if let Some(c) = self.chunks.lock().unwrap().get(toc_digest) {
+        if let Some(c) = self.chunks.lock().get(toc_digest) {
             return Ok(c.clone());
         }
         let (toc_path, footer_path) = self.paths(toc_digest);
@@ -391,10 +390,7 @@ impl KeptTocs {
         v.sort_unstable();
         v.dedup();
         let v = Arc::new(v);
-        self.chunks
-            .lock()
-            .unwrap()
-            .insert(toc_digest.to_owned(), v.clone());
+        self.chunks.lock().insert(toc_digest.to_owned(), v.clone());
         Ok(v)
     }
 
@@ -448,7 +444,7 @@ impl KeptTocs {
         {
             // Held from the plan to the last removal: a read of a TOC
             // (read_local) happens wholly before or after.
-            let mut used = self.used.lock().unwrap();
+            let mut used = self.used.lock();
             let p = plan(
                 &on_disk,
                 &records,
@@ -488,10 +484,7 @@ impl KeptTocs {
                     }
                 }
             }
-            self.chunks
-                .lock()
-                .unwrap()
-                .retain(|d, _| !removed.contains(d));
+            self.chunks.lock().retain(|d, _| !removed.contains(d));
             used.retain(|d, _| !removed.contains(d));
             if let Err(e) = self.apply(&p.write, removed.iter().chain(&p.forget)) {
                 warn!(error = %e, "cannot update the TOC records");

@@ -18,7 +18,7 @@ impl RemoteLayers {
     #[must_use]
     pub fn with_fd_store(mut self, store: FdStore, kept: HashMap<String, OwnedFd>) -> Self {
         self.fd_store = Some(store);
-        self.kept = std::sync::Mutex::new(kept);
+        self.kept = parking_lot::Mutex::new(kept);
         self
     }
 
@@ -46,7 +46,7 @@ impl RemoteLayers {
 
     /// The fd an earlier process kept for snapshot `id`, if any.
     pub fn take_kept(&self, id: u64) -> Option<OwnedFd> {
-        self.kept.lock().unwrap().remove(&fd_name(id))
+        self.kept.lock().remove(&fd_name(id))
     }
 
     /// Drops a kept fd that will not be resumed (its mount is gone), from
@@ -59,7 +59,7 @@ impl RemoteLayers {
     /// Drops every kept fd that no snapshot claimed (a Remove or a failed
     /// Prepare that the previous process did not finish).
     pub fn discard_unclaimed(&self) {
-        let rest: Vec<String> = self.kept.lock().unwrap().drain().map(|(n, _)| n).collect();
+        let rest: Vec<String> = self.kept.lock().drain().map(|(n, _)| n).collect();
         let Some(store) = &self.fd_store else { return };
         for name in rest {
             info!(name, "dropping a kept FUSE fd that no snapshot owns");
@@ -100,7 +100,7 @@ impl RemoteLayers {
         if self.fd_store.is_none() {
             return false;
         }
-        let layers: Vec<_> = self.mounted.lock().unwrap().drain().collect();
+        let layers: Vec<_> = self.mounted.lock().drain().collect();
         let n = layers.len();
         for (_, m) in layers {
             m.mount.hand_over();

@@ -105,7 +105,7 @@ impl Job {
 impl RemoteLayers {
     /// The background job of mounted snapshot `id`, if it is mounted.
     pub(super) fn background_job(&self, id: u64) -> Option<Job> {
-        let m = self.mounted.lock().unwrap();
+        let m = self.mounted.lock();
         let m = m.get(&id)?;
         Some(Job {
             name: m.name.clone(),
