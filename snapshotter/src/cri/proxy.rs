@@ -222,3 +222,64 @@ impl tower::Service<http::Request<Body>> for ImageProxy {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> cri::AuthConfig {
+        cri::AuthConfig::default()
+    }
+
+    #[test]
+    fn auth_config_as_containerd_reads_it() {
+        let a = cri::AuthConfig {
+            username: "u".into(),
+            password: "p".into(),
+            ..auth()
+        };
+        let c = image_credential("r.io/app:v1", &a).unwrap();
+        assert_eq!(
+            (c.credential.host.as_str(), c.credential.username.as_str()),
+            ("r.io", "u")
+        );
+        // `auth` wins over username/password.
+        let a = cri::AuthConfig {
+            username: "u".into(),
+            auth: B64.encode("alice:s3:cret"),
+            ..auth()
+        };
+        let c = image_credential("alpine", &a).unwrap();
+        assert_eq!(c.credential.host, "docker.io");
+        assert_eq!(
+            (c.credential.username.as_str(), c.credential.password.as_str()),
+            ("alice", "s3:cret")
+        );
+        // Tokens alone are credentials.
+        let a = cri::AuthConfig {
+            registry_token: "rt".into(),
+            ..auth()
+        };
+        assert_eq!(image_credential("r.io/a", &a).unwrap().registry_token, "rt");
+        // A server address for another host: not this image's credential.
+        let a = cri::AuthConfig {
+            username: "u".into(),
+            server_address: "https://other.io".into(),
+            ..auth()
+        };
+        assert!(image_credential("r.io/app", &a).is_none());
+        let a = cri::AuthConfig {
+            username: "u".into(),
+            server_address: "https://index.docker.io/v1/".into(),
+            ..auth()
+        };
+        assert!(image_credential("alpine", &a).is_some());
+        // Nothing, or not a reference: none.
+        assert!(image_credential("r.io/app", &auth()).is_none());
+        let a = cri::AuthConfig {
+            username: "u".into(),
+            ..auth()
+        };
+        assert!(image_credential("Not A Reference!", &a).is_none());
+    }
+}

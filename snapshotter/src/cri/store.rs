@@ -126,7 +126,17 @@ impl std::fmt::Debug for CredentialStore {
 /// `docker.io/library/alpine:latest`); `None` for what is not a reference
 /// (an image ID).
 pub fn normalize_image(image: &str) -> Option<String> {
-    image.parse::<Reference>().ok().map(|r| r.to_string())
+    image.parse::<Reference>().ok().map(|r| image_key(&r))
+}
+
+/// The store's key for `r`: its normalised form, with `:latest` when it
+/// names neither tag nor digest (as containerd names such an image).
+fn image_key(r: &Reference) -> String {
+    if r.tag.is_none() && r.digest.is_none() {
+        format!("{r}:latest")
+    } else {
+        r.to_string()
+    }
 }
 
 fn secs(t: SystemTime) -> u64 {
@@ -231,7 +241,7 @@ impl CredentialStore {
             pulled: now,
             expires: now.saturating_add(self.ttl.as_secs()),
         };
-        let key = reference.to_string();
+        let key = image_key(&reference);
         let mut images = self.images.lock().unwrap_or_else(|e| e.into_inner());
         let old = images.insert(key.clone(), entry);
         if let Err(e) = self.write(&mut images) {
@@ -333,5 +343,182 @@ impl ScopedCredentials for CredentialStore {
             .filter(|e| e.expires > t && e.host == host && e.repository == repository)
             .max_by_key(|e| e.pulled)
             .map(Entry::credential)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(3600);
+
+    /// A clock at `t` seconds, moved by the test.
+    fn clock(t: &Arc<AtomicU64>) -> Now {
+        let t = t.clone();
+        Arc::new(move || UNIX_EPOCH + Duration::from_secs(t.load(Ordering::SeqCst)))
+    }
+
+    fn cred(user: &str) -> ImageCredential {
+        ImageCredential {
+            credential: Credential {
+                host: "ignored".into(),
+                username: user.into(),
+                password: "pw".into(),
+                identity_token: String::new(),
+            },
+            registry_token: String::new(),
+        }
+    }
+
+    fn user(s: &CredentialStore, host: &str, repo: &str) -> Option<String> {
+        s.lookup(host, repo).map(|c| c.credential.username.clone())
+    }
+
+    #[test]
+    fn scoped_to_host_and_repository_and_normalised() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Arc::new(AtomicU64::new(1_000));
+        let s = CredentialStore::open_with_clock(dir.path(), TTL, clock(&t)).unwrap();
+        s.put("alpine", &cred("hub")).unwrap();
+        // The same image by its full name is the same entry.
+        s.put("docker.io/library/alpine:latest", &cred("hub")).unwrap();
+        s.put("127.0.0.1:5000/team/app:v1", &cred("local")).unwrap();
+        assert_eq!(user(&s, "docker.io", "library/alpine").as_deref(), Some("hub"));
+        assert_eq!(user(&s, "127.0.0.1:5000", "team/app").as_deref(), Some("local"));
+        assert_eq!(user(&s, "127.0.0.1:5000", "team/other"), None, "other repository");
+        assert_eq!(user(&s, "mirror.local", "team/app"), None, "other host");
+        // The most recent pull of the repository wins.
+        t.store(1_010, Ordering::SeqCst);
+        s.put("127.0.0.1:5000/team/app:v2", &cred("newer")).unwrap();
+        assert_eq!(user(&s, "127.0.0.1:5000", "team/app").as_deref(), Some("newer"));
+        assert_eq!(
+            s.images(),
+            [
+                "127.0.0.1:5000/team/app:v1",
+                "127.0.0.1:5000/team/app:v2",
+                "docker.io/library/alpine:latest"
+            ]
+        );
+        assert!(matches!(
+            s.put("Not A Reference!", &cred("x")),
+            Err(PutError::Reference(_))
+        ));
+    }
+
+    #[test]
+    fn entries_expire_and_a_new_pull_refreshes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Arc::new(AtomicU64::new(1_000));
+        let s = CredentialStore::open_with_clock(dir.path(), TTL, clock(&t)).unwrap();
+        s.put("r.io/app:v1", &cred("a")).unwrap();
+        t.store(1_000 + TTL.as_secs() - 1, Ordering::SeqCst);
+        assert_eq!(user(&s, "r.io", "app").as_deref(), Some("a"));
+        t.store(1_000 + TTL.as_secs(), Ordering::SeqCst);
+        assert_eq!(user(&s, "r.io", "app"), None, "expired");
+        assert!(s.images().is_empty());
+        // The next pull stores it again with a new expiry; put reports no
+        // live predecessor.
+        let old = s.put("r.io/app:v1", &cred("b")).unwrap();
+        assert!(old.is_none());
+        t.store(1_000 + 2 * TTL.as_secs() - 1, Ordering::SeqCst);
+        assert_eq!(user(&s, "r.io", "app").as_deref(), Some("b"));
+        // Expired entries do not survive a reload either.
+        t.store(1_000 + 3 * TTL.as_secs(), Ordering::SeqCst);
+        let again = CredentialStore::open_with_clock(dir.path(), TTL, clock(&t)).unwrap();
+        assert!(again.images().is_empty());
+    }
+
+    #[test]
+    fn remove_and_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Arc::new(AtomicU64::new(1_000));
+        let s = CredentialStore::open_with_clock(dir.path(), TTL, clock(&t)).unwrap();
+        s.put("r.io/app:v1", &cred("a")).unwrap();
+        s.put("r.io/app:v2", &cred("a2")).unwrap();
+        // A failed pull with other credentials puts the old ones back.
+        let old = s.put("r.io/app:v1", &cred("wrong")).unwrap();
+        s.restore("r.io/app:v1", old).unwrap();
+        assert_eq!(s.lookup("r.io", "app").unwrap().credential.password, "pw");
+        let old = s.put("r.io/new:v1", &cred("n")).unwrap();
+        s.restore("r.io/new:v1", old).unwrap();
+        assert_eq!(user(&s, "r.io", "new"), None);
+        // RemoveImage: by any name, unnormalised; IDs are ignored.
+        let gone = s
+            .remove(&["sha256:0123".into(), "r.io/app:v1".into()])
+            .unwrap();
+        assert_eq!(gone, 1);
+        assert_eq!(s.images(), ["r.io/app:v2"]);
+        s.remove(&["r.io/app:v2".into()]).unwrap();
+        assert_eq!(user(&s, "r.io", "app"), None);
+        let reloaded = CredentialStore::open_with_clock(dir.path(), TTL, clock(&t)).unwrap();
+        assert!(reloaded.images().is_empty(), "removal is persisted");
+    }
+
+    #[test]
+    fn survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Arc::new(AtomicU64::new(1_000));
+        {
+            let s = CredentialStore::open_with_clock(dir.path(), TTL, clock(&t)).unwrap();
+            let mut c = cred("alice");
+            c.registry_token = "rt".into();
+            c.credential.identity_token = "it".into();
+            s.put("r.io/private/app:v1", &c).unwrap();
+        }
+        t.store(1_100, Ordering::SeqCst);
+        let s = CredentialStore::open_with_clock(dir.path(), TTL, clock(&t)).unwrap();
+        let c = s.lookup("r.io", "private/app").unwrap();
+        assert_eq!(c.credential.username, "alice");
+        assert_eq!(c.credential.password, "pw");
+        assert_eq!(c.credential.identity_token, "it");
+        assert_eq!(c.registry_token, "rt");
+        assert_eq!(c.credential.host, "r.io");
+        // The expiry is the original pull's, not the restart's.
+        t.store(1_000 + TTL.as_secs(), Ordering::SeqCst);
+        assert!(s.lookup("r.io", "private/app").is_none());
+    }
+
+    #[test]
+    fn root_only_file_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("cri");
+        // A directory and file that someone made readable are re-moded.
+        std::fs::create_dir(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(d.join(FILE_NAME), r#"{"images":{}}"#).unwrap();
+        std::fs::set_permissions(d.join(FILE_NAME), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        let s = CredentialStore::open(&d, TTL).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&d), DIR_MODE);
+        assert_eq!(mode(&s.path()), FILE_MODE);
+        // A fresh file gets 0600 whatever the umask.
+        std::fs::remove_file(s.path()).unwrap();
+        s.put("r.io/app:v1", &cred("a")).unwrap();
+        assert_eq!(mode(&s.path()), FILE_MODE);
+        assert!(!d.join(format!(".{FILE_NAME}.tmp")).exists());
+        // A fresh directory, nested, is 0700.
+        let nested = dir.path().join("a/b");
+        let s = CredentialStore::open(&nested, TTL).unwrap();
+        assert_eq!(mode(&nested), DIR_MODE);
+        drop(s);
+        // A corrupt file is an error, not an empty store.
+        std::fs::write(d.join(FILE_NAME), "{").unwrap();
+        assert!(matches!(
+            CredentialStore::open(&d, TTL),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = CredentialStore::open(dir.path(), TTL).unwrap();
+        s.put("r.io/app:v1", &cred("alice")).unwrap();
+        let d = format!("{s:?}");
+        assert!(!d.contains("alice") && !d.contains("pw"), "{d}");
     }
 }
