@@ -1,4 +1,5 @@
-//! Compiles the vendored containerd protos (see `vendor/README.md`) and
+//! Compiles the vendored containerd and Kubernetes CRI protos (see
+//! `vendor/README.md`) and
 //! Shoal's own (`shoal/`) into
 //! tonic client and server stubs. `protoc` comes from `protoc-bin-vendored`, so
 //! a build needs no system protobuf compiler.
@@ -18,6 +19,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "shoal/v1/profile.proto",
             ],
             &["vendor", "."],
+        )?;
+    // Kubernetes' CRI: clients only (Shoal's CRI image-service proxy forwards
+    // raw bytes and needs no generated server; tests and tools drive CRI).
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        .compile_protos(
+            &["vendor/k8s.io/cri-api/pkg/apis/runtime/v1/api.proto"],
+            &["vendor"],
         )?;
     Ok(())
 }

@@ -11,6 +11,9 @@
 //!   usage. Same protobuf package as `status`.
 //! - [`profile`]: recorded first reads, for startup profiles
 //!   (`shoal/v1/profile.proto`; same package as `status`).
+//! - [`cri`]: Kubernetes' CRI, `runtime.v1` (`RuntimeService`,
+//!   `ImageService`); messages and clients only. Shoal's CRI image-service
+//!   proxy forwards raw bytes and decodes only what it needs with these types.
 //!
 //! The `.proto` sources are vendored under `vendor/`; `vendor/README.md` says
 //! where each came from. Modules mirror the protobuf packages so that the
@@ -34,6 +37,14 @@ pub mod containerd {
     }
 }
 
+/// Kubernetes' CRI (`runtime.*`).
+pub mod runtime {
+    /// `runtime.v1`.
+    pub mod v1 {
+        tonic::include_proto!("runtime.v1");
+    }
+}
+
 /// Shoal's own protocols (`shoal.*`).
 pub mod shoal {
     /// `shoal.v1`: the daemon's status API.
@@ -45,6 +56,7 @@ pub mod shoal {
 pub use containerd::services::snapshots::v1 as snapshots;
 pub use containerd::types;
 pub use prost_types;
+pub use runtime::v1 as cri;
 pub use shoal::v1 as status;
 pub use shoal::v1 as cache;
 pub use shoal::v1 as profile;

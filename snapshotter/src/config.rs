@@ -67,6 +67,13 @@ pub const DEFAULT_MAX_CONCURRENT_PER_BLOB: usize = 4;
 pub const DEFAULT_MIN_RATE_BYTES_PER_SEC: u64 = 4 << 10;
 /// Default `registry.min_rate_grace_secs`.
 pub const DEFAULT_MIN_RATE_GRACE_SECS: u64 = 10;
+/// Default `cri.containerd_cri_socket`: containerd serves CRI on its main
+/// socket.
+pub const DEFAULT_CRI_CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
+/// Default `cri.credential_ttl_secs`: a pull's credentials are used for a
+/// day after it (the next pull of the image refreshes them).
+pub const DEFAULT_CRI_CREDENTIAL_TTL_SECS: u64 = 24 * 3600;
+
 /// A config file larger than this is refused before parsing.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -93,6 +100,30 @@ pub struct Config {
     pub metrics: MetricsSection,
     /// Startup profile recording.
     pub profile: ProfileSection,
+    /// The CRI image-service proxy.
+    pub cri: CriSection,
+}
+
+/// `[cri]`: the CRI image-service proxy (`crate::cri`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriSection {
+    /// Socket to serve `runtime.v1.ImageService` on; unset: off.
+    pub image_service_socket: Option<PathBuf>,
+    /// containerd's CRI socket, where every call is forwarded.
+    pub containerd_cri_socket: PathBuf,
+    /// How long a pull's credentials are used after it.
+    pub credential_ttl_secs: u64,
+}
+
+impl Default for CriSection {
+    fn default() -> Self {
+        CriSection {
+            image_service_socket: None,
+            containerd_cri_socket: DEFAULT_CRI_CONTAINERD_SOCKET.into(),
+            credential_ttl_secs: DEFAULT_CRI_CREDENTIAL_TTL_SECS,
+        }
+    }
 }
 
 /// `[remote]`: lazily pulled layers.
@@ -283,6 +314,7 @@ impl Default for Config {
             cache: CacheSection::default(),
             metrics: MetricsSection::default(),
             profile: ProfileSection::default(),
+            cri: CriSection::default(),
         }
     }
 }
@@ -497,6 +529,17 @@ impl Config {
             if !p.is_absolute() {
                 return Err((key, format!("{} is not an absolute path", p.display())));
             }
+        }
+        if let Some(p) = &self.cri.image_service_socket {
+            if !p.is_absolute() || *p == self.address {
+                return Err((
+                    "cri.image_service_socket",
+                    format!("{} must be an absolute path other than `address`", p.display()),
+                ));
+            }
+        }
+        if self.cri.credential_ttl_secs == 0 {
+            return Err(("cri.credential_ttl_secs", "must be at least 1".into()));
         }
         if self.remote.fuse_threads == 0 {
             return Err(("remote.fuse_threads", "must be at least 1".into()));

@@ -21,6 +21,8 @@
 //! - [`cache_service`]: Shoal's chunk cache service (GC, pins, usage).
 //! - [`metrics`]: the Prometheus `/metrics` endpoint.
 //! - [`profile_service`]: recorded first reads (startup profiles) over gRPC.
+//! - [`cri`]: the CRI image-service proxy and its per-image pull
+//!   credentials.
 //! - [`client`]: a client for the daemon's socket (CLI, tests).
 //! - [`error`]: the error type and its mapping onto gRPC codes.
 //!
@@ -32,6 +34,7 @@ pub mod cache_service;
 pub mod client;
 pub mod config;
 pub mod convert;
+pub mod cri;
 pub mod error;
 pub mod filter;
 pub mod grpc;

@@ -17,6 +17,7 @@ use shoal::remote::gc::CacheConfig;
 use shoal::remote::layers::{RemoteConfig, RemoteLayers};
 use shoal::remote::registry_blobs::RegistryBlobs;
 use shoal::remote::store::ChunkStore;
+use shoal::cri::CredentialStore;
 use shoal::server;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
@@ -172,6 +173,23 @@ fn run(config: Config, registry: Option<Registry>) -> anyhow::Result<()> {
             .mode(0o700)
             .create(&config.root)
             .with_context(|| format!("create {}", config.root.display()))?;
+        // The CRI proxy's credential store: the registry client looks up an
+        // image's own credentials in it before the node's.
+        let cri = match &config.cri.image_service_socket {
+            Some(socket) => {
+                let dir = config.root.join("cri");
+                let ttl = std::time::Duration::from_secs(config.cri.credential_ttl_secs);
+                let store = tokio::task::spawn_blocking(move || CredentialStore::open(&dir, ttl))
+                    .await?
+                    .context("open the CRI credential store")?;
+                Some((socket.clone(), Arc::new(store)))
+            }
+            None => None,
+        };
+        let registry = registry.map(|r| match &cri {
+            Some((_, store)) => r.with_scoped(store.clone()),
+            None => r,
+        });
         let remote = if let Some(registry) = registry {
             Some(remote_layers(&config, registry)?)
         } else {
@@ -199,14 +217,33 @@ fn run(config: Config, registry: Option<Registry>) -> anyhow::Result<()> {
         );
         // Tell systemd (Type=notify) we are ready; a no-op elsewhere.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let proxy = match cri {
+            Some((socket, store)) => {
+                let listener = server::bind(&socket)?;
+                let upstream = config.cri.containerd_cri_socket.clone();
+                let mut stop = stop_rx.clone();
+                Some(tokio::spawn(async move {
+                    let stopped = async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    };
+                    shoal::cri::serve(listener, &socket, &upstream, store, stopped).await
+                }))
+            }
+            None => None,
+        };
         let shutdown = async move {
             tokio::select! {
                 _ = sigint.recv() => info!("SIGINT: shutting down"),
                 _ = sigterm.recv() => info!("SIGTERM: shutting down"),
             }
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            let _ = stop_tx.send(true);
         };
         server::serve(sn.clone(), listener, &config.address, shutdown).await?;
+        if let Some(proxy) = proxy {
+            proxy.await??;
+        }
         // Leave lazy layers mounted for the next daemon, and exit without
         // dropping anything: a dropped pending read would answer EIO, while
         // an unanswered one is resent to the next daemon.

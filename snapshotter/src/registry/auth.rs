@@ -12,13 +12,17 @@
 //! a mirror never receives the upstream registry's credentials (give the
 //! mirror its own entry). An anonymous request (a host an image annotation
 //! chose, see `remote::annotations`) sends none and never uses a token
-//! that credentials bought: anonymous tokens are cached apart. Credential helpers (`credsStore`, `credHelpers`)
-//! are not run. One token fetch runs at a time, and waiters re-check the
+//! that credentials bought: anonymous tokens are cached apart. An image's own
+//! credential (see [`super::scoped`]) is used instead of the node's for its
+//! host and repository, and its tokens are cached apart too ([`Who`]), so a
+//! token bought with a pod's pull secret never serves a request made with the
+//! node's credentials, nor the other way round. Credential helpers
+//! (`credsStore`, `credHelpers`) are not run. One token fetch runs at a time, and waiters re-check the
 //! cache, so a burst of 401s costs one token request.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -28,7 +32,19 @@ use serde::Deserialize;
 use super::body::read_to_end;
 use super::error::{error_chain, RegistryError, Site};
 use super::reference::{DOCKER_HUB, DOCKER_HUB_HOST};
+use super::scoped::ImageCredential;
 use super::Credential;
+
+/// Whose credentials a request carries; tokens are cached per `Who`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Who {
+    /// The node's: `RegistryConfig::credentials`, then Docker's config.
+    Node,
+    /// None (a host that an image annotation chose).
+    Anonymous,
+    /// An image's own (from a CRI `PullImage`), for its host and repository.
+    Image(Arc<ImageCredential>),
+}
 
 /// Lifetime assumed for a token whose response has no `expires_in`, and the
 /// minimum the distribution spec allows.
@@ -226,8 +242,8 @@ struct Token {
 
 #[derive(Debug, Default)]
 struct State {
-    /// By (host, scope, anonymous).
-    tokens: HashMap<(String, String, bool), Token>,
+    /// By (host, scope, whose credentials bought it).
+    tokens: HashMap<(String, String, Who), Token>,
     basic_hosts: HashMap<String, ()>,
 }
 
@@ -270,9 +286,11 @@ impl Auth {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn credential(&self, host: &str, anonymous: bool) -> Option<&Credential> {
-        if anonymous {
-            return None;
+    fn credential<'a>(&'a self, host: &str, who: &'a Who) -> Option<&'a Credential> {
+        match who {
+            Who::Anonymous => return None,
+            Who::Image(c) => return Some(&c.credential),
+            Who::Node => {}
         }
         let h = normalize_host(host);
         self.creds.iter().find(|(k, _)| *k == h).map(|(_, c)| c)
@@ -287,26 +305,32 @@ impl Auth {
 
     /// The `Authorization` value to send up front to `host` for `scope`, if
     /// a token is cached or the host asked for Basic before.
-    pub fn cached(&self, host: &str, scope: &str, anonymous: bool) -> Option<String> {
+    /// An image's `registry_token` is sent as is.
+    pub fn cached(&self, host: &str, scope: &str, who: &Who) -> Option<String> {
+        if let Who::Image(c) = who {
+            if !c.registry_token.is_empty() {
+                return Some(format!("Bearer {}", c.registry_token));
+            }
+        }
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = state
             .tokens
-            .get(&(host.to_string(), scope.to_string(), anonymous))
+            .get(&(host.to_string(), scope.to_string(), who.clone()))
         {
             if Instant::now() < t.expires {
                 return Some(format!("Bearer {}", t.value));
             }
         }
         if state.basic_hosts.contains_key(host) {
-            return self.credential(host, anonymous).map(Self::basic_value);
+            return self.credential(host, who).map(Self::basic_value);
         }
         None
     }
 
     /// Forgets `used` for (`host`, `scope`) after the host refused it.
-    pub fn invalidate(&self, host: &str, scope: &str, anonymous: bool, used: &str) {
+    pub fn invalidate(&self, host: &str, scope: &str, who: &Who, used: &str) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (host.to_string(), scope.to_string(), anonymous);
+        let key = (host.to_string(), scope.to_string(), who.clone());
         if state
             .tokens
             .get(&key)
@@ -317,8 +341,8 @@ impl Auth {
     }
 
     /// Answers a 401 from `site.host`: returns the `Authorization` value to
-    /// retry with. `anonymous`: send no credentials (a token is then asked
-    /// for anonymously).
+    /// retry with, using `who`'s credentials ([`Who::Anonymous`]: none; a
+    /// token is then asked for anonymously).
     ///
     /// # Errors
     /// No usable challenge, no credentials for a Basic challenge, or the
@@ -330,16 +354,17 @@ impl Auth {
         scope: &str,
         challenges: &[Challenge],
         timeout: Duration,
-        anonymous: bool,
+        who: &Who,
     ) -> Result<String, RegistryError> {
-        let cred = self.credential(&site.host, anonymous);
+        let anonymous = *who == Who::Anonymous;
+        let cred = self.credential(&site.host, who);
         if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
             let realm = c
                 .params
                 .get("realm")
                 .ok_or_else(|| site.auth("Bearer challenge without realm"))?;
             let _one = self.fetching.lock().await;
-            if let Some(v) = self.cached(&site.host, scope, anonymous) {
+            if let Some(v) = self.cached(&site.host, scope, who) {
                 if v.starts_with("Bearer ") {
                     return Ok(v);
                 }
@@ -353,7 +378,7 @@ impl Auth {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             state
                 .tokens
-                .insert((site.host.clone(), scope.to_string(), anonymous), token);
+                .insert((site.host.clone(), scope.to_string(), who.clone()), token);
             return Ok(value);
         }
         if challenges.iter().any(|c| c.scheme == "basic") {
@@ -594,13 +619,16 @@ mod tests {
             c("https://index.docker.io/v1/", "second"),
         ]);
         assert_eq!(
-            auth.credential("registry-1.docker.io", false)
+            auth.credential("registry-1.docker.io", &Who::Node)
                 .unwrap()
                 .username,
             "first"
         );
-        assert!(auth.credential("mirror.local", false).is_none());
-        assert!(auth.credential("docker.io", true).is_none(), "anonymous");
+        assert!(auth.credential("mirror.local", &Who::Node).is_none());
+        assert!(
+            auth.credential("docker.io", &Who::Anonymous).is_none(),
+            "anonymous"
+        );
     }
 
     #[test]
@@ -609,7 +637,7 @@ mod tests {
         let put = |host: &str, scope: &str, value: &str, expires: Instant| {
             let mut st = auth.state.lock().unwrap();
             st.tokens.insert(
-                (host.into(), scope.into(), false),
+                (host.into(), scope.into(), Who::Node),
                 Token {
                     value: value.into(),
                     expires,
@@ -620,21 +648,21 @@ mod tests {
         put("r.io", "repository:a:pull", "A", later);
         put("r.io", "repository:old:pull", "OLD", Instant::now());
         assert_eq!(
-            auth.cached("r.io", "repository:a:pull", false).as_deref(),
+            auth.cached("r.io", "repository:a:pull", &Who::Node).as_deref(),
             Some("Bearer A")
         );
-        assert_eq!(auth.cached("r.io", "repository:b:pull", false), None);
-        assert_eq!(auth.cached("m.io", "repository:a:pull", false), None);
+        assert_eq!(auth.cached("r.io", "repository:b:pull", &Who::Node), None);
+        assert_eq!(auth.cached("m.io", "repository:a:pull", &Who::Node), None);
         assert_eq!(
-            auth.cached("r.io", "repository:old:pull", false),
+            auth.cached("r.io", "repository:old:pull", &Who::Node),
             None,
             "expired"
         );
         // Invalidation only drops the token that was refused.
-        auth.invalidate("r.io", "repository:a:pull", false, "Bearer STALE");
-        assert!(auth.cached("r.io", "repository:a:pull", false).is_some());
-        auth.invalidate("r.io", "repository:a:pull", false, "Bearer A");
-        assert_eq!(auth.cached("r.io", "repository:a:pull", false), None);
+        auth.invalidate("r.io", "repository:a:pull", &Who::Node, "Bearer STALE");
+        assert!(auth.cached("r.io", "repository:a:pull", &Who::Node).is_some());
+        auth.invalidate("r.io", "repository:a:pull", &Who::Node, "Bearer A");
+        assert_eq!(auth.cached("r.io", "repository:a:pull", &Who::Node), None);
     }
 
     #[test]

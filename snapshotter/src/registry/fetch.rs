@@ -411,18 +411,12 @@ impl Registry {
         scope: &str,
         resp: &Response,
         timeout: Duration,
+        who: &super::auth::Who,
     ) -> Result<String, RegistryError> {
         let challenges = super::auth::challenges(resp.headers());
         self.inner
             .auth
-            .answer(
-                &host.client,
-                site,
-                scope,
-                &challenges,
-                timeout,
-                self.anonymous,
-            )
+            .answer(&host.client, site, scope, &challenges, timeout, who)
             .await
     }
 
@@ -440,10 +434,11 @@ impl Registry {
     ) -> Result<Response, RegistryError> {
         let scope = format!("repository:{}:pull", site.repo);
         let timeout = self.inner.cfg.request_timeout;
+        let who = self.who(&host.spec.host, &site.repo);
         let mut auth = self
             .inner
             .auth
-            .cached(&host.spec.host, &scope, self.anonymous);
+            .cached(&host.spec.host, &scope, &who);
         let mut answered = false;
         loop {
             let plain = host.spec.http_fallback && host.plain_http.load(Ordering::Relaxed);
@@ -487,9 +482,9 @@ impl Registry {
                 if let Some(used) = &auth {
                     self.inner
                         .auth
-                        .invalidate(&host.spec.host, &scope, self.anonymous, used);
+                        .invalidate(&host.spec.host, &scope, &who, used);
                 }
-                auth = Some(self.answer(host, site, &scope, &resp, timeout).await?);
+                auth = Some(self.answer(host, site, &scope, &resp, timeout, &who).await?);
                 answered = true;
                 continue;
             }

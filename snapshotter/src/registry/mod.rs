@@ -6,6 +6,7 @@
 //! - [`mod@reference`]: image references and Docker Hub normalisation.
 //! - [`hosts`]: `certs.d/HOST/hosts.toml` (mirrors, capabilities, TLS).
 //! - [`auth`]: challenges, credentials, token cache.
+//! - [`scoped`]: credentials scoped to an image's host and repository.
 //! - `fetch`: the request loop (failover, retries, redirects, timeouts,
 //!   Range checks).
 //! - `body`: reading responses (lengths, ranges, chunk timeouts).
@@ -50,9 +51,11 @@
 //!   `max_concurrent_per_blob` for one blob on one host, so a slow host
 //!   leaves slots to the others and one layer leaves slots to the other
 //!   layers of its host.
-//! - Credentials: [`RegistryConfig::credentials`] first, then Docker's
-//!   `config.json`; credential helpers are not supported. A
-//!   [`Registry::anonymous`] client sends none.
+//! - Credentials: an image's own for its host and repository
+//!   ([`Registry::with_scoped`], from CRI `PullImage`), else
+//!   [`RegistryConfig::credentials`], then Docker's `config.json`;
+//!   credential helpers are not supported. A [`Registry::anonymous`] client
+//!   sends none.
 //! - Host resolution is cached for [`HOSTS_TTL`], so `hosts.toml` edits take
 //!   effect without a restart.
 
@@ -64,6 +67,7 @@ pub mod hosts;
 mod limits;
 mod push;
 pub mod reference;
+pub mod scoped;
 mod unranged;
 
 use std::collections::HashMap;
@@ -80,6 +84,7 @@ pub use fetch::{
 pub use hosts::{Capability, HostSpec};
 pub use push::UPLOAD_PIECE;
 pub use reference::Reference;
+pub use scoped::{ImageCredential, ScopedCredentials};
 
 /// Default [`RegistryConfig::config_path`].
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/containerd/certs.d";
@@ -105,7 +110,7 @@ pub const HOSTS_TTL: Duration = Duration::from_secs(60);
 pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 
 /// One registry's credentials.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Credential {
     /// `host[:port]` as in image references (`docker.io`, `127.0.0.1:5000`)
     /// or the host of a mirror.
@@ -234,6 +239,8 @@ pub struct Registry {
     inner: Arc<Inner>,
     /// Send no credentials (see [`Registry::anonymous`]).
     anonymous: bool,
+    /// Images' own credentials (see [`Registry::with_scoped`]).
+    scoped: Option<Arc<dyn ScopedCredentials>>,
 }
 
 impl Registry {
@@ -266,6 +273,7 @@ impl Registry {
         }
         Ok(Registry {
             anonymous: false,
+            scoped: None,
             inner: Arc::new(Inner {
                 auth: auth::Auth::new(creds),
                 limits: limits::Limits::new(
@@ -289,6 +297,30 @@ impl Registry {
         Registry {
             inner: self.inner.clone(),
             anonymous: true,
+            scoped: None,
+        }
+    }
+
+    /// This client, sending the credential that `scoped` holds for a host
+    /// and repository instead of the node's (see [`scoped`]). Clones share
+    /// it; [`Registry::anonymous`] drops it.
+    pub fn with_scoped(mut self, scoped: Arc<dyn ScopedCredentials>) -> Registry {
+        self.scoped = Some(scoped);
+        self
+    }
+
+    /// Whose credentials a request to `host` for `repository` carries.
+    fn who(&self, host: &str, repository: &str) -> auth::Who {
+        if self.anonymous {
+            return auth::Who::Anonymous;
+        }
+        match self
+            .scoped
+            .as_ref()
+            .and_then(|s| s.lookup(&auth::normalize_host(host), repository))
+        {
+            Some(c) => auth::Who::Image(c),
+            None => auth::Who::Node,
         }
     }
 

@@ -56,10 +56,16 @@ impl Registry {
     ) -> Result<Response, RegistryError> {
         let scope = format!("repository:{}:pull,push", site.repo);
         let timeout = self.inner.cfg.request_timeout;
+        // Pushes (`shoal convert`) use the node's credentials only.
+        let who = if self.anonymous {
+            super::auth::Who::Anonymous
+        } else {
+            super::auth::Who::Node
+        };
         let mut auth = self
             .inner
             .auth
-            .cached(&host.spec.host, &scope, self.anonymous);
+            .cached(&host.spec.host, &scope, &who);
         let mut answered = false;
         loop {
             let url = self.push_url(host, target);
@@ -87,7 +93,7 @@ impl Registry {
                 other => other?,
             };
             if resp.status() == StatusCode::UNAUTHORIZED && !answered {
-                auth = Some(self.answer(host, site, &scope, &resp, timeout).await?);
+                auth = Some(self.answer(host, site, &scope, &resp, timeout, &who).await?);
                 answered = true;
                 continue;
             }
