@@ -534,7 +534,10 @@ impl Config {
             if !p.is_absolute() || *p == self.address {
                 return Err((
                     "cri.image_service_socket",
-                    format!("{} must be an absolute path other than `address`", p.display()),
+                    format!(
+                        "{} must be an absolute path other than `address`",
+                        p.display()
+                    ),
                 ));
             }
         }

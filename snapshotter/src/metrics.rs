@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 use tracing::{error, info};
 
 use crate::overlay::Snapshotter;
+use crate::remote::fetch::SourceKind;
 use crate::remote::layers::RemoteLayers;
 
 struct Daemon(Arc<Snapshotter>);
@@ -73,14 +74,18 @@ fn encode_remote(r: &RemoteLayers, mut enc: DescriptorEncoder) -> Result<(), std
         "Bytes served to FUSE readers, by where they came from.",
         &[
             ("source", "cache", load(&f.served_from_cache)),
-            ("source", "registry", load(&f.served_after_fetch)),
+            ("source", "fetched", load(&f.served_after_fetch)),
         ],
     )?;
+    let by_source: Vec<_> = SourceKind::ALL
+        .iter()
+        .map(|k| ("source", k.label(), f.by_source.get(*k)))
+        .collect();
     counter(
         &mut enc,
         "shoal_fetch_bytes",
-        "Compressed bytes received from sources.",
-        &[("", "", load(&f.bytes_fetched))],
+        "Compressed bytes received, by kind of source (primed startup window, registry, peer).",
+        &by_source,
     )?;
     counter(
         &mut enc,

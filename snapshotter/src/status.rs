@@ -5,10 +5,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use shoal_proto::status::status_server::Status;
-use shoal_proto::status::{Counters, LayerStatus, LayersRequest, LayersResponse};
+use shoal_proto::status::{Counters, LayerStatus, LayersRequest, LayersResponse, SourceBytes};
 use tonic::{Request, Response};
 
 use crate::overlay::Snapshotter;
+use crate::remote::fetch::SourceKind;
 
 /// The status service.
 pub struct StatusService {
@@ -91,6 +92,12 @@ fn report(sn: &Snapshotter) -> LayersResponse {
             store_corrupt: load(&s.corrupt_on_disk),
             layers_verified: remote.check_counts().0,
             layers_quarantined: remote.check_counts().1,
+            bytes_by_source: Some(SourceBytes {
+                cache: load(&f.served_from_cache),
+                primed: f.by_source.get(SourceKind::Primed),
+                registry: f.by_source.get(SourceKind::Registry),
+                peer: f.by_source.get(SourceKind::Peer),
+            }),
         }),
         version,
     }

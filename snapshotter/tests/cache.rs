@@ -294,7 +294,8 @@ impl shoal::remote::fetch::RangeSource for SlowBlob {
         &self,
         offset: u64,
         len: u64,
-    ) -> shoal::remote::fetch::BoxFuture<'_, Result<bytes::Bytes, String>> {
+    ) -> shoal::remote::fetch::BoxFuture<'_, Result<bytes::Bytes, shoal::remote::fetch::SourceError>>
+    {
         Box::pin(async move {
             self.requests.fetch_add(1, Ordering::SeqCst);
             self.bytes.fetch_add(len, Ordering::SeqCst);
@@ -364,7 +365,13 @@ async fn a_chunk_shared_by_two_layers_is_fetched_once_when_both_read_it_at_once(
                 toc.compression,
             );
             tasks.push(tokio::spawn(async move {
-                f.get(&*src, c, "layer", &chunks).await
+                f.get(
+                    &shoal::remote::fetch::Router::new(src.clone()),
+                    c,
+                    "layer",
+                    &chunks,
+                )
+                .await
             }));
         }
     }
@@ -556,7 +563,7 @@ fn probes_of_many_layers_from_a_silent_registry_take_about_one_timeout() {
     })
     .unwrap();
     let blobs: Arc<dyn Blobs> =
-        Arc::new(shoal::remote::registry_blobs::RegistryBlobs::new(registry));
+        Arc::new(shoal::remote::fetch::registry::RegistryBlobs::new(registry));
     let store =
         Arc::new(shoal::remote::store::ChunkStore::open(&dir.path().join("chunks"), 0).unwrap());
     let fetcher = Arc::new(shoal::remote::fetch::Fetcher::new(store.clone()));
@@ -579,7 +586,7 @@ fn probes_of_many_layers_from_a_silent_registry_take_about_one_timeout() {
             r.layer_digest.clone(),
             toc.clone(),
             fetcher.clone(),
-            blobs.source(&r),
+            Arc::new(shoal::remote::fetch::Router::new(blobs.source(&r))),
             rt.handle().clone(),
             shoal::remote::recorder::Recorder::new(
                 toc.entries.len(),

@@ -55,7 +55,8 @@ async fn basic_registry() -> (String, Arc<Mutex<Vec<(String, String)>>>) {
                         .lines()
                         .find_map(|l| {
                             let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("authorization").then(|| v.trim().to_string())
+                            k.eq_ignore_ascii_case("authorization")
+                                .then(|| v.trim().to_string())
                         })
                         .unwrap_or_default();
                     s.lock().unwrap().push((path, auth.clone()));
@@ -115,14 +116,22 @@ async fn lazy_fetches_use_the_images_own_credentials() {
     let err = registry.blob_size(&private, DIGEST).await.unwrap_err();
     assert!(err.to_string().contains("refused"), "node-wide only: {err}");
 
-    creds.put(&format!("{host}/private/app:v1"), &alice("wonderland")).unwrap();
+    creds
+        .put(&format!("{host}/private/app:v1"), &alice("wonderland"))
+        .unwrap();
     assert_eq!(registry.blob_size(&private, DIGEST).await.unwrap(), 1234);
     // Scoped to the repository: another one still gets the node's.
     assert!(registry.blob_size(&other, DIGEST).await.is_err());
     // An anonymous client (a host an annotation chose) sends none.
     let before = seen.lock().unwrap().len();
-    assert!(registry.anonymous().blob_size(&private, DIGEST).await.is_err());
-    assert!(seen.lock().unwrap()[before..].iter().all(|(_, a)| a.is_empty()));
+    assert!(registry
+        .anonymous()
+        .blob_size(&private, DIGEST)
+        .await
+        .is_err());
+    assert!(seen.lock().unwrap()[before..]
+        .iter()
+        .all(|(_, a)| a.is_empty()));
 
     // After a restart (a new store on the same directory), still in force.
     let registry2 = registry.clone().with_scoped(store(dir.path()));
@@ -157,7 +166,9 @@ async fn a_mirror_never_receives_the_images_credentials() {
     })
     .unwrap()
     .with_scoped(creds.clone());
-    creds.put(&format!("{upstream}/private/app:v1"), &alice("wonderland")).unwrap();
+    creds
+        .put(&format!("{upstream}/private/app:v1"), &alice("wonderland"))
+        .unwrap();
     let r: shoal::registry::Reference = format!("{upstream}/private/app:v1").parse().unwrap();
     assert!(registry.blob_size(&r, DIGEST).await.is_err());
     let seen = seen.lock().unwrap();
@@ -250,9 +261,9 @@ async fn proxy_forwards_raw_and_keeps_pull_credentials() {
     let creds = store(dir.path());
     let listener = shoal::server::bind(&proxy_sock).unwrap();
     let (ps, us, c) = (proxy_sock.clone(), up_sock.clone(), creds.clone());
-    tokio::spawn(async move {
-        shoal::cri::serve(listener, &ps, &us, c, std::future::pending()).await
-    });
+    tokio::spawn(
+        async move { shoal::cri::serve(listener, &ps, &us, c, std::future::pending()).await },
+    );
     let channel = shoal::client::channel(&proxy_sock).await.unwrap();
 
     // A PullImage with a field this proto does not know (number 99) reaches
@@ -298,7 +309,11 @@ async fn proxy_forwards_raw_and_keeps_pull_credentials() {
     assert_eq!(err.code(), tonic::Code::Unknown);
     assert_eq!(err.message(), "pull access denied");
     assert_eq!(
-        creds.lookup("r.io", "private/app").unwrap().credential.password,
+        creds
+            .lookup("r.io", "private/app")
+            .unwrap()
+            .credential
+            .password,
         "wonderland"
     );
 

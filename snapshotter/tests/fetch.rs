@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
-use shoal::remote::fetch::{BoxFuture, FetchError, Fetcher, RangeSource, Sink};
+use shoal::remote::fetch::{
+    BoxFuture, FetchError, Fetcher, RangeSource, Router, Sink, SourceError, SourceKind,
+};
 use shoal::remote::store::ChunkStore;
 use shoal::remote::toc::{parse_footer, Chunk, Toc, FOOTER_FETCH};
 
@@ -18,7 +20,7 @@ struct Source {
 }
 
 impl RangeSource for Source {
-    fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, String>> {
+    fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
         Box::pin(async move {
             self.requests.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -82,7 +84,7 @@ async fn adjacent_chunks_merge_into_one_request_and_concurrent_readers_share_it(
         let (f, src, chunks) = (f.clone(), src.clone(), chunks.clone());
         let c = toc.compression;
         tasks.push(tokio::spawn(async move {
-            f.get(&*src, c, "layer", &chunks).await
+            f.get(&Router::new(src.clone()), c, "layer", &chunks).await
         }));
     }
     let mut results = Vec::new();
@@ -97,7 +99,7 @@ async fn adjacent_chunks_merge_into_one_request_and_concurrent_readers_share_it(
     // Eight readers of four adjacent chunks: one merged request in all.
     assert_eq!(src.requests.load(Ordering::SeqCst), 1);
     // Served from the store from now on.
-    f.get(&*src, toc.compression, "layer", &chunks)
+    f.get(&Router::new(src.clone()), toc.compression, "layer", &chunks)
         .await
         .unwrap();
     assert_eq!(src.requests.load(Ordering::SeqCst), 1);
@@ -111,7 +113,12 @@ async fn one_lie_is_dropped_and_refetched() {
     let (src, toc, chunks) = setup(1);
     let (_d, f) = fetcher();
     let got = f
-        .get(&*src, toc.compression, "layer", &chunks[..1])
+        .get(
+            &Router::new(src.clone()),
+            toc.compression,
+            "layer",
+            &chunks[..1],
+        )
         .await
         .unwrap();
     assert_eq!(Sha256::digest(&got[0]).as_slice(), chunks[0].digest);
@@ -124,7 +131,12 @@ async fn a_source_that_keeps_lying_yields_an_error_and_caches_nothing() {
     let (src, toc, chunks) = setup(u64::MAX);
     let (_d, f) = fetcher();
     let err = f
-        .get(&*src, toc.compression, "layer", &chunks[..1])
+        .get(
+            &Router::new(src.clone()),
+            toc.compression,
+            "layer",
+            &chunks[..1],
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, FetchError::Verify { .. }), "{err}");
@@ -143,7 +155,7 @@ struct Gated {
 }
 
 impl RangeSource for Gated {
-    fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, String>> {
+    fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
         self.inner.fetch(offset, len)
     }
     fn fetch_streamed(
@@ -151,7 +163,7 @@ impl RangeSource for Gated {
         offset: u64,
         len: u64,
         sink: Sink,
-    ) -> BoxFuture<'_, Result<Bytes, String>> {
+    ) -> BoxFuture<'_, Result<Bytes, SourceError>> {
         Box::pin(async move {
             let b = self.inner.fetch(offset, len).await?;
             let half = b.len() / 2;
@@ -181,7 +193,10 @@ async fn a_chunk_is_served_as_soon_as_it_is_in_not_when_its_merged_request_ends(
     let compression = toc.compression;
     let leader = {
         let (f, g, all) = (f.clone(), gated.clone(), chunks.clone());
-        tokio::spawn(async move { f.get(&*g, compression, "layer", &all).await })
+        tokio::spawn(async move {
+            f.get(&Router::new(g.clone()), compression, "layer", &all)
+                .await
+        })
     };
     while src.requests.load(Ordering::SeqCst) == 0 {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -190,7 +205,12 @@ async fn a_chunk_is_served_as_soon_as_it_is_in_not_when_its_merged_request_ends(
     // the leader's request, not a new one) while the request is held open.
     let (first, led) = tokio::time::timeout(
         std::time::Duration::from_secs(5),
-        f.get_on_demand(&*gated, compression, "layer", &chunks[..1]),
+        f.get_on_demand(
+            &Router::new(gated.clone()),
+            compression,
+            "layer",
+            &chunks[..1],
+        ),
     )
     .await
     .expect("the first chunk must not wait for the end of the merged request")
@@ -224,13 +244,23 @@ async fn a_read_that_fetches_for_itself_counts_as_on_demand() {
     let (_d, f) = fetcher();
     let want: u64 = chunks[..2].iter().map(|c| c.len).sum();
     let (_, led) = f
-        .get_on_demand(&*src, toc.compression, "layer", &chunks[..2])
+        .get_on_demand(
+            &Router::new(src.clone()),
+            toc.compression,
+            "layer",
+            &chunks[..2],
+        )
         .await
         .unwrap();
     assert_eq!(led, want);
     // Now local: nothing more to fetch.
     let (_, led) = f
-        .get_on_demand(&*src, toc.compression, "layer", &chunks[..2])
+        .get_on_demand(
+            &Router::new(src.clone()),
+            toc.compression,
+            "layer",
+            &chunks[..2],
+        )
         .await
         .unwrap();
     assert_eq!(led, 0);
@@ -248,16 +278,17 @@ fn below(chunks: &[Chunk], end: u64) -> Vec<Chunk> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_primed_window_serves_the_startup_fetch_from_its_one_early_request() {
-    use shoal::remote::primed::PrimedSource;
+    use shoal::remote::fetch::primed::PrimedSource;
     let (src, toc, chunks) = setup(0);
     let (_d, f) = fetcher();
     let end = chunks[chunks.len() / 2].blob_end;
     let early = below(&chunks, end);
     assert!(early.len() >= 2 && early.len() < chunks.len());
     let primed = PrimedSource::start(src.clone(), end, &tokio::runtime::Handle::current());
+    let routed = Router::new(src.clone()).with_primed(Some(primed.clone()));
     // The startup fetch, as merged streamed requests inside the window.
     let got = f
-        .get(&*primed, toc.compression, "layer", &early)
+        .get(&routed, toc.compression, "layer", &early)
         .await
         .unwrap();
     for (b, c) in got.iter().zip(&early) {
@@ -268,17 +299,26 @@ async fn a_primed_window_serves_the_startup_fetch_from_its_one_early_request() {
         1,
         "only the early request"
     );
-    // Past the window: the inner source.
+    // Accounted to the window, not to the registry.
+    let early_bytes = early.last().unwrap().blob_end - early[0].blob_offset;
+    assert_eq!(f.stats.by_source.get(SourceKind::Primed), early_bytes);
+    assert_eq!(f.stats.by_source.get(SourceKind::Registry), 0);
+    // Past the window: the registry.
     let rest = &chunks[early.len()..];
-    f.get(&*primed, toc.compression, "layer", rest)
+    f.get(&routed, toc.compression, "layer", rest)
         .await
         .unwrap();
     assert_eq!(src.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        f.stats.by_source.get(SourceKind::Registry),
+        rest.last().unwrap().blob_end - rest[0].blob_offset
+    );
+    assert_eq!(f.stats.by_source.get(SourceKind::Primed), early_bytes);
     // Across the window's end: the head from the window, the tail asked for.
     let (_d3, f3) = fetcher();
     let across = &chunks[early.len() - 1..=early.len()];
     let got = f3
-        .get(&*primed, toc.compression, "layer", across)
+        .get(&routed, toc.compression, "layer", across)
         .await
         .unwrap();
     for (b, c) in got.iter().zip(across) {
@@ -292,7 +332,7 @@ async fn a_primed_window_serves_the_startup_fetch_from_its_one_early_request() {
     // Once finished, the window is gone: a range inside it is requested.
     primed.finish();
     let (_d2, f2) = fetcher();
-    f2.get(&*primed, toc.compression, "layer", &early[..1])
+    f2.get(&routed, toc.compression, "layer", &early[..1])
         .await
         .unwrap();
     assert_eq!(src.requests.load(Ordering::SeqCst), 4);
@@ -300,15 +340,16 @@ async fn a_primed_window_serves_the_startup_fetch_from_its_one_early_request() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lying_early_request_is_caught_and_the_bad_chunk_refetched_from_the_source() {
-    use shoal::remote::primed::PrimedSource;
+    use shoal::remote::fetch::primed::PrimedSource;
     // The first response (the early request) has one byte flipped.
     let (src, toc, chunks) = setup(1);
     let (_d, f) = fetcher();
     let end = chunks[chunks.len() / 2].blob_end;
     let early = below(&chunks, end);
     let primed = PrimedSource::start(src.clone(), end, &tokio::runtime::Handle::current());
+    let routed = Router::new(src.clone()).with_primed(Some(primed.clone()));
     let got = f
-        .get(&*primed, toc.compression, "layer", &early)
+        .get(&routed, toc.compression, "layer", &early)
         .await
         .unwrap();
     for (b, c) in got.iter().zip(&early) {
@@ -317,6 +358,76 @@ async fn a_lying_early_request_is_caught_and_the_bad_chunk_refetched_from_the_so
     assert_eq!(f.stats.verify_failures.load(Ordering::SeqCst), 1);
     // The early request, then the one bad chunk again, from the source.
     assert_eq!(src.requests.load(Ordering::SeqCst), 2);
+}
+
+/// A source whose first request (the early one) waits for `release`, then
+/// fails; later requests go to `inner`.
+struct DropsEarly {
+    inner: Arc<Source>,
+    release: tokio::sync::Notify,
+    first: std::sync::atomic::AtomicBool,
+}
+
+impl RangeSource for DropsEarly {
+    fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+        Box::pin(async move {
+            if self.first.swap(false, Ordering::SeqCst) {
+                self.release.notified().await;
+                return Err(SourceError::Transient("test: early request dropped".into()));
+            }
+            self.inner.fetch(offset, len).await
+        })
+    }
+    fn name(&self) -> &str {
+        "drops-early"
+    }
+}
+
+/// The router sends chunks inside a live window to it; when the early
+/// request then fails, the window answers NotFound and the router takes
+/// the range to the registry: the read succeeds, no error is counted, and
+/// the bytes are accounted to the registry.
+#[tokio::test(flavor = "multi_thread")]
+async fn chunks_routed_to_a_window_whose_request_fails_fall_back_to_the_registry() {
+    use shoal::remote::fetch::primed::PrimedSource;
+    use shoal::remote::fetch::Route;
+    let (src, toc, chunks) = setup(0);
+    let (_d, f) = fetcher();
+    let end = chunks[chunks.len() / 2].blob_end;
+    let early = below(&chunks, end);
+    let source = Arc::new(DropsEarly {
+        inner: src.clone(),
+        release: tokio::sync::Notify::new(),
+        first: true.into(),
+    });
+    let primed = PrimedSource::start(source.clone(), end, &tokio::runtime::Handle::current());
+    let routed = Router::new(source.clone()).with_primed(Some(primed.clone()));
+    assert_eq!(routed.route(&early[0]), Route::Primed);
+    assert_eq!(routed.route(chunks.last().unwrap()), Route::Registry);
+    let (f2, routed) = (f.clone(), Arc::new(routed));
+    let (r2, early2, compression) = (routed.clone(), early.clone(), toc.compression);
+    let read = tokio::spawn(async move { f2.get(&r2, compression, "layer", &early2).await });
+    // The read waits on the window; then the early request fails.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!read.is_finished(), "the read waits for the window");
+    source.release.notify_one();
+    let got = read.await.unwrap().unwrap();
+    for (b, c) in got.iter().zip(&early) {
+        assert_eq!(Sha256::digest(b).as_slice(), c.digest);
+    }
+    assert_eq!(
+        src.requests.load(Ordering::SeqCst),
+        1,
+        "one registry request"
+    );
+    assert_eq!(f.stats.source_errors.load(Ordering::SeqCst), 0);
+    assert_eq!(f.stats.by_source.get(SourceKind::Primed), 0);
+    assert_eq!(
+        f.stats.by_source.get(SourceKind::Registry),
+        early.last().unwrap().blob_end - early[0].blob_offset
+    );
+    // The window is gone: nothing routes to it any more.
+    assert_eq!(routed.route(&early[0]), Route::Registry);
 }
 
 /// Decoding and the store's write (write, fsync, rename) run off the async
@@ -346,7 +457,10 @@ fn a_stuck_chunk_write_does_not_stall_the_runtime() {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let fetch = tokio::spawn(async move { f.get(&*src, compression, "layer", &[c]).await });
+            let fetch = tokio::spawn(async move {
+                f.get(&Router::new(src.clone()), compression, "layer", &[c])
+                    .await
+            });
             // The source answers after 20 ms; the write is stuck by then.
             tokio::time::sleep(Duration::from_millis(300)).await;
             let _ = alive_tx.send(fetch.is_finished());

@@ -23,10 +23,10 @@ use common::http::{digest_of, local_registry};
 use shoal::metadata::RemoteRef;
 use shoal::registry::{Credential, Reference, Registry, RegistryConfig, RegistryError};
 use shoal::remote::annotations::{SourcePolicy, LABEL_SHOAL_LAYER_DIGEST, LABEL_SHOAL_SOURCE};
+use shoal::remote::fetch::registry::RegistryBlobs;
 use shoal::remote::layers::{
     detect, Blobs as _, LABEL_CRI_IMAGE_REF, LABEL_TARGET, LABEL_TOC_DIGEST,
 };
-use shoal::remote::registry_blobs::RegistryBlobs;
 
 /// One request a server saw.
 #[derive(Clone, Debug)]
@@ -381,7 +381,11 @@ fn layer_labels(
 }
 
 async fn fetch_via_blobs(blobs: &RegistryBlobs, r: &RemoteRef) -> Result<Bytes, String> {
-    blobs.source(r).fetch(0, 10).await
+    blobs
+        .source(r)
+        .fetch(0, 10)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 #[tokio::test]

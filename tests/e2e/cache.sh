@@ -211,13 +211,13 @@ fi
 "$cli" status --address "$sock" >"$E2E_DIR/status.txt" || fail "shoal status (text)"
 m=$(metrics || true)
 missing=()
-for want in 'shoal_fuse_read_bytes_total{source="registry"}' 'shoal_fuse_read_bytes_total{source="cache"}' \
+for want in 'shoal_fuse_read_bytes_total{source="fetched"}' 'shoal_fetch_bytes_total{source="registry"}' 'shoal_fuse_read_bytes_total{source="cache"}' \
   'shoal_fetch_duration_seconds_bucket{' 'shoal_verify_failures_total{stage="fetch"}' \
   'shoal_fallbacks_total{reason="toc"}' 'shoal_gc_runs_total ' 'shoal_gc_evictions_total' \
   'shoal_gc_freed_bytes_total' 'shoal_cache_bytes ' 'shoal_fetches_in_flight'; do
   grep -qF "$want" <<<"$m" || missing+=("$want")
 done
-reg_bytes=$(awk '$1 == "shoal_fuse_read_bytes_total{source=\"registry\"}" {print $2}' <<<"$m")
+reg_bytes=$(awk '$1 == "shoal_fuse_read_bytes_total{source=\"fetched\"}" {print $2}' <<<"$m")
 cache_bytes=$(awk '$1 == "shoal_cache_bytes" {print $2}' <<<"$m")
 if [ ${#missing[@]} -eq 0 ] && [ "${reg_bytes:-0}" -gt 0 ] && [ "${cache_bytes:-0}" -eq "$used" ]; then
   pass "/metrics on 127.0.0.1:$metrics_port: all families present; FUSE bytes from registry $reg_bytes; cache bytes = status"

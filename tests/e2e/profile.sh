@@ -19,7 +19,7 @@
 #     5% of the bytes they fetched without a profile (printed side by side);
 #   - `shoal optimize SRC DST -- CMD` does all of it in one command, and
 #     leaves no trial tag in the registry or image in containerd;
-#   - strict fetch priority (remote::priority): on another fresh node with
+#   - strict fetch priority (remote::fetch::priority): on another fresh node with
 #     the background fetch on (no delay), no Range request for bytes outside
 #     the layers' startup sets (the python layer's rest, and a 16 MiB filler
 #     layer the startup set doesn't touch) starts before the last
@@ -191,7 +191,7 @@ if pull_and_run "$E2E_REGISTRY/py:prof"; then
   fi
 fi
 
-# Strict fetch priority (remote::priority) on a third fresh node, with the
+# Strict fetch priority (remote::fetch::priority) on a third fresh node, with the
 # background fetch on and no delay: the python layer's startup set goes
 # first; neither the rest of that layer nor the filler layer may get a byte
 # until it is in. Request start and end times come from Shoal's debug log

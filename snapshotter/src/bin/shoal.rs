@@ -233,6 +233,9 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
                 "store_memory_hits": c.store_memory_hits, "store_disk_hits": c.store_disk_hits,
                 "store_misses": c.store_misses, "store_corrupt": c.store_corrupt,
                 "layers_verified": c.layers_verified, "layers_quarantined": c.layers_quarantined,
+                "bytes_by_source": c.bytes_by_source.as_ref().map(|b| serde_json::json!({
+                    "cache": b.cache, "primed": b.primed, "registry": b.registry, "peer": b.peer,
+                })),
             },
             "images": shoal::cache_cli::images_json(&resp.layers, &pins),
             "cache": cache.as_ref().map(shoal::cache_cli::usage_json),
@@ -273,11 +276,17 @@ fn status(daemon: &DaemonArgs, json: bool) -> anyhow::Result<()> {
             l.image_ref
         );
     }
+    let by = c.bytes_by_source.unwrap_or_default();
     println!(
-        "fetched {} in {} requests ({} in flight); verification failures {}; source errors {}; \
+        "fetched {} in {} requests (primed window {}, registry {}, peers {}; {} read from the cache); \
+         {} in flight; verification failures {}; source errors {}; \
          fallbacks to full pull {}; chunks not cached (disk) {}",
         human(c.bytes_fetched),
         c.requests,
+        human(by.primed),
+        human(by.registry),
+        human(by.peer),
+        human(by.cache),
         c.in_flight,
         c.verify_failures,
         c.source_errors,

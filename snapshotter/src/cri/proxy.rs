@@ -129,7 +129,9 @@ impl ImageProxy {
         if !names.is_empty() {
             let store = self.store.clone();
             match tokio::task::spawn_blocking(move || store.remove(&names)).await {
-                Ok(Ok(n)) if n > 0 => info!(entries = n, "forgot the credentials of a removed image"),
+                Ok(Ok(n)) if n > 0 => {
+                    info!(entries = n, "forgot the credentials of a removed image")
+                }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => warn!(error = %e, "cannot forget the credentials of a removed image"),
                 Err(e) => warn!(error = %e, "credential store task failed"),
@@ -252,7 +254,10 @@ mod tests {
         let c = image_credential("alpine", &a).unwrap();
         assert_eq!(c.credential.host, "docker.io");
         assert_eq!(
-            (c.credential.username.as_str(), c.credential.password.as_str()),
+            (
+                c.credential.username.as_str(),
+                c.credential.password.as_str()
+            ),
             ("alice", "s3:cret")
         );
         // Tokens alone are credentials.

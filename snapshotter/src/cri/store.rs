@@ -384,16 +384,30 @@ mod tests {
         let s = CredentialStore::open_with_clock(dir.path(), TTL, clock(&t)).unwrap();
         s.put("alpine", &cred("hub")).unwrap();
         // The same image by its full name is the same entry.
-        s.put("docker.io/library/alpine:latest", &cred("hub")).unwrap();
+        s.put("docker.io/library/alpine:latest", &cred("hub"))
+            .unwrap();
         s.put("127.0.0.1:5000/team/app:v1", &cred("local")).unwrap();
-        assert_eq!(user(&s, "docker.io", "library/alpine").as_deref(), Some("hub"));
-        assert_eq!(user(&s, "127.0.0.1:5000", "team/app").as_deref(), Some("local"));
-        assert_eq!(user(&s, "127.0.0.1:5000", "team/other"), None, "other repository");
+        assert_eq!(
+            user(&s, "docker.io", "library/alpine").as_deref(),
+            Some("hub")
+        );
+        assert_eq!(
+            user(&s, "127.0.0.1:5000", "team/app").as_deref(),
+            Some("local")
+        );
+        assert_eq!(
+            user(&s, "127.0.0.1:5000", "team/other"),
+            None,
+            "other repository"
+        );
         assert_eq!(user(&s, "mirror.local", "team/app"), None, "other host");
         // The most recent pull of the repository wins.
         t.store(1_010, Ordering::SeqCst);
         s.put("127.0.0.1:5000/team/app:v2", &cred("newer")).unwrap();
-        assert_eq!(user(&s, "127.0.0.1:5000", "team/app").as_deref(), Some("newer"));
+        assert_eq!(
+            user(&s, "127.0.0.1:5000", "team/app").as_deref(),
+            Some("newer")
+        );
         assert_eq!(
             s.images(),
             [

@@ -648,7 +648,8 @@ mod tests {
         put("r.io", "repository:a:pull", "A", later);
         put("r.io", "repository:old:pull", "OLD", Instant::now());
         assert_eq!(
-            auth.cached("r.io", "repository:a:pull", &Who::Node).as_deref(),
+            auth.cached("r.io", "repository:a:pull", &Who::Node)
+                .as_deref(),
             Some("Bearer A")
         );
         assert_eq!(auth.cached("r.io", "repository:b:pull", &Who::Node), None);
@@ -660,7 +661,9 @@ mod tests {
         );
         // Invalidation only drops the token that was refused.
         auth.invalidate("r.io", "repository:a:pull", &Who::Node, "Bearer STALE");
-        assert!(auth.cached("r.io", "repository:a:pull", &Who::Node).is_some());
+        assert!(auth
+            .cached("r.io", "repository:a:pull", &Who::Node)
+            .is_some());
         auth.invalidate("r.io", "repository:a:pull", &Who::Node, "Bearer A");
         assert_eq!(auth.cached("r.io", "repository:a:pull", &Who::Node), None);
     }

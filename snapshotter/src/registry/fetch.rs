@@ -435,10 +435,7 @@ impl Registry {
         let scope = format!("repository:{}:pull", site.repo);
         let timeout = self.inner.cfg.request_timeout;
         let who = self.who(&host.spec.host, &site.repo);
-        let mut auth = self
-            .inner
-            .auth
-            .cached(&host.spec.host, &scope, &who);
+        let mut auth = self.inner.auth.cached(&host.spec.host, &scope, &who);
         let mut answered = false;
         loop {
             let plain = host.spec.http_fallback && host.plain_http.load(Ordering::Relaxed);
@@ -484,7 +481,10 @@ impl Registry {
                         .auth
                         .invalidate(&host.spec.host, &scope, &who, used);
                 }
-                auth = Some(self.answer(host, site, &scope, &resp, timeout, &who).await?);
+                auth = Some(
+                    self.answer(host, site, &scope, &resp, timeout, &who)
+                        .await?,
+                );
                 answered = true;
                 continue;
             }

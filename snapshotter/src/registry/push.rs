@@ -62,10 +62,7 @@ impl Registry {
         } else {
             super::auth::Who::Node
         };
-        let mut auth = self
-            .inner
-            .auth
-            .cached(&host.spec.host, &scope, &who);
+        let mut auth = self.inner.auth.cached(&host.spec.host, &scope, &who);
         let mut answered = false;
         loop {
             let url = self.push_url(host, target);
@@ -93,7 +90,10 @@ impl Registry {
                 other => other?,
             };
             if resp.status() == StatusCode::UNAUTHORIZED && !answered {
-                auth = Some(self.answer(host, site, &scope, &resp, timeout, &who).await?);
+                auth = Some(
+                    self.answer(host, site, &scope, &resp, timeout, &who)
+                        .await?,
+                );
                 answered = true;
                 continue;
             }

@@ -307,8 +307,9 @@ pub async fn diff_id_pass(
         priority.background_turn().await;
         let len = (size - pos).min(MAX_MERGED_BYTES);
         fetcher.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let window = source.fetch(pos, len).await.inspect_err(|_| {
+        let window = source.fetch(pos, len).await.map_err(|e| {
             fetcher.stats.source_errors.fetch_add(1, Ordering::Relaxed);
+            e.to_string()
         })?;
         fetcher
             .stats

@@ -14,7 +14,7 @@ use shoal_fuse::{ChunkSource, Entry, EntryKind, ReadReply};
 use tokio::runtime::Handle;
 use tracing::{debug, error, info};
 
-use super::fetch::{Fetcher, RangeSource, MAX_MERGED_BYTES};
+use super::fetch::{Fetcher, Router, MAX_MERGED_BYTES};
 use super::toc::{mtime, xattrs, Chunk, Compression, Toc, TocError, TOC_TAR_NAME};
 
 /// Bytes served to FUSE, by where they came from.
@@ -114,7 +114,7 @@ pub struct LayerReader {
     pub layer: String,
     toc: Arc<Toc>,
     fetcher: Arc<Fetcher>,
-    source: Arc<dyn RangeSource>,
+    router: Arc<Router>,
     rt: Handle,
     stopped: AtomicBool,
     /// Quarantined (see [`super::identity`]): every read answers EIO.
@@ -140,20 +140,21 @@ pub struct LayerReader {
 pub const PASSTHROUGH_MIN_BYTES: u64 = 1 << 20;
 
 impl LayerReader {
-    /// A reader for `toc`, fetching from `source` on runtime `rt`, noting
+    /// A reader for `toc`, fetching from the sources `router` picks on
+    /// runtime `rt`, noting
     /// first reads in `recorder`.
     pub fn new(
         layer: String,
         toc: Arc<Toc>,
         fetcher: Arc<Fetcher>,
-        source: Arc<dyn RangeSource>,
+        router: Arc<Router>,
         rt: Handle,
         recorder: super::recorder::Recorder,
     ) -> LayerReader {
         LayerReader {
             layer,
             fetcher,
-            source,
+            router,
             rt,
             stopped: AtomicBool::new(false),
             poisoned: AtomicBool::new(false),
@@ -363,14 +364,14 @@ impl LayerReader {
             if self.stopped.load(Ordering::Relaxed) {
                 break;
             }
-            let (fetcher, source, compression, layer) = (
+            let (fetcher, router, compression, layer) = (
                 self.fetcher.clone(),
-                self.source.clone(),
+                self.router.clone(),
                 self.toc.compression,
                 self.layer.clone(),
             );
             set.spawn(async move {
-                let r = fetcher.get(&*source, compression, &layer, &b).await;
+                let r = fetcher.get(&router, compression, &layer, &b).await;
                 drop(permit);
                 r.map(drop).map_err(|e| e.to_string())
             });
@@ -543,9 +544,9 @@ impl ChunkSource for LayerReader {
         }
         let needed = needed.to_vec();
         let ahead = self.ahead(&needed);
-        let (fetcher, source, compression, layer) = (
+        let (fetcher, router, compression, layer) = (
             self.fetcher.clone(),
-            self.source.clone(),
+            self.router.clone(),
             self.toc.compression,
             self.layer.clone(),
         );
@@ -559,10 +560,10 @@ impl ChunkSource for LayerReader {
                 let mut run = needed.clone();
                 run.extend(ahead);
                 run.sort_by_key(|c| c.blob_offset);
-                led = fetcher.spawn_lead(source.clone(), compression, layer.clone(), run);
+                led = fetcher.spawn_lead(router.clone(), compression, layer.clone(), run);
             }
             let result = fetcher
-                .get_on_demand(&*source, compression, &layer, &needed)
+                .get_on_demand(&router, compression, &layer, &needed)
                 .await;
             match result {
                 Ok((bufs, _)) if !lengths_match(&needed, &bufs) => {

@@ -21,9 +21,9 @@ use tracing::{info, warn};
 
 use super::annotations::{Hints, SourcePolicy};
 use super::cache::Cache;
-use super::fetch::{BoxFuture, Fetcher, RangeSource};
+use super::fetch::primed::PrimedSource;
+use super::fetch::{BoxFuture, Fetcher, RangeSource, Router};
 use super::layer::{compression_name, LayerReader};
-use super::primed::PrimedSource;
 use super::recorder::{Activity, Recorder, Recording};
 use super::toc::{parse_digest, parse_footer, Footer, Toc, TocLimits, FOOTER_FETCH};
 use crate::metadata::{RemoteRef, Usage};
@@ -433,7 +433,7 @@ impl RemoteLayers {
                 Err(e @ super::toc::TocError::OverLimit(_)) => return Err(self.refused(e)),
                 Err(e) => Err(e.to_string()),
             },
-            Err(e) => Err(e),
+            Err(e) => Err(e.to_string()),
         };
         match checked {
             Ok((compressed, toc)) => Ok(Some((footer, compressed, toc))),
@@ -451,14 +451,20 @@ impl RemoteLayers {
             return Err(format!("blob is only {size} bytes"));
         }
         let source = self.blobs.source(r);
-        let tail = source.fetch(size - FOOTER_FETCH, FOOTER_FETCH).await?;
+        let tail = source
+            .fetch(size - FOOTER_FETCH, FOOTER_FETCH)
+            .await
+            .map_err(|e| e.to_string())?;
         let footer = parse_footer(&tail, size).map_err(|e| e.to_string())?;
         // Refused before a byte of it is fetched.
         self.cfg
             .toc_limits
             .check_compressed(footer.toc_len)
             .map_err(|e| self.refused(e))?;
-        let toc = source.fetch(footer.toc_offset, footer.toc_len).await?;
+        let toc = source
+            .fetch(footer.toc_offset, footer.toc_len)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok((footer, toc.to_vec()))
     }
 
@@ -495,10 +501,7 @@ impl RemoteLayers {
                 r.layer_digest.clone(),
                 resolved.toc.clone(),
                 self.fetcher.clone(),
-                match &resolved.primed {
-                    Some(p) => p.clone(),
-                    None => self.blobs.source(r),
-                },
+                Arc::new(Router::new(self.blobs.source(r)).with_primed(resolved.primed.clone())),
                 self.rt.clone(),
                 Recorder::new(
                     resolved.toc.entries.len(),

@@ -18,22 +18,19 @@
 //!   prefetch and background fetch.
 //! - [`prefetch`]: startup prefetches in flight, awaited by the container's
 //!   Prepare.
-//! - [`priority`]: the gate between on-demand, startup and background
-//!   fetches.
 //! - [`recorder`]: startup profiles: first reads of a layer's files.
-//! - [`registry_blobs`]: layer blobs from registries.
 //! - [`readahead`]: larger kernel readahead on each FUSE mount.
 //! - [`layer`]: a mounted layer: FUSE reads → store or fetch.
 //! - [`identity`]: whether a lazy layer's content is the layer its chain ID
 //!   names (diffID check in one pass over the blob, verdicts, quarantine).
-//! - [`fetch`]: merged Range fetches, single flight.
-//! - [`decode`]: decompression, verification and the store's write, on the
-//!   blocking pool.
+//! - [`fetch`]: merged Range fetches, single flight, and the seam where
+//!   each chunk's source is decided ([`fetch::Router`]): the registry
+//!   ([`fetch::registry`]) and the primed startup window
+//!   ([`fetch::primed`]); decoding and the gate between fetch priorities.
 
 pub mod annotations;
 pub mod cache;
 pub mod clock;
-pub mod decode;
 pub mod fetch;
 pub mod gc;
 pub mod identity;
@@ -42,11 +39,8 @@ pub mod layer;
 pub mod layers;
 pub mod objects;
 pub mod prefetch;
-pub mod primed;
-pub mod priority;
 pub mod readahead;
 pub mod recorder;
-pub mod registry_blobs;
 pub mod store;
 pub mod toc;
 pub mod tocs;

@@ -53,7 +53,11 @@ impl MemBlob {
 }
 
 impl RangeSource for MemBlob {
-    fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, String>> {
+    fn fetch(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<Bytes, shoal::remote::fetch::SourceError>> {
         Box::pin(async move {
             self.requests.fetch_add(1, Ordering::SeqCst);
             if self.offline.load(Ordering::SeqCst) {

@@ -10,12 +10,28 @@
 //! - Single flight: the first caller that misses a chunk leads its fetch;
 //!   concurrent callers wait on a watch channel and re-check the store if the
 //!   leader goes away without an answer.
-//! - Adjacent missing chunks (contiguous in the blob) are merged into one
-//!   Range request of at most [`MAX_MERGED_BYTES`].
+//! - Adjacent missing chunks (contiguous in the blob) that the
+//!   [`Router`] sends to the same source are merged into one Range request
+//!   of at most [`MAX_MERGED_BYTES`].
+//!
+//! # Layout
+//! - [`source`]: the [`RangeSource`] trait and its typed [`SourceError`].
+//! - [`router`]: which source each chunk comes from, and what happens on
+//!   each error ([`Router`]).
+//! - [`registry`]: the registry source; [`primed`]: the startup window.
+//! - [`decode`]: decompression, verification and the store's write, on the
+//!   blocking pool.
+//! - [`priority`]: the gate between on-demand, startup and background
+//!   fetches.
+
+pub mod decode;
+pub mod primed;
+pub mod priority;
+pub mod registry;
+pub mod router;
+pub mod source;
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -26,50 +42,17 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
-pub use super::decode::decode_chunk;
-use super::decode::{decode_and_keep_async, Decoder, Kept, Settled};
-use super::priority::Priority;
+pub use decode::decode_chunk;
+use decode::{decode_and_keep_async, Decoder, Kept, Settled};
+use priority::Priority;
+pub use router::{Route, Router};
+pub use source::{BoxFuture, RangeSource, Sink, SourceError, SourceKind};
+
 use super::store::ChunkStore;
 use super::toc::{Chunk, Compression};
 
 /// Largest merged Range request.
 pub const MAX_MERGED_BYTES: u64 = 4 << 20;
-
-/// A boxed future, for object-safe async traits.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Somewhere a layer blob's bytes can be read from (the registry; later,
-/// peers). Nothing it returns is trusted.
-pub trait RangeSource: Send + Sync {
-    /// Exactly `len` bytes of the blob at `offset`.
-    ///
-    /// # Errors
-    /// Any failure, as a message naming the source.
-    fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, String>>;
-    /// [`RangeSource::fetch`], also sending pieces of the range to `sink` as
-    /// they arrive (each with its blob offset; a retry may send a range
-    /// again from its start). The default sends the whole range at the end.
-    ///
-    /// # Errors
-    /// As [`RangeSource::fetch`].
-    fn fetch_streamed(
-        &self,
-        offset: u64,
-        len: u64,
-        sink: Sink,
-    ) -> BoxFuture<'_, Result<Bytes, String>> {
-        Box::pin(async move {
-            let b = self.fetch(offset, len).await?;
-            let _ = sink.send((offset, b.clone()));
-            Ok(b)
-        })
-    }
-    /// Name for logs and metrics (`registry`, a peer address).
-    fn name(&self) -> &str;
-}
-
-/// Where a source sends the pieces of a range as they arrive.
-pub type Sink = crate::registry::BodySink;
 
 /// Why a chunk could not be produced.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -129,8 +112,25 @@ pub struct FetchStats {
     /// Files handed to the kernel for passthrough (once per inode and
     /// mount); their reads never reach the daemon.
     pub passthrough_files: AtomicU64,
-    /// Seconds per Range request, by source.
+    /// Compressed bytes received, by kind of source.
+    pub by_source: SourceBytes,
+    /// Seconds per Range request, by kind of source.
     pub latency: Arc<LatencyFamily>,
+}
+
+/// Compressed bytes received from each kind of source.
+#[derive(Debug, Default)]
+pub struct SourceBytes([AtomicU64; SourceKind::ALL.len()]);
+
+impl SourceBytes {
+    fn add(&self, kind: SourceKind, n: u64) {
+        self.0[kind as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes received from `kind` so far.
+    pub fn get(&self, kind: SourceKind) -> u64 {
+        self.0[kind as usize].load(Ordering::Relaxed)
+    }
 }
 
 impl Default for FetchStats {
@@ -146,6 +146,7 @@ impl Default for FetchStats {
             served_after_fetch: AtomicU64::new(0),
             fetched_on_demand: AtomicU64::new(0),
             passthrough_files: AtomicU64::new(0),
+            by_source: SourceBytes::default(),
             latency: Arc::new(Family::new_with_constructor(latency_histogram)),
         }
     }
@@ -202,18 +203,19 @@ impl Fetcher {
     }
 
     /// Verified bytes of `chunks` (in the given order), fetching what is
-    /// missing from `source`. `layer` names the layer in logs.
+    /// missing from the sources `router` picks. `layer` names the layer in
+    /// logs.
     ///
     /// # Errors
     /// [`FetchError`] if any chunk cannot be fetched and verified.
     pub async fn get(
         &self,
-        source: &dyn RangeSource,
+        router: &Router,
         compression: Compression,
         layer: &str,
         chunks: &[Chunk],
     ) -> Result<Vec<Bytes>, FetchError> {
-        self.fetch(source, compression, layer, chunks, false)
+        self.fetch(router, compression, layer, chunks, false)
             .await
             .map(|(bufs, _)| bufs)
     }
@@ -228,12 +230,12 @@ impl Fetcher {
     /// As [`Fetcher::get`].
     pub async fn get_on_demand(
         &self,
-        source: &dyn RangeSource,
+        router: &Router,
         compression: Compression,
         layer: &str,
         chunks: &[Chunk],
     ) -> Result<(Vec<Bytes>, u64), FetchError> {
-        self.fetch(source, compression, layer, chunks, true).await
+        self.fetch(router, compression, layer, chunks, true).await
     }
 
     /// Starts fetching, for a reader, every chunk of `chunks` (in blob
@@ -244,7 +246,7 @@ impl Fetcher {
     /// the uncompressed bytes it took the lead for.
     pub fn spawn_lead(
         self: &Arc<Self>,
-        source: Arc<dyn RangeSource>,
+        router: Arc<Router>,
         compression: Compression,
         layer: String,
         chunks: Vec<Chunk>,
@@ -261,20 +263,21 @@ impl Fetcher {
         let demand = self.priority.demand();
         let me = self.clone();
         tokio::spawn(async move {
-            me.lead(&*source, compression, &layer, &chunks, &leads)
-                .await;
+            me.lead(&router, compression, &layer, &chunks, &leads).await;
             drop(demand);
         });
         led
     }
 
-    /// Fetches the chunks this caller leads, merged run by run; each
-    /// chunk's waiters are answered as it arrives (in `fetch_run`), and the
-    /// in-flight entries go when this returns. Returns (index into
+    /// Fetches the chunks this caller leads, merged run by run (runs are
+    /// cut where the router's route changes); each chunk's waiters are
+    /// answered as it arrives (in `fetch_run`), and the in-flight entries go
+    /// when this returns. Runs from the primed window are read alongside the
+    /// others (its bytes are on their way already). Returns (index into
     /// `chunks`, result) per led chunk.
     async fn lead(
         &self,
-        source: &dyn RangeSource,
+        router: &Router,
         compression: Compression,
         layer: &str,
         chunks: &[Chunk],
@@ -284,19 +287,40 @@ impl Fetcher {
             fetcher: self,
             keys: leads.iter().map(|(i, _)| chunks[*i].digest).collect(),
         };
-        let mut out = Vec::with_capacity(leads.len());
-        for run in runs(chunks, leads) {
-            let result = self
-                .fetch_run(source, compression, layer, chunks, &leads[run.clone()])
-                .await;
-            out.extend(leads[run].iter().map(|(i, _)| *i).zip(result));
-        }
-        out
+        let routes: Vec<Route> = leads
+            .iter()
+            .map(|(i, _)| router.route(&chunks[*i]))
+            .collect();
+        let (primed, rest): (Vec<_>, Vec<_>) = runs(chunks, leads, &routes)
+            .into_iter()
+            .partition(|run| routes[run.start] == Route::Primed);
+        let routes = &routes;
+        let go = |runs: Vec<std::ops::Range<usize>>| async move {
+            let mut out = Vec::new();
+            for run in runs {
+                let route = routes[run.start];
+                let result = self
+                    .fetch_run(
+                        router,
+                        route,
+                        compression,
+                        layer,
+                        chunks,
+                        &leads[run.clone()],
+                    )
+                    .await;
+                out.extend(leads[run].iter().map(|(i, _)| *i).zip(result));
+            }
+            out
+        };
+        let (mut a, b) = tokio::join!(go(primed), go(rest));
+        a.extend(b);
+        a
     }
 
     async fn fetch(
         &self,
-        source: &dyn RangeSource,
+        router: &Router,
         compression: Compression,
         layer: &str,
         chunks: &[Chunk],
@@ -310,7 +334,7 @@ impl Fetcher {
                 let _demand = on_demand.then(|| self.priority.demand());
                 led_bytes += leads.iter().map(|(i, _)| chunks[*i].len).sum::<u64>();
                 let mut first_err = None;
-                for (i, r) in self.lead(source, compression, layer, chunks, &leads).await {
+                for (i, r) in self.lead(router, compression, layer, chunks, &leads).await {
                     match r {
                         Ok(b) => out[i] = Some(b),
                         Err(e) => {
@@ -408,9 +432,11 @@ impl Fetcher {
     /// soon as its last byte is in, so a reader of the run's first chunk
     /// does not wait for the run's end. Decoding and the store's write run
     /// on the blocking pool ([`Decoder`]), overlapping the transfer.
+    #[allow(clippy::too_many_arguments)]
     async fn fetch_run(
         &self,
-        source: &dyn RangeSource,
+        router: &Router,
+        route: Route,
         compression: Compression,
         layer: &str,
         chunks: &[Chunk],
@@ -426,7 +452,7 @@ impl Fetcher {
         // The run's bytes so far: blob offsets [start, start + have.len()).
         let mut have: Vec<u8> = Vec::new();
         let (sink, mut pieces) = tokio::sync::mpsc::unbounded_channel();
-        let fetch = self.fetch_range(source, layer, start, end - start, Some(sink));
+        let fetch = self.fetch_range(router, route, layer, start, end - start, Some(sink));
         tokio::pin!(fetch);
         let outcome = loop {
             tokio::select! {
@@ -441,7 +467,7 @@ impl Fetcher {
                     }
                 }
                 Some(s) = decoder.next(), if decoder.pending() > 0 => {
-                    self.settle(layer, source, chunks, run, s, &mut results, &mut failed);
+                    self.settle(layer, router.source(route).name(), chunks, run, s, &mut results, &mut failed);
                 }
             }
         };
@@ -461,7 +487,15 @@ impl Fetcher {
             }
         }
         while let Some(s) = decoder.next().await {
-            self.settle(layer, source, chunks, run, s, &mut results, &mut failed);
+            self.settle(
+                layer,
+                router.source(route).name(),
+                chunks,
+                run,
+                s,
+                &mut results,
+                &mut failed,
+            );
         }
         drop(decoder);
         // A decoder that died settled nothing more: refetch those too.
@@ -470,12 +504,16 @@ impl Fetcher {
                 failed.push(k);
             }
         }
-        // Chunks that did not verify: once more each, alone.
+        // Chunks that did not verify: once more each, alone, from where the
+        // router sends re-fetches.
+        let again = router.refetch_route(route);
+        let source = router.source(again);
         for k in failed {
             let c = chunks[run[k].0];
             let r = match self
                 .fetch_range(
-                    source,
+                    router,
+                    again,
                     layer,
                     c.blob_offset,
                     c.blob_end - c.blob_offset,
@@ -515,7 +553,7 @@ impl Fetcher {
     fn settle(
         &self,
         layer: &str,
-        source: &dyn RangeSource,
+        source: &str,
         chunks: &[Chunk],
         run: &[(usize, Lead)],
         (k, r): Settled,
@@ -530,7 +568,7 @@ impl Fetcher {
                 results[k] = Some(Ok(b));
             }
             Err(problem) => {
-                self.note_verify_failure(layer, c, source.name(), &problem);
+                self.note_verify_failure(layer, c, source, &problem);
                 failed.push(k);
             }
         }
@@ -545,14 +583,50 @@ impl Fetcher {
         b
     }
 
+    /// One request for blob bytes `[offset, offset + len)` on `route`,
+    /// following the router to the next route when it fails.
     async fn fetch_range(
+        &self,
+        router: &Router,
+        mut route: Route,
+        layer: &str,
+        offset: u64,
+        len: u64,
+        sink: Option<Sink>,
+    ) -> Result<Bytes, FetchError> {
+        loop {
+            let source = router.source(route);
+            match self.request(source, layer, offset, len, sink.clone()).await {
+                Err(e) => match router.on_error(route, &e) {
+                    Some(next) => {
+                        debug!(layer, offset, len, from = source.name(), error = %e,
+                               "source could not serve the range; routed on");
+                        route = next;
+                    }
+                    None => {
+                        self.stats.source_errors.fetch_add(1, Ordering::Relaxed);
+                        warn!(source = source.name(), offset, len, error = %e, "range fetch failed");
+                        return Err(FetchError::Source {
+                            source_name: source.name().to_owned(),
+                            message: e.to_string(),
+                        });
+                    }
+                },
+                Ok(b) => return Ok(b),
+            }
+        }
+    }
+
+    /// One request to `source`, counted by its kind.
+    async fn request(
         &self,
         source: &dyn RangeSource,
         layer: &str,
         offset: u64,
         len: u64,
         sink: Option<Sink>,
-    ) -> Result<Bytes, FetchError> {
+    ) -> Result<Bytes, SourceError> {
+        let kind = source.kind();
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
@@ -563,13 +637,15 @@ impl Fetcher {
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.stats
             .latency
-            .get_or_create(&vec![("source".to_owned(), source.name().to_owned())])
+            .get_or_create(&vec![("source".to_owned(), kind.label().to_owned())])
             .observe(started.elapsed().as_secs_f64());
         match r {
             Ok(b) if b.len() as u64 == len => {
                 self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
+                self.stats.by_source.add(kind, len);
                 debug!(
-                    source = source.name(),
+                    source = kind.label(),
+                    from = source.name(),
                     layer,
                     offset,
                     len,
@@ -578,24 +654,12 @@ impl Fetcher {
                 );
                 Ok(b)
             }
-            Ok(b) => {
-                self.stats.source_errors.fetch_add(1, Ordering::Relaxed);
-                Err(FetchError::Source {
-                    source_name: source.name().to_owned(),
-                    message: format!(
-                        "returned {} bytes for a {len}-byte range at {offset}",
-                        b.len()
-                    ),
-                })
-            }
-            Err(message) => {
-                self.stats.source_errors.fetch_add(1, Ordering::Relaxed);
-                warn!(source = source.name(), offset, len, error = %message, "range fetch failed");
-                Err(FetchError::Source {
-                    source_name: source.name().to_owned(),
-                    message,
-                })
-            }
+            Ok(b) => Err(SourceError::Lied(format!(
+                "{} returned {} bytes for a {len}-byte range at {offset}",
+                source.name(),
+                b.len()
+            ))),
+            Err(e) => Err(e),
         }
     }
 
@@ -621,8 +685,13 @@ pub(crate) fn extend_contiguous(buf: &mut Vec<u8>, base: u64, (pos, piece): (u64
 }
 
 /// Splits `leads` (indices into `chunks`, ascending) into runs of chunks that
-/// are adjacent in the blob, each at most [`MAX_MERGED_BYTES`] long.
-fn runs<T>(chunks: &[Chunk], leads: &[(usize, T)]) -> Vec<std::ops::Range<usize>> {
+/// are adjacent in the blob and go to the same route (`routes`, one per
+/// lead), each at most [`MAX_MERGED_BYTES`] long.
+fn runs<T>(
+    chunks: &[Chunk],
+    leads: &[(usize, T)],
+    routes: &[Route],
+) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let mut start = 0;
     for k in 1..=leads.len() {
@@ -630,7 +699,9 @@ fn runs<T>(chunks: &[Chunk], leads: &[(usize, T)]) -> Vec<std::ops::Range<usize>
             let prev = &chunks[leads[k - 1].0];
             let cur = &chunks[leads[k].0];
             let first = &chunks[leads[start].0];
-            prev.blob_end != cur.blob_offset || cur.blob_end - first.blob_offset > MAX_MERGED_BYTES
+            prev.blob_end != cur.blob_offset
+                || cur.blob_end - first.blob_offset > MAX_MERGED_BYTES
+                || routes[k] != routes[k - 1]
         };
         if split {
             out.push(start..k);

@@ -10,11 +10,12 @@
 //! and the startup set.
 //!
 //! Nothing here is trusted: the bytes are handed to the fetcher, which
-//! verifies every chunk against the TOC like bytes from any source, and
-//! re-fetches a chunk that fails with a plain `fetch`, which always goes to
-//! the inner source. A streamed range outside the primed window, or any
-//! range once the early request failed or priming is
-//! [`PrimedSource::finish`]ed, goes to the inner source too.
+//! verifies every chunk against the TOC like bytes from any source. The
+//! [`super::router::Router`] sends a chunk here only while the window
+//! [`PrimedSource::covers`] it; a range the window cannot serve (the early
+//! request failed, or priming is [`PrimedSource::finish`]ed) is answered
+//! [`SourceError::NotFound`], and the router takes it to the registry, as
+//! it does every re-fetch of a chunk that failed verification.
 
 use std::sync::Arc;
 
@@ -23,7 +24,8 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tracing::debug;
 
-use super::fetch::{extend_contiguous, BoxFuture, RangeSource, Sink};
+use super::extend_contiguous;
+use super::source::{BoxFuture, RangeSource, Sink, SourceError, SourceKind};
 
 /// Largest window primed: a startup set larger than this is primed for its
 /// first part only (the rest is fetched as usual).
@@ -34,7 +36,7 @@ pub const MAX_PRIMED_BYTES: u64 = 32 << 20;
 enum Progress {
     /// Bytes `[0, n)` of the window are in.
     Have(u64),
-    /// The request failed (or priming ended): use the inner source.
+    /// The request failed (or priming ended): the registry serves everything.
     Gone,
 }
 
@@ -70,7 +72,6 @@ impl Drop for Window {
 
 /// A [`RangeSource`] that serves `[0, end)` from one early streamed request.
 pub struct PrimedSource {
-    inner: Arc<dyn RangeSource>,
     window: Mutex<Option<Window>>,
 }
 
@@ -88,10 +89,10 @@ impl PrimedSource {
             bytes: Mutex::new(Vec::new()),
             progress: watch::channel(Progress::Have(0)).0,
         });
-        let (src, sh) = (inner.clone(), shared.clone());
+        let sh = shared.clone();
         let task = rt.spawn(async move {
             let (sink, mut pieces) = tokio::sync::mpsc::unbounded_channel();
-            let fetch = src.fetch_streamed(0, end, sink);
+            let fetch = inner.fetch_streamed(0, end, sink);
             tokio::pin!(fetch);
             let r = loop {
                 tokio::select! {
@@ -108,17 +109,24 @@ impl PrimedSource {
             }
         });
         Arc::new(PrimedSource {
-            inner,
             window: Mutex::new(Some(Window { shared, task })),
         })
     }
 
     /// Ends priming: the window's bytes are dropped, and every range goes
-    /// to the inner source (called once the startup fetch is over).
+    /// to the registry (called once the startup fetch is over).
     pub fn finish(&self) {
         if let Some(w) = self.window.lock().take() {
             w.shared.progress.send_replace(Progress::Gone);
         }
+    }
+
+    /// Whether the window is live and holds all of blob bytes
+    /// `[offset, end)`.
+    pub fn covers(&self, offset: u64, end: u64) -> bool {
+        self.window.lock().as_ref().is_some_and(|w| {
+            offset < end && end <= w.shared.end && *w.shared.progress.borrow() != Progress::Gone
+        })
     }
 
     fn shared(&self) -> Option<Arc<Shared>> {
@@ -127,7 +135,7 @@ impl PrimedSource {
 
     /// Sends `[offset, offset + len)` from the window to `sink` as it
     /// arrives and returns it; `None` if the window cannot serve it (then
-    /// the caller asks the inner source).
+    /// the router asks the registry).
     async fn serve_window(&self, offset: u64, len: u64, sink: &Sink) -> Option<Bytes> {
         let w = self.shared()?;
         let end = offset.checked_add(len)?;
@@ -164,11 +172,9 @@ impl PrimedSource {
 }
 
 impl RangeSource for PrimedSource {
-    /// Always the inner source: the fetcher's plain fetches are the
-    /// re-fetches of chunks that failed verification, and those must not
-    /// be answered from the same bytes again.
-    fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, String>> {
-        self.inner.fetch(offset, len)
+    fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+        let (sink, _) = tokio::sync::mpsc::unbounded_channel();
+        self.fetch_streamed(offset, len, sink)
     }
 
     fn fetch_streamed(
@@ -176,38 +182,21 @@ impl RangeSource for PrimedSource {
         offset: u64,
         len: u64,
         sink: Sink,
-    ) -> BoxFuture<'_, Result<Bytes, String>> {
+    ) -> BoxFuture<'_, Result<Bytes, SourceError>> {
         Box::pin(async move {
-            let end = offset.saturating_add(len);
-            let split = self
-                .shared()
-                .map(|w| w.end)
-                .filter(|&w| offset < w && w < end);
-            let Some(w) = split else {
-                return match self.serve_window(offset, len, &sink).await {
-                    Some(b) => Ok(b),
-                    // Pieces already sent are skipped by the receiver.
-                    None => self.inner.fetch_streamed(offset, len, sink).await,
-                };
-            };
-            // Starts inside the window and runs past it: the head from the
-            // window, the tail by a request of its own, at the same time.
-            let (head, tail) = tokio::join!(
-                self.serve_window(offset, w - offset, &sink),
-                self.inner.fetch_streamed(w, end - w, sink.clone())
-            );
-            let head = match head {
-                Some(h) => h,
-                None => self.inner.fetch_streamed(offset, w - offset, sink).await?,
-            };
-            let mut all = Vec::with_capacity(len as usize);
-            all.extend_from_slice(&head);
-            all.extend_from_slice(&tail?);
-            Ok(Bytes::from(all))
+            self.serve_window(offset, len, &sink).await.ok_or_else(|| {
+                SourceError::NotFound(format!(
+                    "primed window cannot serve {len} bytes at {offset}"
+                ))
+            })
         })
     }
 
     fn name(&self) -> &str {
-        self.inner.name()
+        "primed"
+    }
+
+    fn kind(&self) -> SourceKind {
+        SourceKind::Primed
     }
 }

@@ -17,8 +17,8 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc as tmpsc;
 
-use super::store::ChunkStore;
-use super::toc::{Chunk, Compression};
+use crate::remote::store::ChunkStore;
+use crate::remote::toc::{Chunk, Compression};
 
 /// Decompresses one chunk and checks its length and digest.
 ///

@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::fetch::{BoxFuture, RangeSource, Sink};
-use super::layers::Blobs;
+use super::source::{BoxFuture, RangeSource, Sink, SourceError};
 use crate::metadata::RemoteRef;
 use crate::registry::{Reference, Registry};
+use crate::remote::layers::Blobs;
 
 /// Layer blobs from registries.
 pub struct RegistryBlobs {
@@ -30,14 +30,22 @@ struct BlobSource {
     digest: String,
 }
 
+impl BlobSource {
+    fn reference(&self) -> Result<&Reference, SourceError> {
+        self.reference
+            .as_ref()
+            .map_err(|e| SourceError::Fatal(e.clone()))
+    }
+}
+
 impl RangeSource for BlobSource {
-    fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, String>> {
+    fn fetch(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
         Box::pin(async move {
-            let reference = self.reference.as_ref().map_err(Clone::clone)?;
-            self.registry
+            let reference = self.reference()?;
+            Ok(self
+                .registry
                 .fetch_range(reference, &self.digest, offset, len)
-                .await
-                .map_err(|e| e.to_string())
+                .await?)
         })
     }
 
@@ -46,13 +54,13 @@ impl RangeSource for BlobSource {
         offset: u64,
         len: u64,
         sink: Sink,
-    ) -> BoxFuture<'_, Result<Bytes, String>> {
+    ) -> BoxFuture<'_, Result<Bytes, SourceError>> {
         Box::pin(async move {
-            let reference = self.reference.as_ref().map_err(Clone::clone)?;
-            self.registry
+            let reference = self.reference()?;
+            Ok(self
+                .registry
                 .fetch_range_streamed(reference, &self.digest, offset, len, Some(&sink))
-                .await
-                .map_err(|e| e.to_string())
+                .await?)
         })
     }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::prefetch::InFlight;
+use crate::remote::prefetch::InFlight;
 
 /// How long on-demand fetches must have been quiet before background
 /// batches go on.
@@ -29,7 +29,7 @@ pub const DEMAND_QUIET: Duration = Duration::from_millis(1000);
 pub const STARTUP_YIELD_MAX: Duration = Duration::from_millis(200);
 
 /// The gate every fetch class goes through (one per daemon, shared by all
-/// layers through the [`super::fetch::Fetcher`]).
+/// layers through the [`super::Fetcher`]).
 #[derive(Debug)]
 pub struct Priority {
     startup: Arc<InFlight>,
