@@ -82,6 +82,7 @@ test: deps build
 	tests/e2e/poison.sh --no-build
 	$(CARGO) build --release -p shoal-snapshotter --example cri-client
 	tests/e2e/cri.sh --no-build
+	python3 tests/deploy/check.py
 	snapshotter/fuzz/run.sh $(FUZZ_SHORT_SECONDS)
 
 fuzz:
