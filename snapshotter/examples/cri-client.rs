@@ -177,7 +177,10 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             let line = |kind: &str, f: &cri::FilesystemUsage| {
                 println!(
                     "{kind}={} used_bytes={} inodes_used={}",
-                    f.fs_id.as_ref().map(|i| i.mountpoint.as_str()).unwrap_or(""),
+                    f.fs_id
+                        .as_ref()
+                        .map(|i| i.mountpoint.as_str())
+                        .unwrap_or(""),
                     f.used_bytes.as_ref().map(|v| v.value).unwrap_or(0),
                     f.inodes_used.as_ref().map(|v| v.value).unwrap_or(0),
                 )

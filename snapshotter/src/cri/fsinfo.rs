@@ -94,7 +94,9 @@ mod tests {
     fn a_missing_snapshotter_dir_becomes_shoals_root() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("shoal");
-        let missing = dir.path().join("containerd/io.containerd.snapshotter.v1.shoal");
+        let missing = dir
+            .path()
+            .join("containerd/io.containerd.snapshotter.v1.shoal");
         let out = rewrite(answer(missing.to_str().unwrap()), &root);
         assert_eq!(mountpoint(out), (root.display().to_string(), 42));
     }
