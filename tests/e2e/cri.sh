@@ -12,9 +12,12 @@
 # --release -p shoal-snapshotter --example cri-client`.)
 #
 # World: the usual one (tests/e2e/lib.sh) plus a second docker-registry with
-# htpasswd auth holding the private images: big:shoal (busybox + a 32 MiB
-# file nobody reads, made by `shoal convert`) and busybox:esgz (ctr-remote
-# --estargz). The pause image is built here and served by the open registry.
+# htpasswd auth (bcrypt via python3's crypt) holding the private images:
+# big-on:shoal and big-off:shoal (busybox + a random 32 MiB file nobody reads,
+# one per run so the second is not cached either; made by `shoal convert`)
+# and busybox:esgz (ctr-remote --estargz). The pause image (busybox sleeping)
+# is built here and served by the open registry. CRI runs in namespace
+# k8s.io with restrict_oom_score_adj (the test VM lacks CAP_SYS_RESOURCE).
 # Shoal runs with background fetch off, so what was fetched is what was read,
 # and with the private host in [remote] source_hosts (source_credentials).
 #
