@@ -15,7 +15,7 @@
 #                     startup profiles (python3 image), layer poisoning
 #                     through the chain ID (identity check, quarantine),
 #                     Kubernetes' CRI through Shoal's image-service proxy
-#                     (private images, pods, restart; about 80 s)
+#                     (private images, pods, restart; about 1 min)
 #   make fuzz         every fuzz target for FUZZ_SECONDS each (default 60;
 #                     docs/fuzzing.md); make fuzz-short: FUZZ_SHORT_SECONDS (12)
 #   make bench        lazy-pull benchmark: Debian+python3 over a 100 Mbit/s link
