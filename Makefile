@@ -13,7 +13,9 @@
 #                     lazy layers surviving daemon restarts, the chunk cache,
 #                     shoal convert round trips and any-client lazy pulls,
 #                     startup profiles (python3 image), layer poisoning
-#                     through the chain ID (identity check, quarantine)
+#                     through the chain ID (identity check, quarantine),
+#                     Kubernetes' CRI through Shoal's image-service proxy
+#                     (private images, pods, restart; about 1 min)
 #   make fuzz         every fuzz target for FUZZ_SECONDS each (default 60;
 #                     docs/fuzzing.md); make fuzz-short: FUZZ_SHORT_SECONDS (12)
 #   make bench        lazy-pull benchmark: Debian+python3 over a 100 Mbit/s link
@@ -62,6 +64,8 @@ e2e: build
 	tests/e2e/convert.sh --no-build
 	tests/e2e/profile.sh --no-build
 	tests/e2e/poison.sh --no-build
+	$(CARGO) build --release -p shoal-snapshotter --example cri-client
+	tests/e2e/cri.sh --no-build
 
 test: deps build
 	SHOAL_REQUIRE_FUSE=1 $(CARGO) test --workspace --release
@@ -76,6 +80,9 @@ test: deps build
 	tests/e2e/convert.sh --no-build
 	tests/e2e/profile.sh --no-build
 	tests/e2e/poison.sh --no-build
+	$(CARGO) build --release -p shoal-snapshotter --example cri-client
+	tests/e2e/cri.sh --no-build
+	python3 tests/deploy/check.py
 	snapshotter/fuzz/run.sh $(FUZZ_SHORT_SECONDS)
 
 fuzz:

@@ -264,6 +264,10 @@ pub struct RegistrySection {
     /// Docker config file with credentials; unset means
     /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
+    /// Kubernetes-style docker config files (a mounted `dockerconfigjson`
+    /// Secret: the file or its directory; or a legacy `.dockercfg`), read
+    /// after `docker_config`, in order.
+    pub docker_config_files: Vec<PathBuf>,
     /// Credentials, tried before the docker config.
     pub credentials: Vec<CredentialSection>,
 }
@@ -280,6 +284,7 @@ impl Default for RegistrySection {
             min_rate_bytes_per_sec: DEFAULT_MIN_RATE_BYTES_PER_SEC,
             min_rate_grace_secs: DEFAULT_MIN_RATE_GRACE_SECS,
             docker_config: None,
+            docker_config_files: Vec::new(),
             credentials: Vec::new(),
         }
     }

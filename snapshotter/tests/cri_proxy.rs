@@ -176,6 +176,9 @@ async fn a_mirror_never_receives_the_images_credentials() {
     assert!(seen.iter().all(|(_, a)| a.is_empty()), "{seen:?}");
 }
 
+const MISSING_SNAPSHOTTER_DIR: &str =
+    "/nonexistent/containerd/io.containerd.snapshotter.v1.shoal";
+
 /// containerd's CRI side: records raw requests by path and answers
 /// `PullImage` with `pull` (OK or a status), `ImageStatus` with the image's
 /// tags, anything else with an empty message.
@@ -231,6 +234,19 @@ impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for Upstre
                             ..Default::default()
                         }
                         .encode_to_vec(),
+                        // What containerd 1.6.20 answers for a proxy
+                        // snapshotter: a directory that does not exist.
+                        "ImageFsInfo" => cri::ImageFsInfoResponse {
+                            image_filesystems: vec![cri::FilesystemUsage {
+                                fs_id: Some(cri::FilesystemIdentifier {
+                                    mountpoint: MISSING_SNAPSHOTTER_DIR.into(),
+                                }),
+                                used_bytes: Some(cri::UInt64Value { value: 42 }),
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        }
+                        .encode_to_vec(),
                         _ => Vec::new(),
                     };
                     Ok(tonic::Response::new(Bytes::from(out)))
@@ -261,9 +277,10 @@ async fn proxy_forwards_raw_and_keeps_pull_credentials() {
     let creds = store(dir.path());
     let listener = shoal::server::bind(&proxy_sock).unwrap();
     let (ps, us, c) = (proxy_sock.clone(), up_sock.clone(), creds.clone());
-    tokio::spawn(
-        async move { shoal::cri::serve(listener, &ps, &us, c, std::future::pending()).await },
-    );
+    let root = dir.path().to_path_buf();
+    tokio::spawn(async move {
+        shoal::cri::serve(listener, &ps, &us, c, &root, std::future::pending()).await
+    });
     let channel = shoal::client::channel(&proxy_sock).await.unwrap();
 
     // A PullImage with a field this proto does not know (number 99) reaches
@@ -328,6 +345,20 @@ async fn proxy_forwards_raw_and_keeps_pull_credentials() {
         .unwrap()
         .iter()
         .any(|(p, _)| p == "/runtime.v1.ImageService/ListImages"));
+
+    // ImageFsInfo: containerd's missing snapshotter directory becomes
+    // Shoal's root (containerd #10095); the usage figures stay.
+    let fs = client
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let fs = &fs.image_filesystems[0];
+    assert_eq!(
+        fs.fs_id.as_ref().unwrap().mountpoint,
+        dir.path().display().to_string()
+    );
+    assert_eq!(fs.used_bytes.as_ref().unwrap().value, 42);
 
     // RemoveImage by ID: the proxy asks for the image's names first and
     // forgets their credentials once containerd removed it.

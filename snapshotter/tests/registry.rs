@@ -350,6 +350,53 @@ async fn real_registry_basic_auth_from_docker_config() {
     );
 }
 
+/// `[registry] docker_config_files`: a Kubernetes `dockerconfigjson`
+/// Secret mounted as a directory authenticates like `config.json`.
+#[tokio::test]
+async fn real_registry_basic_auth_from_a_mounted_dockerconfigjson() {
+    let reg = RealRegistry::start(Some(("alice", "wonderland")));
+    let data = blob(4_000);
+    let digest = reg
+        .push_blob("private/k8s", &data, Some(("alice", "wonderland")))
+        .await;
+    let certs = tempfile::tempdir().unwrap();
+    write_hosts(
+        certs.path(),
+        &reg.host(),
+        &format!("server = \"http://{}\"\n", reg.host()),
+    );
+    let secret = certs.path().join("pull-secret");
+    std::fs::create_dir(&secret).unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode("alice:wonderland");
+    std::fs::write(
+        secret.join(".dockerconfigjson"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.host()),
+    )
+    .unwrap();
+    let with_files = |files: Vec<PathBuf>| {
+        Registry::new(RegistryConfig {
+            config_path: certs.path().to_path_buf(),
+            request_timeout: TIMEOUT,
+            retries: 2,
+            docker_config: Some(certs.path().join("no-docker-config.json")),
+            docker_config_files: files,
+            ..RegistryConfig::default()
+        })
+    };
+    let reference: Reference = format!("{}/private/k8s:v1", reg.host()).parse().unwrap();
+    let ok = with_files(vec![secret.clone()]).unwrap();
+    assert_eq!(
+        ok.fetch_range(&reference, &digest, 0, 10).await.unwrap(),
+        data[..10]
+    );
+    let none = with_files(vec![]).unwrap();
+    assert!(none.fetch_range(&reference, &digest, 0, 10).await.is_err());
+    // A listed file that cannot be parsed stops the client from starting.
+    std::fs::write(secret.join(".dockerconfigjson"), "{").unwrap();
+    let err = with_files(vec![secret]).unwrap_err();
+    assert!(matches!(err, RegistryError::Config { .. }), "{err}");
+}
+
 #[tokio::test]
 async fn mirror_failover_from_dead_port_to_real_registry() {
     let reg = RealRegistry::start(None);

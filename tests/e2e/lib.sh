@@ -21,6 +21,12 @@
 #   E2E_TIMEOUT    seconds to wait for each daemon to come up (default 30)
 #   E2E_EXTRA_PROXY_PLUGINS  TOML appended to containerd's config (more
 #                  [proxy_plugins.NAME], e.g. the benchmark's stargz)
+#   E2E_CRI=1      enable containerd's CRI plugin (off by default) with
+#                  snapshotter = "shoal", plain HTTP to $E2E_REGISTRY and to
+#                  E2E_CRI_PLAIN_HTTP (space-separated host:port), no CNI
+#                  (host-network pods only), a random stream server port;
+#                  E2E_CRI_DISABLE_SNAPSHOT_ANNOTATIONS (default true, as
+#                  containerd's) and E2E_CRI_SANDBOX_IMAGE are passed through
 #   E2E_EXIT_HOOK  name of a function the EXIT trap calls, with the exit
 #                  status, after cleanup (run.sh prints its summary there)
 
@@ -177,6 +183,32 @@ e2e_start_shoal() {
   e2e_wait_for shoal "its socket $E2E_DIR/shoal.sock" e2e_sock_ready "$E2E_DIR/shoal.sock"
 }
 
+# e2e_cri_config: the CRI plugin's section of containerd's config (E2E_CRI=1).
+e2e_cri_config() {
+  local cri='plugins."io.containerd.grpc.v1.cri"' host
+  mkdir -p "$E2E_DIR/cni/bin" "$E2E_DIR/cni/net.d"
+  cat <<EOF
+[$cri]
+  sandbox_image = "${E2E_CRI_SANDBOX_IMAGE:-$E2E_REGISTRY/pause:1}"
+  stream_server_port = "0"
+  enable_selinux = false
+  # The sandbox's -998 needs CAP_SYS_RESOURCE, which a test VM may lack.
+  restrict_oom_score_adj = true
+  [$cri.containerd]
+    snapshotter = "shoal"
+    disable_snapshot_annotations = ${E2E_CRI_DISABLE_SNAPSHOT_ANNOTATIONS:-true}
+    default_runtime_name = "runc"
+    [$cri.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+  [$cri.cni]
+    bin_dir = "$E2E_DIR/cni/bin"
+    conf_dir = "$E2E_DIR/cni/net.d"
+EOF
+  for host in $E2E_REGISTRY ${E2E_CRI_PLAIN_HTTP:-}; do
+    printf '  [%s.registry.mirrors."%s"]\n    endpoint = ["http://%s"]\n' "$cri" "$host" "$host"
+  done
+}
+
 e2e_start_containerd() {
   mkdir -p "$E2E_DIR/containerd/root" "$E2E_DIR/containerd/state"
   local proxy=
@@ -185,12 +217,17 @@ e2e_start_containerd() {
   type = \"snapshot\"
   address = \"$E2E_DIR/shoal.sock\""
   fi
+  local cri_off='"io.containerd.grpc.v1.cri",' cri=
+  if [ "${E2E_CRI:-0}" = 1 ]; then
+    cri_off=
+    cri=$(e2e_cri_config)
+  fi
   cat >"$E2E_DIR/containerd/config.toml" <<EOF
 version = 2
 root = "$E2E_DIR/containerd/root"
 state = "$E2E_DIR/containerd/state"
 disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+  $cri_off
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -208,6 +245,7 @@ disabled_plugins = [
 
 $proxy
 ${E2E_EXTRA_PROXY_PLUGINS:-}
+$cri
 EOF
   e2e_start containerd containerd --config "$E2E_DIR/containerd/config.toml"
   e2e_wait_for containerd "its API on $E2E_DIR/containerd.sock" \

@@ -222,12 +222,15 @@ fn run(config: Config, registry: Option<Registry>) -> anyhow::Result<()> {
             Some((socket, store)) => {
                 let listener = server::bind(&socket)?;
                 let upstream = config.cri.containerd_cri_socket.clone();
+                // The kubelet stats it: absolute, as the daemon sees it.
+                let image_fs = std::fs::canonicalize(&config.root).unwrap_or(config.root.clone());
                 let mut stop = stop_rx.clone();
                 Some(tokio::spawn(async move {
                     let stopped = async move {
                         let _ = stop.wait_for(|s| *s).await;
                     };
-                    shoal::cri::serve(listener, &socket, &upstream, store, stopped).await
+                    shoal::cri::serve(listener, &socket, &upstream, store, &image_fs, stopped)
+                        .await
                 }))
             }
             None => None,

@@ -6,6 +6,8 @@
 //!
 //! # Layout
 //! - [`codec`]: a gRPC codec that passes message bytes through.
+//! - [`fsinfo`]: `ImageFsInfo`'s image filesystem, made statable by the
+//!   kubelet (containerd #10095).
 //! - [`proxy`]: the `runtime.v1.ImageService` service; what it decodes.
 //! - [`store`]: the root-only credential store, its expiry and persistence.
 //!
@@ -14,6 +16,7 @@
 //! repository), so lazy layers need no hook of their own.
 
 pub mod codec;
+pub mod fsinfo;
 pub mod proxy;
 pub mod store;
 
@@ -52,7 +55,9 @@ pub fn upstream(socket: &Path) -> Channel {
 
 /// Serves the image-service proxy on `listener` (bound at `address`, see
 /// [`crate::server::bind`]) until `shutdown` completes, then removes the
-/// socket file if it is still ours.
+/// socket file if it is still ours. `image_fs` is Shoal's root, reported to
+/// the kubelet as the image filesystem where containerd names a missing
+/// directory ([`fsinfo`]).
 ///
 /// # Errors
 /// A transport error from the gRPC server.
@@ -61,6 +66,7 @@ pub async fn serve(
     address: &Path,
     containerd: &Path,
     store: Arc<CredentialStore>,
+    image_fs: &Path,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let ino = std::fs::metadata(address).map(|m| m.ino()).ok();
@@ -71,7 +77,7 @@ pub async fn serve(
         "CRI image-service proxy serving"
     );
     let result = tonic::transport::Server::builder()
-        .add_service(ImageProxy::new(upstream(containerd), store))
+        .add_service(ImageProxy::new(upstream(containerd), store).with_image_fs(image_fs))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .context("CRI image-service proxy");

@@ -12,6 +12,10 @@
 //!   every name it had (asked with `ImageStatus` first, since the request may
 //!   name it by ID) are forgotten.
 //!
+//! - `ImageFsInfo`: the answer's image filesystem is rewritten to Shoal's
+//!   root where containerd names a directory that does not exist
+//!   ([`super::fsinfo`]).
+//!
 //! Only unary calls are forwarded; a streaming one (`StreamImages`) fails
 //! with the status containerd gives a unary call of it.
 
@@ -34,6 +38,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use super::codec::RawCodec;
+use super::fsinfo;
 use super::store::CredentialStore;
 use crate::registry::auth::normalize_host;
 use crate::registry::{Credential, ImageCredential, Reference};
@@ -46,6 +51,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub struct ImageProxy {
     upstream: Channel,
     store: Arc<CredentialStore>,
+    /// Reported as the image filesystem where containerd's is missing.
+    image_fs: Option<Arc<std::path::Path>>,
 }
 
 impl NamedService for ImageProxy {
@@ -56,7 +63,18 @@ impl ImageProxy {
     /// Forwards to `upstream` (containerd's CRI socket), keeping pull
     /// credentials in `store`.
     pub fn new(upstream: Channel, store: Arc<CredentialStore>) -> ImageProxy {
-        ImageProxy { upstream, store }
+        ImageProxy {
+            upstream,
+            store,
+            image_fs: None,
+        }
+    }
+
+    /// Reports `root` (Shoal's root) as the image filesystem where
+    /// containerd names a missing snapshotter directory.
+    pub fn with_image_fs(mut self, root: &std::path::Path) -> ImageProxy {
+        self.image_fs = Some(Arc::from(root));
+        self
     }
 
     /// Sends `req` to containerd as it is.
@@ -77,6 +95,13 @@ impl ImageProxy {
         match path.rsplit('/').next().unwrap_or("") {
             "PullImage" => self.pull(&path, req).await,
             "RemoveImage" => self.remove(&path, req).await,
+            "ImageFsInfo" => {
+                let resp = self.forward(&path, req).await?;
+                Ok(match &self.image_fs {
+                    Some(root) => resp.map(|raw| fsinfo::rewrite(raw, root)),
+                    None => resp,
+                })
+            }
             _ => self.forward(&path, req).await,
         }
     }

@@ -151,6 +151,9 @@ pub struct RegistryConfig {
     /// `~/.docker/config.json` (a broken default file is ignored with a
     /// warning; a broken explicit one is an error).
     pub docker_config: Option<PathBuf>,
+    /// More Docker config files, read after `docker_config`: Kubernetes'
+    /// mounted `dockerconfigjson` Secrets (a file or its directory).
+    pub docker_config_files: Vec<PathBuf>,
 }
 
 impl Default for RegistryConfig {
@@ -166,6 +169,7 @@ impl Default for RegistryConfig {
             min_rate_grace: DEFAULT_MIN_RATE_GRACE,
             credentials: Vec::new(),
             docker_config: None,
+            docker_config_files: Vec::new(),
         }
     }
 }
@@ -193,6 +197,7 @@ impl RegistryConfig {
                 })
                 .collect(),
             docker_config: s.docker_config.clone(),
+            docker_config_files: s.docker_config_files.clone(),
         }
     }
 }
@@ -270,6 +275,13 @@ impl Registry {
                     tracing::warn!(path = %path.display(), %reason, "ignoring unreadable docker config")
                 }
             }
+        }
+        for path in &cfg.docker_config_files {
+            let c = auth::load_docker_config(path).map_err(|reason| RegistryError::Config {
+                path: path.clone(),
+                reason,
+            })?;
+            creds.extend(c);
         }
         Ok(Registry {
             anonymous: false,
