@@ -55,6 +55,30 @@ pub enum ClusterCommand {
         #[arg(long, default_value_t = ca::DEFAULT_NODE_DAYS)]
         days: u32,
     },
+    /// Fetch one chunk from a peer's P2P port over mTLS, check its length and
+    /// sha256 against DIGEST and LENGTH, and write it to FILE (a probe for
+    /// operators and tests). Exits non-zero if the peer does not hold it,
+    /// cannot be reached in time, or sends anything else.
+    GetChunk {
+        /// This node's TLS directory (ca.pem, node.pem, node.key).
+        #[arg(long, value_name = "DIR")]
+        tls_dir: PathBuf,
+        /// The peer, host:port.
+        #[arg(long, value_name = "ADDR")]
+        peer: String,
+        /// The chunk's sha256 (hex, with or without `sha256:`).
+        #[arg(long)]
+        digest: String,
+        /// The chunk's length in bytes.
+        #[arg(long)]
+        length: u64,
+        /// Where to write the chunk.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Deadline for the whole request, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
 }
 
 /// Runs a `shoal cluster` subcommand.
@@ -86,6 +110,30 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
                 "node {name}: certificate re-issued in {}; restart shoal-snapshotter to use it",
                 dir.display()
             );
+        }
+        ClusterCommand::GetChunk {
+            tls_dir,
+            peer,
+            digest,
+            length,
+            out,
+            timeout_ms,
+        } => {
+            let hex_digest = digest.strip_prefix("sha256:").unwrap_or(&digest);
+            let d: super::Digest = hex::decode(hex_digest)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .context("--digest: not 64 hex digits")?;
+            let tls = super::tls::NodeTls::load(&tls_dir)?;
+            let client = super::client::PeerClient::new(tls.client_config());
+            let deadline = std::time::Duration::from_millis(timeout_ms);
+            let data = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("start tokio runtime")?
+                .block_on(client.fetch_chunk(&peer, &d, length, deadline))?;
+            std::fs::write(&out, &data).with_context(|| format!("write {}", out.display()))?;
+            println!("{} bytes from {peer}, sha256 verified", data.len());
         }
     }
     Ok(())

@@ -89,3 +89,40 @@ pub async fn start<L: ChunkLookup>(
         task,
     })
 }
+
+/// Why the daemon's P2P side did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The TLS directory is unusable.
+    #[error("[p2p] tls_dir: {0}")]
+    Files(#[from] super::tls::TlsError),
+    /// The node certificate names no member.
+    #[error("[p2p] tls_dir: {0}")]
+    Name(#[from] super::ca::CaError),
+    /// The listener did not start.
+    #[error("[p2p] listen: {0}")]
+    Node(#[from] NodeError),
+}
+
+/// Starts the daemon's P2P side from its `[p2p]` section: reads the TLS
+/// directory, then serves on `listen`. Contacts no peer.
+///
+/// # Errors
+/// See [`StartError`].
+pub async fn start_daemon<L: ChunkLookup>(
+    cfg: &crate::config::P2pSection,
+    chunks: Arc<L>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Listener, StartError> {
+    let tls = NodeTls::load(&cfg.tls_dir)?;
+    let id = super::ca::node_name(&cfg.tls_dir)?;
+    let listener = start(&cfg.listen, &tls, chunks, shutdown).await?;
+    info!(
+        member = %id,
+        advertise = %cfg.advertised(),
+        static_peers = cfg.peers.len(),
+        dns = cfg.dns.as_deref().unwrap_or(""),
+        "P2P enabled (membership is not built yet: peers are not contacted)"
+    );
+    Ok(listener)
+}
