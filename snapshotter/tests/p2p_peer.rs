@@ -161,7 +161,10 @@ impl Peer for Liar {
     ) -> Result<Response<Parts>, Status> {
         let mut v = self.data.to_vec();
         match self.lie {
-            Lie::FlipOneByte => v[v.len() / 2] ^= 1,
+            Lie::FlipOneByte => {
+                let mid = v.len() / 2;
+                v[mid] ^= 1
+            }
             Lie::ExtraBytes => v.extend_from_slice(b"more"),
             Lie::Short => v.truncate(v.len() - 1),
         }
