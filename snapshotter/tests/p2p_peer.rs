@@ -321,3 +321,30 @@ async fn a_rotated_certificate_is_accepted() {
         .unwrap();
     assert_eq!(got, data);
 }
+
+/// A store whose copy of every chunk went bad (bit rot the store's own
+/// checks missed): the service must not send it.
+struct Rotten(Bytes);
+
+impl shoal::p2p::serve::ChunkLookup for Rotten {
+    fn lookup(&self, _digest: &[u8; 32]) -> Option<Bytes> {
+        Some(self.0.clone())
+    }
+}
+
+#[tokio::test]
+async fn a_node_does_not_serve_its_own_bad_copy() {
+    let c = certs();
+    let (data, d) = chunk(5000, 9);
+    let mut bad = data.to_vec();
+    bad[0] ^= 0x80;
+    let a = node::start("127.0.0.1:0", &c.a, Arc::new(Rotten(Bytes::from(bad))), std::future::pending())
+        .await
+        .unwrap();
+    let e = PeerClient::new(c.b.client_config())
+        .fetch_chunk(&a.local_addr.to_string(), &d, 5000, DEADLINE)
+        .await;
+    assert!(matches!(e, Err(FetchError::NotFound { .. })), "{e:?}");
+    assert_eq!(a.stats.bad_own_copies.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(a.stats.bytes_served.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
