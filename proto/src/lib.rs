@@ -67,7 +67,7 @@ pub use containerd::services::snapshots::v1 as snapshots;
 pub use containerd::types;
 pub use prost_types;
 pub use runtime::v1 as cri;
+pub use shoal::p2p::v1 as p2p;
 pub use shoal::v1 as status;
 pub use shoal::v1 as cache;
 pub use shoal::v1 as profile;
-pub use shoal::p2p::v1 as p2p;

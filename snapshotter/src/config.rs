@@ -171,16 +171,25 @@ impl P2pSection {
         let listen: std::net::SocketAddr = self.listen.parse().map_err(|_| {
             (
                 "p2p.listen",
-                format!("{:?} is not an IP address and port, e.g. 0.0.0.0:7701", self.listen),
+                format!(
+                    "{:?} is not an IP address and port, e.g. 0.0.0.0:7701",
+                    self.listen
+                ),
             )
         })?;
         if self.enabled && self.advertise.is_none() && listen.ip().is_unspecified() {
             return Err((
                 "p2p.advertise",
-                format!("must be set when listen is {} (a wildcard address)", self.listen),
+                format!(
+                    "must be set when listen is {} (a wildcard address)",
+                    self.listen
+                ),
             ));
         }
-        let host_port = |a: &str| a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        let host_port = |a: &str| {
+            a.rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        };
         if let Some(a) = self.advertise.as_deref().filter(|a| !host_port(a)) {
             return Err(("p2p.advertise", format!("{a:?} is not host:port")));
         }
@@ -777,11 +786,17 @@ mod tests {
         assert!(c.p2p.enabled);
         assert_eq!(c.p2p.advertised(), "10.0.0.1:7701");
         assert_eq!(c.p2p.tls_dir, Path::new(DEFAULT_P2P_TLS_DIR));
-        let e = load_text("[p2p]\nenabled = true\n").unwrap_err().to_string();
+        let e = load_text("[p2p]\nenabled = true\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("key `p2p.advertise`"), "{e}");
-        let e = load_text("[p2p]\npeers = [\"nocolon\"]\n").unwrap_err().to_string();
+        let e = load_text("[p2p]\npeers = [\"nocolon\"]\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("key `p2p.peers`"), "{e}");
-        let e = load_text("[p2p]\nlisten = \"x\"\n").unwrap_err().to_string();
+        let e = load_text("[p2p]\nlisten = \"x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("key `p2p.listen`"), "{e}");
     }
 

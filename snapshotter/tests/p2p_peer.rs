@@ -18,9 +18,7 @@ use shoal::p2p::{ca, node};
 use shoal::remote::store::ChunkStore;
 use shoal_proto::p2p::peer_server::{Peer, PeerServer};
 use shoal_proto::p2p::tracker_client::TrackerClient;
-use shoal_proto::p2p::{
-    AnnounceRequest, ChunkPart, GetChunkRequest, HolderState, LocateRequest,
-};
+use shoal_proto::p2p::{AnnounceRequest, ChunkPart, GetChunkRequest, HolderState, LocateRequest};
 use tokio_stream::Stream;
 use tonic::transport::{Endpoint, Server};
 use tonic::{Request, Response, Status};
@@ -60,7 +58,9 @@ fn certs() -> Certs {
 }
 
 fn chunk(len: usize, seed: u8) -> (Bytes, [u8; 32]) {
-    let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect();
     let d: [u8; 32] = Sha256::digest(&data).into();
     (Bytes::from(data), d)
 }
@@ -94,7 +94,12 @@ async fn a_member_fetches_a_chunk_and_gets_not_found_for_others() {
     let (_, missing) = chunk(10, 2);
     let e = client.fetch_chunk(&addr, &missing, 10, DEADLINE).await;
     assert!(matches!(e, Err(FetchError::NotFound { .. })), "{e:?}");
-    assert_eq!(a.stats.bytes_served.load(std::sync::atomic::Ordering::Relaxed), 600 << 10);
+    assert_eq!(
+        a.stats
+            .bytes_served
+            .load(std::sync::atomic::Ordering::Relaxed),
+        600 << 10
+    );
 }
 
 #[tokio::test]
@@ -109,10 +114,13 @@ async fn a_client_without_a_cluster_certificate_gets_nothing() {
     let e = anon.fetch_chunk(&addr, &d, 4096, DEADLINE).await;
     assert!(e.is_err(), "an anonymous client was served: {e:?}");
     // A certificate from another CA (that trusts our CA for the server).
-    let mallory = c.outsider.client_config().ca_certificate(
-        tonic::transport::Certificate::from_pem(&c.ca_pem),
-    );
-    let e = PeerClient::new(mallory).fetch_chunk(&addr, &d, 4096, DEADLINE).await;
+    let mallory = c
+        .outsider
+        .client_config()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&c.ca_pem));
+    let e = PeerClient::new(mallory)
+        .fetch_chunk(&addr, &d, 4096, DEADLINE)
+        .await;
     assert!(e.is_err(), "a foreign certificate was served: {e:?}");
     // The tracker is behind the same handshake.
     let ch = Endpoint::from_shared(format!("https://{addr}"))
@@ -128,7 +136,12 @@ async fn a_client_without_a_cluster_certificate_gets_nothing() {
         })
         .await;
     assert!(r.is_err(), "an anonymous client reached the tracker");
-    assert_eq!(a.stats.bytes_served.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        a.stats
+            .bytes_served
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     // Control: a member is served by the same server.
     let ok = PeerClient::new(c.b.client_config())
         .fetch_chunk(&addr, &d, 4096, DEADLINE)
@@ -155,10 +168,7 @@ type Parts = Pin<Box<dyn Stream<Item = Result<ChunkPart, Status>> + Send>>;
 #[tonic::async_trait]
 impl Peer for Liar {
     type GetChunkStream = Parts;
-    async fn get_chunk(
-        &self,
-        _req: Request<GetChunkRequest>,
-    ) -> Result<Response<Parts>, Status> {
+    async fn get_chunk(&self, _req: Request<GetChunkRequest>) -> Result<Response<Parts>, Status> {
         let mut v = self.data.to_vec();
         match self.lie {
             Lie::FlipOneByte => {
@@ -192,14 +202,18 @@ async fn a_lying_peer_is_caught_by_the_callers_digest() {
     let client = PeerClient::new(c.b.client_config());
     for lie in [Lie::FlipOneByte, Lie::ExtraBytes, Lie::Short] {
         let addr = liar(&c.a, data.clone(), lie).await;
-        let e = client.fetch_chunk(&addr, &d, data.len() as u64, DEADLINE).await;
+        let e = client
+            .fetch_chunk(&addr, &d, data.len() as u64, DEADLINE)
+            .await;
         assert!(matches!(e, Err(FetchError::Lied { .. })), "{e:?}");
     }
     // An honest peer sending the right bytes for a different digest than the
     // caller's TOC says is still a liar: the caller's digest decides.
     let (other, _) = chunk(300 << 10, 5);
     let addr = liar(&c.a, other, Lie::Short).await;
-    let e = client.fetch_chunk(&addr, &d, (300 << 10) - 1, DEADLINE).await;
+    let e = client
+        .fetch_chunk(&addr, &d, (300 << 10) - 1, DEADLINE)
+        .await;
     assert!(matches!(e, Err(FetchError::Lied { .. })), "{e:?}");
 }
 
@@ -223,7 +237,11 @@ async fn a_stalled_or_dead_peer_is_transient_within_the_deadline() {
         .fetch_chunk(&addr, &[0; 32], 1, Duration::from_millis(300))
         .await;
     assert!(matches!(e, Err(FetchError::Transient { .. })), "{e:?}");
-    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
     // Nobody listening.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = dead.local_addr().unwrap().to_string();
@@ -265,7 +283,10 @@ async fn the_tracker_hands_out_an_in_flight_fetcher() {
         .unwrap()
         .into_inner();
     let h = second.holder.expect("the fetching node is a holder");
-    assert_eq!((h.id.as_str(), h.address.as_str(), h.complete), ("b", "10.0.0.2:7701", false));
+    assert_eq!(
+        (h.id.as_str(), h.address.as_str(), h.complete),
+        ("b", "10.0.0.2:7701", false)
+    );
     t.announce(AnnounceRequest {
         digests: vec![d.to_vec()],
         state: HolderState::Complete as i32,
@@ -290,13 +311,22 @@ async fn the_tracker_hands_out_an_in_flight_fetcher() {
 fn node_keys_are_private_and_rotation_keeps_the_name() {
     let c = certs();
     for f in [KEY_FILE] {
-        let mode = std::fs::metadata(c.b_dir.join(f)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(c.b_dir.join(f))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "{f}");
     }
-    let ca_key = std::fs::metadata(c.ca_dir.join(ca::CA_KEY)).unwrap().permissions().mode();
+    let ca_key = std::fs::metadata(c.ca_dir.join(ca::CA_KEY))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(ca_key & 0o777, 0o600);
     assert!(c.b_dir.join(CA_FILE).exists());
-    assert!(matches!(ca::init_ca(&c.ca_dir, "again", 1), Err(ca::CaError::Exists(_))));
+    assert!(matches!(
+        ca::init_ca(&c.ca_dir, "again", 1),
+        Err(ca::CaError::Exists(_))
+    ));
     let before = std::fs::read(c.b_dir.join(KEY_FILE)).unwrap();
     assert_eq!(ca::rotate_node(&c.ca_dir, &c.b_dir, 1).unwrap(), "b");
     assert_ne!(std::fs::read(c.b_dir.join(KEY_FILE)).unwrap(), before);
@@ -338,13 +368,28 @@ async fn a_node_does_not_serve_its_own_bad_copy() {
     let (data, d) = chunk(5000, 9);
     let mut bad = data.to_vec();
     bad[0] ^= 0x80;
-    let a = node::start("127.0.0.1:0", &c.a, Arc::new(Rotten(Bytes::from(bad))), std::future::pending())
-        .await
-        .unwrap();
+    let a = node::start(
+        "127.0.0.1:0",
+        &c.a,
+        Arc::new(Rotten(Bytes::from(bad))),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
     let e = PeerClient::new(c.b.client_config())
         .fetch_chunk(&a.local_addr.to_string(), &d, 5000, DEADLINE)
         .await;
     assert!(matches!(e, Err(FetchError::NotFound { .. })), "{e:?}");
-    assert_eq!(a.stats.bad_own_copies.load(std::sync::atomic::Ordering::Relaxed), 1);
-    assert_eq!(a.stats.bytes_served.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        a.stats
+            .bad_own_copies
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        a.stats
+            .bytes_served
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }

@@ -146,8 +146,7 @@ impl PeerClient {
         expected_len: u64,
         deadline: Duration,
     ) -> Result<Bytes, FetchError> {
-        let r = match tokio::time::timeout(deadline, self.fetch(addr, digest, expected_len)).await
-        {
+        let r = match tokio::time::timeout(deadline, self.fetch(addr, digest, expected_len)).await {
             Ok(r) => r,
             Err(_) => Err(FetchError::Transient {
                 addr: addr.to_string(),
@@ -187,9 +186,7 @@ impl PeerClient {
         while let Some(part) = stream.message().await.map_err(|s| from_status(addr, &s))? {
             let len = buf.len() as u64 + part.data.len() as u64;
             if len > expected_len {
-                return Err(lied(format!(
-                    "more than the expected {expected_len} bytes"
-                )));
+                return Err(lied(format!("more than the expected {expected_len} bytes")));
             }
             hasher.update(&part.data);
             buf.extend_from_slice(&part.data);
@@ -216,8 +213,14 @@ mod tests {
         let k = |c| from_status("a:1", &tonic::Status::new(c, "x"));
         assert!(matches!(k(Code::NotFound), FetchError::NotFound { .. }));
         assert!(matches!(k(Code::Unavailable), FetchError::Transient { .. }));
-        assert!(matches!(k(Code::DeadlineExceeded), FetchError::Transient { .. }));
+        assert!(matches!(
+            k(Code::DeadlineExceeded),
+            FetchError::Transient { .. }
+        ));
         assert!(matches!(k(Code::InvalidArgument), FetchError::Fatal { .. }));
-        assert!(matches!(k(Code::PermissionDenied), FetchError::Fatal { .. }));
+        assert!(matches!(
+            k(Code::PermissionDenied),
+            FetchError::Fatal { .. }
+        ));
     }
 }

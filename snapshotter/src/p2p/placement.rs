@@ -80,7 +80,10 @@ mod tests {
         let max = *counts.values().max().unwrap() as f64;
         let min = *counts.values().min().unwrap() as f64;
         // 1,000 per member on average; binomial spread is about ±32 (1σ).
-        assert!(max < mean * 1.15 && min > mean * 0.85, "min {min} max {max}");
+        assert!(
+            max < mean * 1.15 && min > mean * 0.85,
+            "min {min} max {max}"
+        );
     }
 
     #[test]

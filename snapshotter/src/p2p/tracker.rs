@@ -119,7 +119,12 @@ impl Tracker {
     /// A holder of `digest` for `requester`: the less loaded of two random
     /// holders other than the requester, or `None` if there is none. With
     /// `register`, the requester is recorded as fetching the chunk.
-    pub fn locate(&mut self, digest: &Digest, requester: &Member, register: bool) -> Option<Holder> {
+    pub fn locate(
+        &mut self,
+        digest: &Digest,
+        requester: &Member,
+        register: bool,
+    ) -> Option<Holder> {
         let chosen = self.choose(digest, &requester.id);
         if let Some(h) = &chosen {
             *self.load.entry(h.member.id.clone()).or_insert(0) += 1;
@@ -200,7 +205,9 @@ mod tests {
         // The first requester finds nobody and is recorded as fetching.
         assert_eq!(t.locate(&d, &m(0), true), None);
         // The second is sent to it, not upstream.
-        let h = t.locate(&d, &m(1), true).expect("in-flight fetcher is a holder");
+        let h = t
+            .locate(&d, &m(1), true)
+            .expect("in-flight fetcher is a holder");
         assert_eq!(h.member, m(0));
         assert!(!h.complete);
         t.announce(&d, &m(0), State::Complete);
@@ -264,6 +271,10 @@ mod tests {
         assert_eq!(t.holders(&[9; 32]), 3);
         t.announce(&[10; 32], &m(0), State::Complete);
         t.announce(&[11; 32], &m(0), State::Complete);
-        assert_eq!(t.holders(&[9; 32]), 0, "least recently used chunk forgotten");
+        assert_eq!(
+            t.holders(&[9; 32]),
+            0,
+            "least recently used chunk forgotten"
+        );
     }
 }

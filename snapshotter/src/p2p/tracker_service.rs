@@ -38,8 +38,8 @@ impl tracker_server::Tracker for TrackerService {
         req: Request<LocateRequest>,
     ) -> Result<Response<LocateResponse>, Status> {
         let r = req.into_inner();
-        let digest =
-            digest_of(&r.digest).ok_or_else(|| Status::invalid_argument("digest must be 32 bytes"))?;
+        let digest = digest_of(&r.digest)
+            .ok_or_else(|| Status::invalid_argument("digest must be 32 bytes"))?;
         if r.requester.is_empty() {
             return Err(Status::invalid_argument("requester is empty"));
         }
