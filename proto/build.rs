@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Chunk bytes are sliced out of the store's `Bytes` without a copy.
+        .bytes(".shoal.p2p.v1.ChunkPart.data")
         .compile_protos(
             &[
                 "vendor/github.com/containerd/containerd/api/types/mount.proto",
@@ -17,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "shoal/v1/status.proto",
                 "shoal/v1/cache.proto",
                 "shoal/v1/profile.proto",
+                "shoal/p2p/v1/peer.proto",
             ],
             &["vendor", "."],
         )?;

@@ -14,6 +14,9 @@
 //! - [`cri`]: Kubernetes' CRI, `runtime.v1` (`RuntimeService`,
 //!   `ImageService`); messages and clients only. Shoal's CRI image-service
 //!   proxy forwards raw bytes and decodes only what it needs with these types.
+//! - [`p2p`]: the peer protocol (`shoal/p2p/v1/peer.proto`): chunks streamed
+//!   between cluster members by digest, and the per-chunk tracker
+//!   (`Locate`, `Announce`). Served only over mTLS.
 //!
 //! The `.proto` sources are vendored under `vendor/`; `vendor/README.md` says
 //! where each came from. Modules mirror the protobuf packages so that the
@@ -51,12 +54,20 @@ pub mod shoal {
     pub mod v1 {
         tonic::include_proto!("shoal.v1");
     }
+    /// `shoal.p2p`: the peer protocol between nodes of a cluster.
+    pub mod p2p {
+        /// `shoal.p2p.v1`: chunk exchange and the per-chunk tracker.
+        pub mod v1 {
+            tonic::include_proto!("shoal.p2p.v1");
+        }
+    }
 }
 
 pub use containerd::services::snapshots::v1 as snapshots;
 pub use containerd::types;
 pub use prost_types;
 pub use runtime::v1 as cri;
+pub use shoal::p2p::v1 as p2p;
 pub use shoal::v1 as status;
 pub use shoal::v1 as cache;
 pub use shoal::v1 as profile;

@@ -73,6 +73,15 @@ pub const DEFAULT_CRI_CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock
 /// Default `cri.credential_ttl_secs`: a pull's credentials are used for a
 /// day after it (the next pull of the image refreshes them).
 pub const DEFAULT_CRI_CREDENTIAL_TTL_SECS: u64 = 24 * 3600;
+/// Default `[p2p] listen`: the peer service's TCP address.
+pub const DEFAULT_P2P_LISTEN: &str = "0.0.0.0:7701";
+/// Default `[p2p] tls_dir`: the node's CA, certificate and key.
+pub const DEFAULT_P2P_TLS_DIR: &str = "/etc/shoal/p2p";
+/// Default `[p2p] dns_interval_secs`: how often `dns` is re-resolved.
+pub const DEFAULT_P2P_DNS_INTERVAL_SECS: u64 = 30;
+/// Default `[p2p] max_registry_fallbacks`: concurrent registry fetches after
+/// peers failed.
+pub const DEFAULT_P2P_MAX_REGISTRY_FALLBACKS: usize = 4;
 
 /// A config file larger than this is refused before parsing.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -102,6 +111,108 @@ pub struct Config {
     pub profile: ProfileSection,
     /// The CRI image-service proxy.
     pub cri: CriSection,
+    /// Peer-to-peer chunk exchange (docs/p2p.md).
+    pub p2p: P2pSection,
+}
+
+/// `[p2p]`: peer-to-peer chunk exchange between the nodes of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct P2pSection {
+    /// Serve the peer service (off by default).
+    pub enabled: bool,
+    /// `ip:port` the peer service listens on.
+    pub listen: String,
+    /// `host:port` other nodes reach this one at; unset: `listen` (which must
+    /// then not be a wildcard address).
+    pub advertise: Option<String>,
+    /// Static `host:port` list of peers to bootstrap from.
+    pub peers: Vec<String>,
+    /// `name:port` resolving to peers (a headless Service), re-resolved
+    /// every `dns_interval_secs`.
+    pub dns: Option<String>,
+    /// Seconds between resolutions of `dns`.
+    pub dns_interval_secs: u64,
+    /// Directory with `ca.pem`, `node.pem`, `node.key` (`shoal cluster
+    /// issue-node`).
+    pub tls_dir: PathBuf,
+    /// Upload cap in bytes per second; 0: none.
+    pub upload_bytes_per_sec: u64,
+    /// Download cap in bytes per second; 0: none.
+    pub download_bytes_per_sec: u64,
+    /// Concurrent registry fetches after peers failed.
+    pub max_registry_fallbacks: usize,
+}
+
+impl Default for P2pSection {
+    fn default() -> Self {
+        P2pSection {
+            enabled: false,
+            listen: DEFAULT_P2P_LISTEN.into(),
+            advertise: None,
+            peers: Vec::new(),
+            dns: None,
+            dns_interval_secs: DEFAULT_P2P_DNS_INTERVAL_SECS,
+            tls_dir: DEFAULT_P2P_TLS_DIR.into(),
+            upload_bytes_per_sec: 0,
+            download_bytes_per_sec: 0,
+            max_registry_fallbacks: DEFAULT_P2P_MAX_REGISTRY_FALLBACKS,
+        }
+    }
+}
+
+impl P2pSection {
+    /// The address other nodes reach this one at.
+    pub fn advertised(&self) -> &str {
+        self.advertise.as_deref().unwrap_or(&self.listen)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let listen: std::net::SocketAddr = self.listen.parse().map_err(|_| {
+            (
+                "p2p.listen",
+                format!(
+                    "{:?} is not an IP address and port, e.g. 0.0.0.0:7701",
+                    self.listen
+                ),
+            )
+        })?;
+        if self.enabled && self.advertise.is_none() && listen.ip().is_unspecified() {
+            return Err((
+                "p2p.advertise",
+                format!(
+                    "must be set when listen is {} (a wildcard address)",
+                    self.listen
+                ),
+            ));
+        }
+        let host_port = |a: &str| {
+            a.rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        };
+        if let Some(a) = self.advertise.as_deref().filter(|a| !host_port(a)) {
+            return Err(("p2p.advertise", format!("{a:?} is not host:port")));
+        }
+        if let Some(a) = self.peers.iter().find(|a| !host_port(a)) {
+            return Err(("p2p.peers", format!("{a:?} is not host:port")));
+        }
+        if let Some(a) = self.dns.as_deref().filter(|a| !host_port(a)) {
+            return Err(("p2p.dns", format!("{a:?} is not name:port")));
+        }
+        if self.dns_interval_secs == 0 {
+            return Err(("p2p.dns_interval_secs", "must be at least 1".into()));
+        }
+        if self.max_registry_fallbacks == 0 {
+            return Err(("p2p.max_registry_fallbacks", "must be at least 1".into()));
+        }
+        if !self.tls_dir.is_absolute() {
+            return Err((
+                "p2p.tls_dir",
+                format!("{} is not an absolute path", self.tls_dir.display()),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[cri]`: the CRI image-service proxy (`crate::cri`).
@@ -320,6 +431,7 @@ impl Default for Config {
             metrics: MetricsSection::default(),
             profile: ProfileSection::default(),
             cri: CriSection::default(),
+            p2p: P2pSection::default(),
         }
     }
 }
@@ -554,6 +666,7 @@ impl Config {
         }
         self.remote.validate()?;
         self.cache.validate()?;
+        self.p2p.validate()?;
         if let Some(a) = &self.metrics.address {
             if a.parse::<std::net::SocketAddr>().is_err() {
                 return Err((
@@ -672,6 +785,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("key `log_level`"), "{e}");
+    }
+
+    #[test]
+    fn p2p_section() {
+        assert!(!Config::default().p2p.enabled);
+        let c = load_text("[p2p]\nenabled = true\nlisten = \"10.0.0.1:7701\"\n").unwrap();
+        assert!(c.p2p.enabled);
+        assert_eq!(c.p2p.advertised(), "10.0.0.1:7701");
+        assert_eq!(c.p2p.tls_dir, Path::new(DEFAULT_P2P_TLS_DIR));
+        let e = load_text("[p2p]\nenabled = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `p2p.advertise`"), "{e}");
+        let e = load_text("[p2p]\npeers = [\"nocolon\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `p2p.peers`"), "{e}");
+        let e = load_text("[p2p]\nlisten = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `p2p.listen`"), "{e}");
     }
 
     #[test]

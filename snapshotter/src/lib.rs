@@ -23,6 +23,8 @@
 //! - [`profile_service`]: recorded first reads (startup profiles) over gRPC.
 //! - [`cri`]: the CRI image-service proxy and its per-image pull
 //!   credentials.
+//! - [`p2p`]: peer-to-peer chunk exchange: the peer service and client,
+//!   mTLS under a cluster CA, placement and the per-chunk tracker.
 //! - [`client`]: a client for the daemon's socket (CLI, tests).
 //! - [`error`]: the error type and its mapping onto gRPC codes.
 //!
@@ -42,6 +44,7 @@ pub mod handover;
 pub mod metadata;
 pub mod metrics;
 pub mod overlay;
+pub mod p2p;
 pub mod profile_service;
 pub mod pull;
 pub mod registry;

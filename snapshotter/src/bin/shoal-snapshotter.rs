@@ -107,10 +107,14 @@ fn main() -> ExitCode {
 
 /// The remote-layer machinery: chunk store, fetcher, registry client. Touches
 /// no network: the daemon must start while registries are unreachable.
-fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLayers> {
+fn remote_layers(
+    config: &Config,
+    registry: Registry,
+) -> anyhow::Result<(RemoteLayers, Arc<ChunkStore>)> {
     let chunks = config.root.join("chunks");
     let store = ChunkStore::open(&chunks, config.remote.memory_cache_bytes)
         .with_context(|| format!("open chunk store {}", chunks.display()))?;
+    let store = Arc::new(store);
     let cfg = RemoteConfig {
         prefetch_timeout: std::time::Duration::from_secs(config.remote.prefetch_timeout_secs),
         wait_for_startup: config.remote.wait_for_startup_set,
@@ -130,7 +134,7 @@ fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLa
     let layers = RemoteLayers::new(
         tocs.clone(),
         Arc::new(RegistryBlobs::new(registry)),
-        Arc::new(Fetcher::new(Arc::new(store))),
+        Arc::new(Fetcher::new(store.clone())),
         tokio::runtime::Handle::current(),
         cfg,
     )
@@ -150,10 +154,10 @@ fn remote_layers(config: &Config, registry: Registry) -> anyhow::Result<RemoteLa
     // Without a store the daemon still works, but a restart breaks the
     // readers of lazy layers, as it would without this feature.
     match FdStore::open(&config.root) {
-        Ok((store, kept)) => Ok(layers.with_fd_store(store, kept)),
+        Ok((fds, kept)) => Ok((layers.with_fd_store(fds, kept), store)),
         Err(e) => {
             warn!(error = %e, "no fd store: lazy layers will not survive a restart of this daemon");
-            Ok(layers)
+            Ok((layers, store))
         }
     }
 }
@@ -190,11 +194,12 @@ fn run(config: Config, registry: Option<Registry>) -> anyhow::Result<()> {
             Some((_, store)) => r.with_scoped(store.clone()),
             None => r,
         });
-        let remote = if let Some(registry) = registry {
-            Some(remote_layers(&config, registry)?)
+        let (remote, chunks) = if let Some(registry) = registry {
+            let (layers, chunks) = remote_layers(&config, registry)?;
+            (Some(layers), Some(chunks))
         } else {
             info!("remote layers disabled: every layer is pulled and unpacked by containerd");
-            None
+            (None, None)
         };
         let root = config.root.clone();
         let sn = tokio::task::spawn_blocking(move || Snapshotter::open_with_remote(&root, remote))
@@ -218,6 +223,20 @@ fn run(config: Config, registry: Option<Registry>) -> anyhow::Result<()> {
         // Tell systemd (Type=notify) we are ready; a no-op elsewhere.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let p2p = match (&config.p2p.enabled, chunks) {
+            (true, Some(chunks)) => {
+                let mut stop = stop_rx.clone();
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                Some(shoal::p2p::node::start_daemon(&config.p2p, chunks, stopped).await?)
+            }
+            (true, None) => {
+                warn!("[p2p] enabled but remote layers are off: no chunks to share");
+                None
+            }
+            _ => None,
+        };
         let proxy = match cri {
             Some((socket, store)) => {
                 let listener = server::bind(&socket)?;
@@ -246,6 +265,9 @@ fn run(config: Config, registry: Option<Registry>) -> anyhow::Result<()> {
         server::serve(sn.clone(), listener, &config.address, shutdown).await?;
         if let Some(proxy) = proxy {
             proxy.await??;
+        }
+        if let Some(p2p) = p2p {
+            let _ = p2p.task.await;
         }
         // Leave lazy layers mounted for the next daemon, and exit without
         // dropping anything: a dropped pending read would answer EIO, while

@@ -130,6 +130,10 @@ hosts.toml under /etc/containerd/certs.d and Docker's config.json credentials."
     /// Startup profiles recorded by the daemon (docs/format.md).
     #[command(subcommand)]
     Profile(shoal::convert::profile_cli::ProfileCommand),
+    /// P2P cluster credentials: the cluster CA and node certificates for
+    /// mTLS between peers (docs/p2p.md).
+    #[command(subcommand)]
+    Cluster(shoal::p2p::cli::ClusterCommand),
 }
 
 fn main() -> ExitCode {
@@ -149,6 +153,7 @@ fn main() -> ExitCode {
         Command::Unpin { daemon, target } => shoal::cache_cli::pin(&daemon.address, &target, true),
         Command::Convert(args) => shoal::convert::cli::run(args),
         Command::Profile(cmd) => shoal::convert::profile_cli::run(cmd),
+        Command::Cluster(cmd) => shoal::p2p::cli::run(cmd),
         Command::Optimize(args) => shoal::convert::optimize::run(args),
         Command::Pull {
             containerd,
