@@ -66,6 +66,7 @@ e2e: build
 	tests/e2e/poison.sh --no-build
 	$(CARGO) build --release -p shoal-snapshotter --example cri-client
 	tests/e2e/cri.sh --no-build
+	tests/e2e/p2p.sh --no-build
 
 test: deps build
 	SHOAL_REQUIRE_FUSE=1 $(CARGO) test --workspace --release
@@ -82,6 +83,7 @@ test: deps build
 	tests/e2e/poison.sh --no-build
 	$(CARGO) build --release -p shoal-snapshotter --example cri-client
 	tests/e2e/cri.sh --no-build
+	tests/e2e/p2p.sh --no-build
 	python3 tests/deploy/check.py
 	snapshotter/fuzz/run.sh $(FUZZ_SHORT_SECONDS)
 

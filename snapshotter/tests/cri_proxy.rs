@@ -176,8 +176,7 @@ async fn a_mirror_never_receives_the_images_credentials() {
     assert!(seen.iter().all(|(_, a)| a.is_empty()), "{seen:?}");
 }
 
-const MISSING_SNAPSHOTTER_DIR: &str =
-    "/nonexistent/containerd/io.containerd.snapshotter.v1.shoal";
+const MISSING_SNAPSHOTTER_DIR: &str = "/nonexistent/containerd/io.containerd.snapshotter.v1.shoal";
 
 /// containerd's CRI side: records raw requests by path and answers
 /// `PullImage` with `pull` (OK or a status), `ImageStatus` with the image's

@@ -248,8 +248,7 @@ fn run(config: Config, registry: Option<Registry>) -> anyhow::Result<()> {
                     let stopped = async move {
                         let _ = stop.wait_for(|s| *s).await;
                     };
-                    shoal::cri::serve(listener, &socket, &upstream, store, &image_fs, stopped)
-                        .await
+                    shoal::cri::serve(listener, &socket, &upstream, store, &image_fs, stopped).await
                 }))
             }
             None => None,

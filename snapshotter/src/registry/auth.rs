@@ -620,11 +620,18 @@ mod tests {
         .unwrap();
         let c = load_docker_config(&secret).unwrap();
         assert_eq!(
-            (c[0].host.as_str(), c[0].username.as_str(), c[0].password.as_str()),
+            (
+                c[0].host.as_str(),
+                c[0].username.as_str(),
+                c[0].password.as_str()
+            ),
             ("r.io", "alice", "pw")
         );
         // The file itself, and the legacy .dockercfg (no "auths").
-        assert_eq!(load_docker_config(&secret.join(DOCKERCONFIGJSON)).unwrap(), c);
+        assert_eq!(
+            load_docker_config(&secret.join(DOCKERCONFIGJSON)).unwrap(),
+            c
+        );
         let legacy = dir.path().join(DOCKERCFG);
         std::fs::write(
             &legacy,
@@ -632,7 +639,10 @@ mod tests {
         )
         .unwrap();
         let c = load_docker_config(&legacy).unwrap();
-        assert_eq!((c[0].host.as_str(), c[0].username.as_str()), ("https://old.io", "alice"));
+        assert_eq!(
+            (c[0].host.as_str(), c[0].username.as_str()),
+            ("https://old.io", "alice")
+        );
         // An empty directory holds nothing; a broken file is an error.
         let empty = dir.path().join("empty");
         std::fs::create_dir(&empty).unwrap();
