@@ -49,6 +49,7 @@ pub mod profile_service;
 pub mod pull;
 pub mod registry;
 pub mod remote;
+pub mod secret_file;
 pub mod server;
 pub mod sockbind;
 pub mod status;

@@ -19,8 +19,7 @@
 //!   recently pulled unexpired entry for that pair.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -297,11 +296,6 @@ impl CredentialStore {
         let t = secs((self.now)());
         images.retain(|_, e| e.expires > t);
         let path = self.path();
-        let tmp = self.dir.join(format!(".{FILE_NAME}.tmp"));
-        let io = |p: &Path| {
-            let p = p.to_owned();
-            move |source| StoreError::Io { path: p, source }
-        };
         let file = File {
             images: images.clone(),
         };
@@ -309,17 +303,8 @@ impl CredentialStore {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        Ok(())
+        crate::secret_file::write(&path, &bytes, FILE_MODE)
+            .map_err(|(path, source)| StoreError::Io { path, source })
     }
 }
 

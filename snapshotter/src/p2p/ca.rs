@@ -13,8 +13,7 @@
 //! Files are written to a temp file in the same directory and renamed, so a
 //! reader sees the old or the new file, never a partial one.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -70,18 +69,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
 /// Writes `data` to `dir/name` with `mode`, atomically (temp file, fsync,
 /// rename).
 fn write_file(dir: &Path, name: &str, data: &[u8], mode: u32) -> Result<(), CaError> {
-    let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(data).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))
+    crate::secret_file::write(&dir.join(name), data, mode)
+        .map_err(|(path, source)| CaError::Io { path, source })
 }
 
 fn make_dir(dir: &Path) -> Result<(), CaError> {
