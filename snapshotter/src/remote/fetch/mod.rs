@@ -23,22 +23,23 @@
 //!   blocking pool.
 //! - [`priority`]: the gate between on-demand, startup and background
 //!   fetches.
+//! - [`stats`]: counters for status and metrics.
 
 pub mod decode;
 pub mod primed;
 pub mod priority;
 pub mod registry;
 pub mod router;
+mod runs;
 pub mod source;
+pub mod stats;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
@@ -46,7 +47,10 @@ pub use decode::decode_chunk;
 use decode::{decode_and_keep_async, Decoder, Kept, Settled};
 use priority::Priority;
 pub use router::{Route, Router};
+pub(crate) use runs::extend_contiguous;
+use runs::runs;
 pub use source::{BoxFuture, RangeSource, Sink, SourceError, SourceKind};
+pub use stats::{FetchStats, LatencyFamily, SourceBytes};
 
 use super::store::ChunkStore;
 use super::toc::{Chunk, Compression};
@@ -78,78 +82,6 @@ pub enum FetchError {
     /// A waiter's leader vanished too often.
     #[error("chunk {0}: fetch abandoned")]
     Abandoned(String),
-}
-
-/// Fetch latency histograms, labelled by source.
-pub type LatencyFamily = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
-
-fn latency_histogram() -> Histogram {
-    // 1 ms .. ~33 s.
-    Histogram::new(exponential_buckets(0.001, 2.0, 16))
-}
-
-/// Counters for status and metrics.
-#[derive(Debug)]
-pub struct FetchStats {
-    /// Compressed bytes received from sources.
-    pub bytes_fetched: AtomicU64,
-    /// Range requests issued.
-    pub requests: AtomicU64,
-    /// Chunks that failed verification (each attempt counts).
-    pub verify_failures: AtomicU64,
-    /// Source errors.
-    pub source_errors: AtomicU64,
-    /// Chunks stored to memory but not to disk (disk full or failing).
-    pub not_cached: AtomicU64,
-    /// Fetches in flight now.
-    pub in_flight: AtomicU64,
-    /// Bytes served to FUSE readers straight from the store.
-    pub served_from_cache: AtomicU64,
-    /// Bytes served to FUSE readers after a fetch from a source.
-    pub served_after_fetch: AtomicU64,
-    /// Uncompressed chunk bytes that reads fetched themselves.
-    pub fetched_on_demand: AtomicU64,
-    /// Files handed to the kernel for passthrough (once per inode and
-    /// mount); their reads never reach the daemon.
-    pub passthrough_files: AtomicU64,
-    /// Compressed bytes received, by kind of source.
-    pub by_source: SourceBytes,
-    /// Seconds per Range request, by kind of source.
-    pub latency: Arc<LatencyFamily>,
-}
-
-/// Compressed bytes received from each kind of source.
-#[derive(Debug, Default)]
-pub struct SourceBytes([AtomicU64; SourceKind::ALL.len()]);
-
-impl SourceBytes {
-    fn add(&self, kind: SourceKind, n: u64) {
-        self.0[kind as usize].fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Bytes received from `kind` so far.
-    pub fn get(&self, kind: SourceKind) -> u64 {
-        self.0[kind as usize].load(Ordering::Relaxed)
-    }
-}
-
-impl Default for FetchStats {
-    fn default() -> Self {
-        FetchStats {
-            bytes_fetched: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
-            verify_failures: AtomicU64::new(0),
-            source_errors: AtomicU64::new(0),
-            not_cached: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
-            served_from_cache: AtomicU64::new(0),
-            served_after_fetch: AtomicU64::new(0),
-            fetched_on_demand: AtomicU64::new(0),
-            passthrough_files: AtomicU64::new(0),
-            by_source: SourceBytes::default(),
-            latency: Arc::new(Family::new_with_constructor(latency_histogram)),
-        }
-    }
 }
 
 /// What a waiter sees: nothing yet, then the leader's result.
@@ -668,45 +600,4 @@ impl Fetcher {
         error!(layer, chunk = %hex::encode(c.digest), file_offset = c.file_offset,
                blob_offset = c.blob_offset, source, problem, "chunk verification failed; bytes dropped");
     }
-}
-
-/// Appends the part of `piece` (blob offset, bytes) that continues `buf`,
-/// which holds the blob's bytes from offset `base`: a retried request sends
-/// its range again from the start, and what is already in is skipped.
-/// Returns whether `buf` grew.
-pub(crate) fn extend_contiguous(buf: &mut Vec<u8>, base: u64, (pos, piece): (u64, Bytes)) -> bool {
-    let have_end = base + buf.len() as u64;
-    let piece_end = pos + piece.len() as u64;
-    if pos <= have_end && piece_end > have_end {
-        buf.extend_from_slice(&piece[(have_end - pos) as usize..]);
-        return true;
-    }
-    false
-}
-
-/// Splits `leads` (indices into `chunks`, ascending) into runs of chunks that
-/// are adjacent in the blob and go to the same route (`routes`, one per
-/// lead), each at most [`MAX_MERGED_BYTES`] long.
-fn runs<T>(
-    chunks: &[Chunk],
-    leads: &[(usize, T)],
-    routes: &[Route],
-) -> Vec<std::ops::Range<usize>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    for k in 1..=leads.len() {
-        let split = k == leads.len() || {
-            let prev = &chunks[leads[k - 1].0];
-            let cur = &chunks[leads[k].0];
-            let first = &chunks[leads[start].0];
-            prev.blob_end != cur.blob_offset
-                || cur.blob_end - first.blob_offset > MAX_MERGED_BYTES
-                || routes[k] != routes[k - 1]
-        };
-        if split {
-            out.push(start..k);
-            start = k;
-        }
-    }
-    out
 }
