@@ -112,5 +112,8 @@ for path, version, images in [("config-1.6-1.7.toml", 2, 'plugins."io.containerd
     except (KeyError, tomllib.TOMLDecodeError) as e:
         check(f"deploy/containerd/{path}", False, repr(e))
 
+import install_check  # noqa: E402  (tests/deploy/install_check.py)
+install_check.run_all(check)
+
 print(f"\ndeploy: {failed} failed")
 sys.exit(1 if failed else 0)
