@@ -105,6 +105,9 @@ def patch(text):
     if version not in CRI_TABLE:
         raise Refused(f"config version {version!r}: only 2 (containerd 1.6/1.7) and 3 (2.x) "
                       "are handled; run `containerd config migrate` first")
+    if cfg.get("imports"):
+        print(f"shoal-install: note: the config imports {cfg['imports']}; a CRI snapshotter "
+              "set there overrides this file's", file=sys.stderr)
     lines = strip_ours(text.splitlines())
     lines = drop_sections(lines, ["proxy_plugins", "shoal"])
     table = CRI_TABLE[version]

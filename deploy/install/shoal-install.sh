@@ -26,7 +26,8 @@
 #
 # uninstall puts every kept file back byte for byte (containerd's config
 # included), removes the files install added, restarts containerd and stops
-# Shoal. Drain the node first: containers on Shoal's snapshots lose their
+# Shoal. A file changed since install wrote it is first copied to
+# PATH.before-shoal-uninstall, so an operator's later edit is not lost. Drain the node first: containers on Shoal's snapshots lose their
 # root filesystems.
 set -euo pipefail
 
@@ -66,6 +67,7 @@ put() {
     if [[ -e $dst ]]; then mkdir -p "$(dirname "$backup$2")"; cp -p "$dst" "$backup$2"; fi
     echo "$2" >>"$list"
   }
+  mkdir -p "$(dirname "$state/written$2")"; cp "$src" "$state/written$2"
   if [[ -e $dst ]]; then
     cat "$src" >"$dst"   # same inode: works on a bind-mounted file
     chmod "$mode" "$dst"
@@ -110,6 +112,11 @@ uninstall_all() {
   local p restored_ctr=0
   ctr_config=$(cat "$state/containerd-config" 2>/dev/null || echo "$ctr_config")
   while read -r p; do
+    # Changed since install wrote it (an operator's edit): keep that too.
+    if [[ -e $root$p ]] && ! cmp -s "$root$p" "$state/written$p"; then
+      cp -p "$root$p" "$root$p.before-shoal-uninstall"
+      echo "shoal-install: $p was changed after install; that version is kept as $p.before-shoal-uninstall" >&2
+    fi
     if [[ -e $backup$p ]]; then
       cat "$backup$p" >"$root$p"
       chmod --reference="$backup$p" "$root$p"

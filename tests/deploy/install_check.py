@@ -7,7 +7,8 @@ writes it: nested, indented tables with snapshotter = "overlayfs") and a 2.x
 one (version 3): the installed files are the bundle's, the config parses and
 has the proxy plugin and the CRI keys, a second install changes no byte and
 restarts nothing, uninstall restores the original config byte for byte and
-removes the rest. Broken TOML, config version 1 and a layout the patcher
+removes the rest; an operator's edit made after install is kept beside the
+restored file; --no-restart restarts nothing. Broken TOML, config version 1 and a layout the patcher
 cannot edit (dotted keys) are refused, with the file left unchanged.
 """
 import os
@@ -128,6 +129,17 @@ def run_all(check):
             check(f"uninstall ({name}): containerd restarted, shoal disabled and stopped",
                   "systemctl restart containerd" in log.read_text()
                   and "systemctl disable --now shoal-snapshotter" in log.read_text())
+        root, bundle, log = scratch(tmp, "edited", V2)
+        r = run(root, bundle, log, "install", "--no-restart")
+        check("install --no-restart: exit 0, nothing restarted", r.returncode == 0 and not log.exists(), r.stderr)
+        cfg_path = root / "etc/containerd/config.toml"
+        edited = cfg_path.read_text() + "# an operator's edit after install\n"
+        cfg_path.write_text(edited)
+        r = run(root, bundle, log, "uninstall", "--no-restart")
+        kept = root / "etc/containerd/config.toml.before-shoal-uninstall"
+        check("uninstall after an operator's edit: original restored, the edited file kept beside it",
+              r.returncode == 0 and cfg_path.read_text() == V2 and kept.exists() and kept.read_text() == edited,
+              r.stderr)
         for name, config in REFUSED.items():
             root, bundle, log = scratch(tmp, name.replace(" ", "-"), config)
             before = snapshot(root)
