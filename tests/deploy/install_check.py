@@ -2,7 +2,8 @@
 touched: --root is a temp dir, and the host command prefix is replaced by a
 logger so restarts are recorded, not run). Called by check.py.
 
-For a containerd 1.6/1.7 config (version 2, as `containerd config default`
+For the real `containerd config default` of the installed containerd (1.6,
+read back with that containerd's `config dump`), a containerd 1.6/1.7 config (version 2, as `containerd config default`
 writes it: nested, indented tables with snapshotter = "overlayfs") and a 2.x
 one (version 3): the installed files are the bundle's, the config parses and
 has the proxy plugin and the CRI keys, a second install changes no byte and
@@ -13,6 +14,7 @@ cannot edit (dotted keys) are refused, with the file left unchanged.
 """
 import os
 import pathlib
+import shutil
 import subprocess
 import tempfile
 import tomllib
@@ -129,6 +131,38 @@ def run_all(check):
             check(f"uninstall ({name}): containerd restarted, shoal disabled and stopped",
                   "systemctl restart containerd" in log.read_text()
                   and "systemctl disable --now shoal-snapshotter" in log.read_text())
+        # The real default config of the containerd on this machine (1.6,
+        # version 2), patched, then read back by that containerd itself.
+        default = subprocess.run(["containerd", "config", "default"], capture_output=True, text=True) \
+            if shutil.which("containerd") else None
+        check("containerd config default runs (containerd from scripts/deps.sh)",
+              default is not None and default.returncode == 0, default and default.stderr)
+        if default is not None and default.returncode == 0:
+            root, bundle, log = scratch(tmp, "default", default.stdout)
+            r = run(root, bundle, log, "install", "--no-restart")
+            cfg_path = root / "etc/containerd/config.toml"
+            dump = subprocess.run(["containerd", "--config", str(cfg_path), "config", "dump"],
+                                  capture_output=True, text=True)
+            try:
+                cfg = tomllib.loads(dump.stdout)
+                cri = cfg["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+                ok = (r.returncode == 0 and dump.returncode == 0 and cri["snapshotter"] == "shoal"
+                      and cri["disable_snapshot_annotations"] is False
+                      and cfg["proxy_plugins"]["shoal"]["address"] == "/run/shoal/shoal.sock")
+            except (KeyError, tomllib.TOMLDecodeError) as e:
+                ok = False
+                dump.stderr += repr(e)
+            check("install on `containerd config default`: containerd's own `config dump` "
+                  "reads snapshotter shoal, annotations on, the proxy plugin", ok, r.stderr + dump.stderr)
+            installed = snapshot(root)
+            r = run(root, bundle, log, "install", "--no-restart")
+            again = snapshot(root)
+            r2 = run(root, bundle, log, "uninstall", "--no-restart")
+            check("install twice, then uninstall, on `containerd config default`: "
+                  "unchanged, then the default byte for byte",
+                  r.returncode == 0 and again == installed and r2.returncode == 0
+                  and cfg_path.read_text() == default.stdout, r.stdout + r2.stdout + r2.stderr)
+
         root, bundle, log = scratch(tmp, "edited", V2)
         r = run(root, bundle, log, "install", "--no-restart")
         check("install --no-restart: exit 0, nothing restarted", r.returncode == 0 and not log.exists(), r.stderr)
