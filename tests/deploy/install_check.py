@@ -87,6 +87,8 @@ def run_all(check):
             before = snapshot(root)
             r = run(root, bundle, log, "install")
             check(f"install ({name}): exit 0", r.returncode == 0, r.stderr)
+            if r.returncode != 0:
+                continue
             cfg_path = root / "etc/containerd/config.toml"
             try:
                 cfg = tomllib.loads(cfg_path.read_text())
