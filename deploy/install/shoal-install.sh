@@ -58,9 +58,12 @@ changed_unit=0 changed_bin=0 changed_ctr=0
 host() { ((restart)) || return 0; echo "shoal-install: systemctl $*"; "${host_exec[@]}" systemctl "$@"; }
 
 # Writes $1 (a local file) to host path $2 with mode $3, keeping what was
-# there before; returns 1 if the content was already the same.
+# there before; returns 1 if the content was already the same. With $4 =
+# in-place the file keeps its inode (a bind-mounted config file cannot be
+# renamed over); otherwise a new file is renamed over it (a running binary
+# cannot be written: ETXTBSY).
 put() {
-  local src=$1 dst=$root$2 mode=$3
+  local src=$1 dst=$root$2 mode=$3 how=${4:-rename}
   if [[ -f $dst ]] && cmp -s "$src" "$dst"; then return 1; fi
   mkdir -p "$state" "$(dirname "$dst")"
   grep -qxF -- "$2" "$list" 2>/dev/null || {
@@ -68,8 +71,8 @@ put() {
     echo "$2" >>"$list"
   }
   mkdir -p "$(dirname "$state/written$2")"; cp "$src" "$state/written$2"
-  if [[ -e $dst ]]; then
-    cat "$src" >"$dst"   # same inode: works on a bind-mounted file
+  if [[ -e $dst && $how == in-place ]]; then
+    cat "$src" >"$dst"
     chmod "$mode" "$dst"
   else
     install -m "$mode" "$src" "$dst.shoal-new" && mv "$dst.shoal-new" "$dst"
@@ -97,7 +100,7 @@ install_all() {
     put "$from/config.toml" /etc/shoal/config.toml 0644 && changed_bin=1
   fi
   mkdir -p "$state"; echo "$ctr_config" >"$state/containerd-config"
-  put "$tmp/config.new" "$ctr_config" "$(stat -c %a "$root$ctr_config")" && changed_ctr=1
+  put "$tmp/config.new" "$ctr_config" "$(stat -c %a "$root$ctr_config")" in-place && changed_ctr=1
   if ((changed_unit)); then host daemon-reload; fi
   if ((changed_unit || changed_bin)); then
     host enable shoal-snapshotter.service
@@ -118,8 +121,12 @@ uninstall_all() {
       echo "shoal-install: $p was changed after install; that version is kept as $p.before-shoal-uninstall" >&2
     fi
     if [[ -e $backup$p ]]; then
-      cat "$backup$p" >"$root$p"
-      chmod --reference="$backup$p" "$root$p"
+      if [[ $p == "$ctr_config" ]]; then   # in place, as install wrote it
+        cat "$backup$p" >"$root$p"
+        chmod --reference="$backup$p" "$root$p"
+      else                                  # the old binary may be running
+        cp -p "$backup$p" "$root$p.shoal-old" && mv "$root$p.shoal-old" "$root$p"
+      fi
       echo "shoal-install: restored $p"
     else
       rm -f "$root$p"

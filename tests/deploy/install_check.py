@@ -85,6 +85,7 @@ def run_all(check):
                 ("v3", V3, 3, ["plugins", "io.containerd.cri.v1.images"])]:
             root, bundle, log = scratch(tmp, name, config)
             before = snapshot(root)
+            inode = (root / "etc/containerd/config.toml").stat().st_ino
             r = run(root, bundle, log, "install")
             check(f"install ({name}): exit 0", r.returncode == 0, r.stderr)
             if r.returncode != 0:
@@ -121,6 +122,8 @@ def run_all(check):
                   all(s in restarts for s in ["systemctl daemon-reload", "systemctl restart shoal-snapshotter",
                                               "systemctl enable shoal-snapshotter",
                                               "systemctl restart containerd"]), restarts)
+            check(f"install ({name}): containerd's config written in place (same inode)",
+                  cfg_path.stat().st_ino == inode)
             installed = snapshot(root)
             log.unlink()
             r = run(root, bundle, log, "install")
@@ -130,6 +133,8 @@ def run_all(check):
             after = snapshot(root)
             check(f"uninstall ({name}): exit 0, config restored byte for byte, nothing else left",
                   r.returncode == 0 and after == before, sorted(set(after) ^ set(before)) or r.stderr)
+            check(f"install and uninstall ({name}): containerd's config written in place "
+                  "(same inode: it may be a bind mount)", cfg_path.stat().st_ino == inode)
             check(f"uninstall ({name}): containerd restarted, shoal disabled and stopped",
                   "systemctl restart containerd" in log.read_text()
                   and "systemctl disable --now shoal-snapshotter" in log.read_text())
@@ -164,6 +169,31 @@ def run_all(check):
                   "unchanged, then the default byte for byte",
                   r.returncode == 0 and again == installed and r2.returncode == 0
                   and cfg_path.read_text() == default.stdout, r.stdout + r2.stdout + r2.stderr)
+
+        # A running binary is replaced (rename, not a write: ETXTBSY), and
+        # one that was there before install comes back on uninstall.
+        root, bundle, log = scratch(tmp, "busy", V2)
+        (root / "usr/local/bin").mkdir(parents=True)
+        shutil.copy("/bin/sleep", root / "usr/local/bin/shoal-snapshotter")
+        shutil.copy("/bin/sleep", bundle / "shoal-snapshotter")
+        running = subprocess.Popen([root / "usr/local/bin/shoal-snapshotter", "60"])
+        new = None
+        try:
+            shutil.copy("/bin/cat", bundle / "shoal-snapshotter")
+            r = run(root, bundle, log, "install", "--no-restart")
+            ok = r.returncode == 0 and (root / "usr/local/bin/shoal-snapshotter").read_bytes() \
+                == pathlib.Path("/bin/cat").read_bytes()
+            check("install replaces a running shoal-snapshotter", ok, r.stderr)
+            new = subprocess.Popen([root / "usr/local/bin/shoal-snapshotter"], stdin=subprocess.PIPE)
+            r = run(root, bundle, log, "uninstall", "--no-restart")
+            check("uninstall puts back the binary install replaced, while it runs",
+                  r.returncode == 0 and (root / "usr/local/bin/shoal-snapshotter").read_bytes()
+                  == pathlib.Path("/bin/sleep").read_bytes(), r.stderr)
+        finally:
+            for p in (running, new):
+                if p:
+                    p.kill()
+                    p.wait()
 
         root, bundle, log = scratch(tmp, "edited", V2)
         r = run(root, bundle, log, "install", "--no-restart")
