@@ -195,6 +195,35 @@ def run_all(check):
                     p.kill()
                     p.wait()
 
+        # containerd's config as a bind-mounted file (as in a pod that mounts
+        # only that file): rename fails there with EBUSY (so does sed -i,
+        # checked first to show the mount is real); the installer writes
+        # through it. unshare -r -m: the mount lives in a private namespace.
+        root, bundle, log = scratch(tmp, "bind", "")
+        outside = tmp / "bind" / "outside.toml"
+        outside.write_text(V2)
+
+        def in_mount_ns(cmd):
+            return subprocess.run(
+                ["unshare", "-r", "-m", "sh", "-c",
+                 f'mount --bind "$0" "$1/etc/containerd/config.toml" && {cmd}',
+                 str(outside), str(root)],
+                env=dict(os.environ, I=str(INSTALLER), B=str(bundle)), capture_output=True, text=True)
+        r = in_mount_ns('sed -i s/overlayfs/x/ "$1/etc/containerd/config.toml"')
+        check("a bind-mounted containerd config: sed -i fails (Device or resource busy)",
+              r.returncode != 0 and "busy" in r.stderr and outside.read_text() == V2, r.stderr)
+        r = in_mount_ns('"$I" install --no-restart --root "$1" --from "$B"')
+        try:
+            patched = tomllib.loads(outside.read_text())
+        except tomllib.TOMLDecodeError:
+            patched = {}
+        check("install through a bind-mounted containerd config: written through to its source",
+              r.returncode == 0 and patched.get("proxy_plugins", {}).get("shoal", {}).get("type") == "snapshot",
+              r.stderr)
+        r = in_mount_ns('"$I" uninstall --no-restart --root "$1"')
+        check("uninstall through a bind-mounted containerd config: its source restored byte for byte",
+              r.returncode == 0 and outside.read_text() == V2, r.stderr)
+
         root, bundle, log = scratch(tmp, "edited", V2)
         r = run(root, bundle, log, "install", "--no-restart")
         check("install --no-restart: exit 0, nothing restarted", r.returncode == 0 and not log.exists(), r.stderr)
