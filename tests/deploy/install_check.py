@@ -9,7 +9,9 @@ one (version 3): the installed files are the bundle's, the config parses and
 has the proxy plugin and the CRI keys, a second install changes no byte and
 restarts nothing, uninstall restores the original config byte for byte and
 removes the rest; an operator's edit made after install is kept beside the
-restored file; --no-restart restarts nothing. Broken TOML, config version 1 and a layout the patcher
+restored file; --no-restart restarts nothing; the config keeps its inode
+and a bind-mounted one is written through (where sed -i fails); a running
+binary is replaced and, on uninstall, the one it replaced comes back. Broken TOML, config version 1 and a layout the patcher
 cannot edit (dotted keys) are refused, with the file left unchanged.
 """
 import os
