@@ -70,7 +70,7 @@ put() {
     if [[ -e $dst ]]; then mkdir -p "$(dirname "$backup$2")"; cp -p "$dst" "$backup$2"; fi
     echo "$2" >>"$list"
   }
-  mkdir -p "$(dirname "$state/written$2")"; cp "$src" "$state/written$2"
+  mkdir -p "$(dirname "$state/written$2")"; sha256sum <"$src" >"$state/written$2"
   if [[ -e $dst && $how == in-place ]]; then
     cat "$src" >"$dst"
     chmod "$mode" "$dst"
@@ -116,7 +116,7 @@ uninstall_all() {
   ctr_config=$(cat "$state/containerd-config" 2>/dev/null || echo "$ctr_config")
   while read -r p; do
     # Changed since install wrote it (an operator's edit): keep that too.
-    if [[ -e $root$p ]] && ! cmp -s "$root$p" "$state/written$p"; then
+    if [[ -e $root$p ]] && [[ $(sha256sum <"$root$p") != "$(cat "$state/written$p")" ]]; then
       cp -p "$root$p" "$root$p.before-shoal-uninstall"
       echo "shoal-install: $p was changed after install; that version is kept as $p.before-shoal-uninstall" >&2
     fi
