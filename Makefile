@@ -85,6 +85,7 @@ test: deps build
 	tests/e2e/cri.sh --no-build
 	tests/e2e/p2p.sh --no-build
 	python3 tests/deploy/check.py
+	tests/deploy/schema.sh
 	snapshotter/fuzz/run.sh $(FUZZ_SHORT_SECONDS)
 
 fuzz:

@@ -16,7 +16,7 @@ packages=(
   strace                     # daemon.rs: the directory fsyncs of a Prepare
   ca-certificates git build-essential pkg-config  # what cargo builds need
   protobuf-compiler          # protoc for containerd-client's build script
-  python3 python3-yaml       # tests/deploy/check.py (manifest checks), cri.sh (htpasswd hash)
+  python3 python3-yaml python3-venv  # tests/deploy: manifest and schema checks; cri.sh (htpasswd hash)
 )
 
 missing=()
