@@ -61,6 +61,7 @@
 
 pub mod auth;
 mod body;
+pub mod docker_config;
 pub mod error;
 mod fetch;
 pub mod hosts;
@@ -268,7 +269,7 @@ impl Registry {
         let mut creds = cfg.credentials.clone();
         let explicit = cfg.docker_config.is_some();
         if let Some(path) = cfg.docker_config.clone().or_else(default_docker_config) {
-            match auth::load_docker_config(&path) {
+            match docker_config::load_docker_config(&path) {
                 Ok(c) => creds.extend(c),
                 Err(reason) if explicit => return Err(RegistryError::Config { path, reason }),
                 Err(reason) => {
@@ -277,9 +278,11 @@ impl Registry {
             }
         }
         for path in &cfg.docker_config_files {
-            let c = auth::load_docker_config(path).map_err(|reason| RegistryError::Config {
-                path: path.clone(),
-                reason,
+            let c = docker_config::load_docker_config(path).map_err(|reason| {
+                RegistryError::Config {
+                    path: path.clone(),
+                    reason,
+                }
             })?;
             creds.extend(c);
         }
